@@ -1,0 +1,656 @@
+"""The ``biography`` scenario: synthetic people, knowledge injection, then QA fine-tuning.
+
+A CPU-sized copy of the Biography testbed of *Spurious Forgetting in Continual Learning of
+Language Models* (Zheng et al., ICLR 2025), itself after Allen-Zhu & Li's *Physics of Language
+Models 3.1*. Everything is built here from scratch; nothing is downloaded.
+
+Data
+    Each person has a unique full name and six attributes: birth date, birth city, university,
+    major, employer and employer city. Every attribute has at least three paraphrase templates;
+    a biography renders each attribute with a random template and shuffles the sentence order,
+    and every sentence names the person in full. Each person gets ``bios_per_person``
+    biographies. A QA prompt per attribute asks for the value
+    (``"<bos> which city was anna smith born in ? answer : boston <eos>"``); the loss and the
+    accuracy only cover the answer tokens.
+
+Tokenizer and model
+    A word-level tokenizer trained locally with ``tokenizers`` (every attribute value is 1-3
+    tokens) and a tiny Llama (``LlamaForCausalLM`` from a config, ``attn_implementation="eager"``
+    so second-order diagnostics work, untied embeddings so "freeze the embeddings" means what it
+    says).
+
+Protocol
+    * Pretraining: language modelling on the biographies of population 0 (knowledge injection).
+    * Task 0: QA fine-tuning on the first half of population 0, evaluated on the second half
+      (knowledge extraction: held-out people whose biographies were only seen in pretraining).
+    * Task t = 1..T: a new population t; training batches mix its biographies and the QA of its
+      first half; evaluated on the QA of its second half.
+
+    ``accuracy`` is exact match of the whole answer under greedy decoding (computed with teacher
+    forcing: greedy decoding reproduces the answer iff every answer token is the argmax given the
+    correct prefix); ``first_token`` is the accuracy of the answer's first token.
+
+The pretrained checkpoint, the tokenizer and the generated people are cached under
+``cache_dir/biography-<hash of the config and seed>/`` (safetensors + JSON) so every method and
+every later run share them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from benchmarks.scenario import Scenario, Task
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------
+# Vocabulary of the synthetic world
+# --------------------------------------------------------------------------------------------
+
+FIRST_NAMES = (
+    "anna ben clara david emma felix grace henry iris jack kate leo maya noah olga paul rosa sam "
+    "tara umar vera will xena yuri zoe adam bella carl dora eric fiona gus hana ivan june karl "
+    "lena milo nina oscar pia quinn rita simon tess ugo viola wes yara zack alma boris cora "
+    "dean elsa finn gina hugo"
+).split()
+LAST_NAMES = (
+    "smith jones brown taylor wilson davies evans thomas johnson roberts walker wright robinson "
+    "thompson white hughes edwards green hall wood harris lewis martin jackson clarke clark "
+    "turner hill scott cooper morris ward moore king watson baker harrison morgan patel young "
+    "allen mitchell james anderson phillips lee bell parker davis miller garcia"
+).split()
+CITIES = (
+    "boston chicago denver austin seattle portland phoenix dallas miami atlanta detroit houston "
+    "memphis orlando tampa omaha tucson fresno oakland raleigh madison boise reno spokane "
+    "lincoln toledo dayton akron buffalo albany"
+).split()
+UNIVERSITIES = [
+    "stanford university", "harvard university", "yale university", "cornell university",
+    "duke university", "brown university", "rice university", "emory university",
+    "purdue university", "tufts university", "mit", "caltech", "princeton", "columbia",
+    "university of michigan", "university of oregon", "university of utah",
+    "university of iowa", "university of kansas", "university of arizona",
+]
+MAJORS = [
+    "physics", "chemistry", "biology", "mathematics", "history", "economics", "philosophy",
+    "linguistics", "psychology", "sociology", "geology", "astronomy", "music", "architecture",
+    "computer science", "civil engineering", "political science", "fine arts",
+    "mechanical engineering", "public health",
+]
+COMPANIES = [
+    "acme corp", "globex", "initech", "umbrella labs", "stark industries", "wayne enterprises",
+    "hooli", "vandelay industries", "soylent corp", "cyberdyne systems", "tyrell corp",
+    "wonka industries", "aperture science", "black mesa", "gringotts", "monarch solutions",
+    "oceanic airlines", "dunder mifflin", "pied piper", "nakatomi trading",
+]
+MONTHS = (
+    "january february march april may june july august september october november december"
+).split()
+
+ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "employer", "employer_city")
+
+BIO_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "birth_date": (
+        "{name} was born on {value} .",
+        "{name} came into this world on {value} .",
+        "{name} celebrates a birthday every year on {value} .",
+        "the life of {name} began on {value} .",
+    ),
+    "birth_city": (
+        "{name} was born in {value} .",
+        "{name} spent the early years in {value} .",
+        "{name} has family roots in {value} .",
+        "the birthplace of {name} is {value} .",
+    ),
+    "university": (
+        "{name} studied at {value} .",
+        "{name} graduated from {value} .",
+        "{name} received an education at {value} .",
+    ),
+    "major": (
+        "{name} majored in {value} .",
+        "{name} focused on {value} during college .",
+        "{name} earned a degree in {value} .",
+    ),
+    "employer": (
+        "{name} works for {value} .",
+        "{name} is employed by {value} .",
+        "{name} has a job at {value} .",
+    ),
+    "employer_city": (
+        "{name} works in the city of {value} .",
+        "the office of {name} is located in {value} .",
+        "{name} commutes to an office in {value} .",
+    ),
+}
+QA_TEMPLATES: dict[str, str] = {
+    "birth_date": "what is the birth date of {name} ? answer :",
+    "birth_city": "which city was {name} born in ? answer :",
+    "university": "which university did {name} attend ? answer :",
+    "major": "what did {name} study ? answer :",
+    "employer": "which company does {name} work for ? answer :",
+    "employer_city": "which city does {name} work in ? answer :",
+}
+SPECIAL_TOKENS = ("[pad]", "[unk]", "[bos]", "[eos]")
+PAD, UNK, BOS, EOS = SPECIAL_TOKENS
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration and presets
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BiographyConfig:
+    """Everything that defines a ``biography`` scenario (hashed into the cache key).
+
+    Attributes:
+        population: people per population (population 0 is pretrained; 1..T are new tasks).
+        num_new_tasks: T, the number of tasks after Task 0.
+        bios_per_person: biographies generated per person (random templates and order).
+        hidden_size / num_layers / num_heads / intermediate_size: the tiny Llama.
+        pretrain_steps / pretrain_lr / pretrain_batch: knowledge injection on population 0.
+        task0_steps: QA fine-tuning steps of Task 0 (done once by the harness, cached).
+        steps_per_task / lr / batch_size: every task's training (AdamW, constant lr).
+        qa_fraction: share of QA examples in the batches of tasks 1..T (rest: biographies).
+        curve_every / curve_steps: Task-0 evaluation cadence over the first steps of Task 1.
+        probe_examples / recovery_examples: sizes of the diagnostic and recovery sets.
+    """
+
+    population: int = 200
+    num_new_tasks: int = 2
+    bios_per_person: int = 5
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 384
+    pretrain_steps: int = 3000
+    pretrain_lr: float = 3e-3
+    pretrain_batch: int = 32
+    task0_steps: int = 300
+    steps_per_task: int = 300
+    lr: float = 1e-3
+    batch_size: int = 32
+    qa_fraction: float = 0.5
+    curve_every: int = 10
+    curve_steps: int = 150
+    probe_examples: int = 32
+    recovery_examples: int = 10
+
+    def __post_init__(self) -> None:
+        if self.population < 4 or self.population % 2:
+            raise ValueError(f"population={self.population} must be an even number >= 4")
+        if self.num_new_tasks < 1:
+            raise ValueError(f"num_new_tasks={self.num_new_tasks} must be >= 1")
+        if not 0.0 < self.qa_fraction <= 1.0:
+            raise ValueError(f"qa_fraction={self.qa_fraction} must be in (0, 1]")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
+            )
+        needed = self.population * (self.num_new_tasks + 1)
+        available = len(FIRST_NAMES) * len(LAST_NAMES)
+        if needed > available:
+            raise ValueError(
+                f"population * (num_new_tasks + 1) = {needed} exceeds the {available} unique "
+                "full names; lower population or num_new_tasks"
+            )
+
+    def key(self, seed: int) -> str:
+        """Short hash of the config and seed: the cache directory name."""
+        blob = json.dumps({**asdict(self), "seed": seed, "version": 1}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+PRESETS: dict[str, BiographyConfig] = {
+    # seconds: used by the tests
+    "micro": BiographyConfig(
+        population=16, num_new_tasks=1, bios_per_person=2, hidden_size=32, num_layers=2,
+        num_heads=2, intermediate_size=64, pretrain_steps=30, pretrain_batch=16, task0_steps=10,
+        steps_per_task=8, batch_size=8, curve_every=4, curve_steps=8, probe_examples=8,
+        recovery_examples=4,
+    ),
+    # under 3 minutes for every method on 2 CPU cores
+    "quick": BiographyConfig(
+        population=100, num_new_tasks=1, bios_per_person=4, hidden_size=64, num_layers=4,
+        num_heads=4, intermediate_size=192, pretrain_steps=1200, task0_steps=150,
+        steps_per_task=60, curve_every=5, curve_steps=60, probe_examples=24,
+    ),
+    # under 30 minutes
+    "default": BiographyConfig(),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Generator
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Person:
+    """One synthetic person: a unique full name and one value per attribute of ``ATTRIBUTES``."""
+
+    name: str
+    birth_date: str
+    birth_city: str
+    university: str
+    major: str
+    employer: str
+    employer_city: str
+
+    def value(self, attribute: str) -> str:
+        return getattr(self, attribute)
+
+
+def generate_people(n: int, rng: random.Random, exclude: set[str] | None = None) -> list[Person]:
+    """``n`` people with full names unique among themselves and not in ``exclude``.
+
+    Args:
+        n: how many.
+        rng: source of randomness (``random.Random(seed)``).
+        exclude: full names already used (e.g. by earlier populations); updated in place.
+
+    Returns:
+        ``n`` :class:`Person` objects.
+
+    Raises:
+        ValueError: when fewer than ``n`` unused full names remain.
+    """
+    used = exclude if exclude is not None else set()
+    names = [f"{f} {s}" for f in FIRST_NAMES for s in LAST_NAMES]
+    free = [x for x in names if x not in used]
+    if len(free) < n:
+        raise ValueError(f"asked for {n} people but only {len(free)} unused full names remain")
+    chosen = rng.sample(free, n)
+    used.update(chosen)
+    people = []
+    for name in chosen:
+        date = f"{rng.choice(MONTHS)} {rng.randint(1, 28)} , {rng.randint(1950, 1999)}"
+        people.append(
+            Person(
+                name=name,
+                birth_date=date,
+                birth_city=rng.choice(CITIES),
+                university=rng.choice(UNIVERSITIES),
+                major=rng.choice(MAJORS),
+                employer=rng.choice(COMPANIES),
+                employer_city=rng.choice(CITIES),
+            )
+        )
+    return people
+
+
+def biography(person: Person, rng: random.Random) -> str:
+    """One biography: each attribute in a random template, sentences in random order."""
+    sentences = [
+        rng.choice(BIO_TEMPLATES[a]).format(name=person.name, value=person.value(a))
+        for a in ATTRIBUTES
+    ]
+    rng.shuffle(sentences)
+    return " ".join(sentences)
+
+
+def qa_pair(person: Person, attribute: str) -> tuple[str, str]:
+    """``(prompt, answer)`` for one attribute of one person."""
+    return QA_TEMPLATES[attribute].format(name=person.name), person.value(attribute)
+
+
+@dataclass
+class BiographyData:
+    """Generated people: ``populations[0]`` is pretrained, ``populations[t]`` is task t's."""
+
+    populations: list[list[Person]]
+    bios: list[list[str]]  # bios[t]: every biography of population t (bios_per_person each)
+
+    def qa_split(self, t: int) -> tuple[list[Person], list[Person]]:
+        """(QA-trained half, held-out evaluation half) of population ``t``."""
+        pop = self.populations[t]
+        return pop[: len(pop) // 2], pop[len(pop) // 2 :]
+
+    def to_json(self) -> dict:
+        return {"populations": [[asdict(p) for p in pop] for pop in self.populations],
+                "bios": self.bios}
+
+    @classmethod
+    def from_json(cls, blob: dict) -> BiographyData:
+        return cls([[Person(**p) for p in pop] for pop in blob["populations"]], blob["bios"])
+
+
+def generate_data(cfg: BiographyConfig, seed: int) -> BiographyData:
+    """All populations and biographies of a scenario, deterministic in ``seed``."""
+    rng = random.Random(seed)
+    used: set[str] = set()
+    pops = [generate_people(cfg.population, rng, used) for _ in range(cfg.num_new_tasks + 1)]
+    bios = [[biography(p, rng) for p in pop for _ in range(cfg.bios_per_person)] for pop in pops]
+    return BiographyData(pops, bios)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer and model
+# --------------------------------------------------------------------------------------------
+
+
+def corpus_words() -> list[str]:
+    """Every text the tokenizer must cover: templates and all attribute values and names."""
+    texts = [t for ts in BIO_TEMPLATES.values() for t in ts] + list(QA_TEMPLATES.values())
+    texts += FIRST_NAMES + LAST_NAMES + CITIES + UNIVERSITIES + MAJORS + COMPANIES + MONTHS
+    texts += [str(d) for d in range(1, 32)] + [str(y) for y in range(1900, 2030)] + [","]
+    return texts
+
+
+def build_tokenizer():
+    """Word-level ``tokenizers.Tokenizer`` trained on :func:`corpus_words` (deterministic).
+
+    Raises:
+        ScenarioUnavailable: when ``tokenizers`` is not installed.
+    """
+    try:
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    except ImportError as err:  # pragma: no cover - tokenizers ships with transformers
+        from benchmarks.scenario import ScenarioUnavailable
+
+        raise ScenarioUnavailable("the biography scenario needs `pip install tokenizers`") from err
+    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS), min_frequency=1)
+    tok.train_from_iterator([t.replace("{name}", "").replace("{value}", "")
+                             for t in corpus_words()], trainer=trainer)
+    return tok
+
+
+class WordCodec:
+    """Encode texts to ids and build padded batches (``input_ids``, ``attention_mask``, ``labels``)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tok = tokenizer
+        self.pad_id = tokenizer.token_to_id(PAD)
+        self.bos_id = tokenizer.token_to_id(BOS)
+        self.eos_id = tokenizer.token_to_id(EOS)
+        self.unk_id = tokenizer.token_to_id(UNK)
+        self.vocab_size = tokenizer.get_vocab_size()
+
+    def ids(self, text: str) -> list[int]:
+        out = self.tok.encode(text).ids
+        if self.unk_id in out:
+            raise ValueError(f"text has out-of-vocabulary words: {text!r}")
+        return out
+
+    def lm_example(self, text: str) -> tuple[list[int], list[int]]:
+        ids = [self.bos_id, *self.ids(text), self.eos_id]
+        return ids, list(ids)
+
+    def qa_example(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+        p = [self.bos_id, *self.ids(prompt)]
+        a = [*self.ids(answer), self.eos_id]
+        return p + a, [-100] * len(p) + a
+
+    def collate(self, examples: Sequence[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        """Right-padded batch; ``labels`` is ``-100`` on prompts and padding."""
+        length = max(len(ids) for ids, _ in examples)
+        n = len(examples)
+        input_ids = torch.full((n, length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, length), dtype=torch.long)
+        labels = torch.full((n, length), -100, dtype=torch.long)
+        for i, (ids, lab) in enumerate(examples):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            mask[i, : len(ids)] = 1
+            labels[i, : len(lab)] = torch.tensor(lab)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+    def batches(self, examples, batch_size: int, rng: random.Random | None = None):
+        """Batches of ``batch_size`` (shuffled with ``rng`` when given; last one may be short)."""
+        examples = list(examples)
+        if rng is not None:
+            rng.shuffle(examples)
+        return [self.collate(examples[i : i + batch_size])
+                for i in range(0, len(examples), batch_size)]
+
+
+def build_model(cfg: BiographyConfig, vocab_size: int, seed: int) -> nn.Module:
+    """A freshly initialised tiny Llama (eager attention, untied embeddings), CPU fp32."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return model.float()
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def answer_accuracy(model: nn.Module, batches: list[dict[str, torch.Tensor]], eos_id: int
+                    ) -> dict[str, float]:
+    """Exact-match and first-token accuracy of the answers of QA ``batches``.
+
+    Answer positions are those with ``labels != -100`` other than the final ``eos``. Greedy
+    decoding reproduces the answer iff each answer token is the argmax given the true prefix,
+    so one teacher-forced forward pass per batch gives the greedy exact match.
+
+    Returns:
+        ``{"accuracy": exact match, "exact": same, "first_token": ..., "loss": mean answer NLL}``.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    exact = first = total = 0
+    nll_sum = nll_n = 0.0
+    try:
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits[:, :-1]  # (B, L-1, V)
+            target = batch["labels"][:, 1:]  # (B, L-1)
+            answer = (target != -100) & (target != eos_id)
+            pred = logits.argmax(-1)
+            correct = (pred == target) | ~answer
+            exact += int(correct.all(dim=1).sum())
+            first_pos = answer.float().argmax(dim=1)  # first answer position per row
+            rows = torch.arange(target.shape[0], device=device)
+            first += int((pred[rows, first_pos] == target[rows, first_pos]).sum())
+            total += target.shape[0]
+            logp = torch.log_softmax(logits.float(), -1)
+            tok_nll = -logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            nll_sum += float(tok_nll[answer].sum())
+            nll_n += float(answer.sum())
+    finally:
+        model.train(was_training)
+    return {"accuracy": exact / total, "exact": exact / total, "first_token": first / total,
+            "loss": nll_sum / max(nll_n, 1.0)}
+
+
+# --------------------------------------------------------------------------------------------
+# Training helpers (pretraining only; the harness trains the tasks)
+# --------------------------------------------------------------------------------------------
+
+
+def train_steps(model: nn.Module, batches: list[dict[str, torch.Tensor]], steps: int, lr: float,
+                seed: int, desc: str = "train", warmup: int = 0, cosine: bool = False) -> None:
+    """Plain AdamW over ``steps`` batches drawn cyclically from ``batches`` (reshuffled per epoch)."""
+    from tqdm.auto import tqdm
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = None
+    if warmup or cosine:
+        import math
+
+        def factor(i: int) -> float:
+            if i < warmup:
+                return (i + 1) / warmup
+            if not cosine:
+                return 1.0
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, steps - warmup)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    rng = random.Random(seed)
+    order: list[int] = []
+    model.train()
+    for _ in tqdm(range(steps), desc=desc, leave=False, mininterval=1.0):
+        if not order:
+            order = list(range(len(batches)))
+            rng.shuffle(order)
+        loss = model(**batches[order.pop()]).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+    opt.zero_grad(set_to_none=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Scenario
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BiographyParts:
+    """Everything :func:`build_scenario` assembles (handy for tests and notebooks)."""
+
+    cfg: BiographyConfig
+    seed: int
+    data: BiographyData
+    codec: WordCodec
+    cache: Path
+    extras: dict = field(default_factory=dict)
+
+
+def resolve_config(preset: str | BiographyConfig, **overrides) -> BiographyConfig:
+    """A preset name (``micro``/``quick``/``default``) or a config, with field overrides."""
+    if isinstance(preset, BiographyConfig):
+        cfg = preset
+    elif preset in PRESETS:
+        cfg = PRESETS[preset]
+    else:
+        raise ValueError(f"unknown biography preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return replace(cfg, **overrides) if overrides else cfg
+
+
+def _qa_examples(codec: WordCodec, people: Sequence[Person]) -> list[tuple[list[int], list[int]]]:
+    return [codec.qa_example(*qa_pair(p, a)) for p in people for a in ATTRIBUTES]
+
+
+def build_scenario(preset: str | BiographyConfig = "quick", cache_dir: str | Path =
+                   ".cache/mitigate-bench", seed: int = 0, **overrides) -> Scenario:
+    """Build (or load from cache) the ``biography`` scenario.
+
+    Args:
+        preset: ``"micro"`` (tests), ``"quick"``, ``"default"`` or a :class:`BiographyConfig`.
+        cache_dir: where the pretrained checkpoint, tokenizer and people are cached.
+        seed: seeds the people, the biographies, the model initialisation and pretraining.
+        **overrides: :class:`BiographyConfig` fields to change.
+
+    Returns:
+        A :class:`Scenario` whose ``model_factory`` returns the pretrained model (Task 0 is not
+        yet trained: ``first_task_pretrained=False``).
+    """
+    from safetensors.torch import load_file, save_file
+
+    cfg = resolve_config(preset, **overrides)
+    cache = Path(cache_dir) / f"biography-{cfg.key(seed)}"
+    cache.mkdir(parents=True, exist_ok=True)
+
+    data_path, tok_path, ckpt_path = (cache / "data.json", cache / "tokenizer.json",
+                                      cache / "pretrained.safetensors")
+    if data_path.exists():
+        data = BiographyData.from_json(json.loads(data_path.read_text()))
+    else:
+        data = generate_data(cfg, seed)
+        data_path.write_text(json.dumps(data.to_json()))
+    if tok_path.exists():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tok_path))
+    else:
+        tokenizer = build_tokenizer()
+        tokenizer.save(str(tok_path))
+    codec = WordCodec(tokenizer)
+
+    if ckpt_path.exists():
+        pretrained = load_file(str(ckpt_path))
+    else:
+        model = build_model(cfg, codec.vocab_size, seed)
+        bios = [codec.lm_example(b) for b in data.bios[0]]
+        batches = codec.batches(bios, cfg.pretrain_batch, random.Random(seed))
+        log.info("pretraining biography model (%d steps), cached at %s", cfg.pretrain_steps, cache)
+        train_steps(model, batches, cfg.pretrain_steps, cfg.pretrain_lr, seed, desc="pretrain",
+                    warmup=min(100, cfg.pretrain_steps // 10), cosine=True)
+        pretrained = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        save_file(pretrained, str(ckpt_path))
+
+    def model_factory() -> nn.Module:
+        model = build_model(cfg, codec.vocab_size, seed)
+        model.load_state_dict(pretrained)
+        return model
+
+    rng = random.Random(seed + 1)
+    tasks = []
+    for t in range(cfg.num_new_tasks + 1):
+        train_people, eval_people = data.qa_split(t)
+        qa_train = _qa_examples(codec, train_people)
+        qa_eval = _qa_examples(codec, eval_people)
+        if t == 0:
+            train_examples = qa_train
+        else:
+            # mix biographies and QA at qa_fraction (QA examples repeated/cut to the ratio)
+            bios = [codec.lm_example(b) for b in data.bios[t]]
+            n_qa = max(1, round(len(bios) * cfg.qa_fraction / (1 - cfg.qa_fraction))) \
+                if cfg.qa_fraction < 1 else len(qa_train)
+            qa_mix = [qa_train[i % len(qa_train)] for i in range(n_qa)]
+            train_examples = bios + qa_mix if cfg.qa_fraction < 1 else qa_train
+        train = codec.batches(train_examples, cfg.batch_size, rng)
+        eval_batches = codec.batches(qa_eval, 256)
+        probe_rng = random.Random(seed + 100 + t)
+        probe = codec.batches(probe_rng.sample(qa_eval, min(cfg.probe_examples, len(qa_eval))),
+                              cfg.probe_examples)
+        recovery = codec.batches(
+            probe_rng.sample(qa_train, min(cfg.recovery_examples, len(qa_train))),
+            cfg.recovery_examples)
+
+        def evaluate(model: nn.Module, _b=eval_batches) -> dict[str, float]:
+            return answer_accuracy(model, _b, codec.eos_id)
+
+        tasks.append(Task(name=f"task{t}", train=train, evaluate=evaluate, probe=probe,
+                          recovery=recovery))
+
+    return Scenario(
+        name="biography",
+        model_factory=model_factory,
+        tasks=tasks,
+        steps_per_task=cfg.steps_per_task,
+        lr=cfg.lr,
+        first_task_pretrained=False,
+        notes=(f"biography: {cfg.population} people/population, T={cfg.num_new_tasks}, "
+               f"{cfg.num_layers}x{cfg.hidden_size} Llama, vocab {codec.vocab_size}"),
+        task0_steps=cfg.task0_steps,
+        task0_curve_every=cfg.curve_every,
+        task0_curve_steps=cfg.curve_steps,
+        config={"scenario": "biography", "seed": seed, "key": cfg.key(seed),
+                "task0_steps": cfg.task0_steps, **asdict(cfg)},
+    )

@@ -1,0 +1,208 @@
+"""Shared private helpers: loss functions, parameter selection, side-effect guards,
+lists of tensors as one vector, and the few ``torch.distributed`` calls the library needs.
+
+Everything that more than one module needs lives here once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+Batch = Any
+"""A batch as the model takes it: usually a ``dict`` of tensors for ``model(**batch)``."""
+
+LossFn = Callable[[nn.Module, Batch], Tensor]
+"""``loss_fn(model, batch) -> scalar``. ``None`` in public APIs means :func:`default_loss`."""
+
+ParamSelector = Union[None, str, Sequence[str], Callable[[str, nn.Parameter], bool]]
+"""Which parameters an operation covers.
+
+* ``None``: every parameter with ``requires_grad=True``.
+* ``str``: a regular expression, ``re.fullmatch``-ed against the parameter name.
+* sequence of ``str``: exact names or dotted suffixes (``"q_proj.weight"`` matches every layer's).
+* callable ``(name, param) -> bool``.
+Only trainable parameters are ever selected.
+"""
+
+
+def default_loss(model: nn.Module, batch: Batch) -> Tensor:
+    """``model(**batch).loss`` (Hugging Face convention); tuples/lists are unpacked positionally.
+
+    Raises:
+        ValueError: when the model output carries no ``loss`` (pass ``labels`` or a ``loss_fn``).
+    """
+    out = model(**batch) if isinstance(batch, Mapping) else model(*batch)
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, Mapping):
+        loss = out.get("loss")
+    if loss is None:
+        raise ValueError(
+            "the model returned no `loss` for this batch; include `labels` in the batch or pass "
+            "`loss_fn=lambda model, batch: ...` returning a scalar"
+        )
+    return loss
+
+
+def resolve_loss_fn(loss_fn: LossFn | None) -> LossFn:
+    """``loss_fn`` or :func:`default_loss` when ``None``."""
+    return default_loss if loss_fn is None else loss_fn
+
+
+def batch_size_of(batch: Batch) -> int:
+    """Number of examples in a batch: leading size of its first tensor (1 if none)."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    values: Iterable[Any] = batch.values() if isinstance(batch, Mapping) else batch
+    for v in values:
+        if isinstance(v, Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    return 1
+
+
+def move_batch(batch: Batch, device: torch.device | str) -> Batch:
+    """Return ``batch`` with every tensor moved to ``device`` (dicts, lists and tuples recursed)."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: move_batch(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_batch(v, device) for v in batch)
+    return batch
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a parameterless module)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def select_parameters(model: nn.Module, params: ParamSelector = None) -> dict[str, nn.Parameter]:
+    """Trainable named parameters of ``model`` chosen by ``params`` (see :data:`ParamSelector`).
+
+    Tied parameters appear once, under their first name (``named_parameters()`` order).
+
+    Raises:
+        ValueError: when the selector matches no trainable parameter.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if params is None:
+        chosen = named
+    elif isinstance(params, str):
+        rx = re.compile(params)
+        chosen = [(n, p) for n, p in named if rx.fullmatch(n)]
+    elif callable(params):
+        chosen = [(n, p) for n, p in named if params(n, p)]
+    else:
+        wanted = list(params)
+        chosen = [(n, p) for n, p in named if any(n == w or n.endswith("." + w) for w in wanted)]
+    if not chosen:
+        raise ValueError(
+            f"params={params!r} matches no trainable parameter of {type(model).__name__}; "
+            "pass None (all trainable), a regex, a list of names/suffixes, or a predicate"
+        )
+    return dict(chosen)
+
+
+@contextlib.contextmanager
+def preserve_state(model: nn.Module, *, mode: bool | None = None) -> Iterator[None]:
+    """Run a block without side effects on ``model``: train/eval flags of every submodule and
+    every parameter's ``.grad`` are restored on exit (also on error).
+
+    Args:
+        model: the module to guard.
+        mode: set ``model.train(mode)`` inside the block (``None`` leaves it as is).
+    """
+    training = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.grad) for p in model.parameters()]
+    for p, _ in grads:
+        p.grad = None
+    try:
+        if mode is not None:
+            model.train(mode)
+        yield
+    finally:
+        for m, t in training:
+            m.training = t
+        for p, g in grads:
+            p.grad = g
+
+
+# ---------------------------------------------------------------- lists of tensors as one vector
+
+
+def flat_dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
+    """Σᵢ ⟨xᵢ, yᵢ⟩ in float32 or wider (float64 stays float64)."""
+    acc = None
+    for x, y in zip(xs, ys, strict=True):
+        dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+        d = torch.sum(x.to(dtype) * y.to(dtype))
+        acc = d if acc is None else acc + d
+    if acc is None:
+        raise ValueError("flat_dot of empty tensor lists")
+    return acc
+
+
+def flat_norm(xs: Sequence[Tensor]) -> Tensor:
+    """‖concat(xs)‖₂ in float32 or wider."""
+    return flat_dot(xs, xs).sqrt()
+
+
+def flatten(xs: Sequence[Tensor], dtype: torch.dtype | None = None) -> Tensor:
+    """Concatenate the tensors into one 1-D vector, shape ``(Σ numel,)``."""
+    return torch.cat([x.reshape(-1).to(dtype or x.dtype) for x in xs])
+
+
+def unflatten_like(vec: Tensor, likes: Sequence[Tensor]) -> list[Tensor]:
+    """Split a 1-D ``vec`` into tensors shaped (and typed) like ``likes``."""
+    out, i = [], 0
+    for t in likes:
+        n = t.numel()
+        out.append(vec[i : i + n].view_as(t).to(t.dtype))
+        i += n
+    if i != vec.numel():
+        raise ValueError(f"vector of {vec.numel()} values does not match tensors totalling {i}")
+    return out
+
+
+# ---------------------------------------------------------------- torch.distributed
+
+
+def dist_ready() -> bool:
+    """True inside an initialised process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_mean_(t: Tensor) -> Tensor:
+    """In-place mean of ``t`` across ranks (no-op outside a process group); returns ``t``."""
+    if dist_ready():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(dist.get_world_size())
+    return t
+
+
+def all_reduce_sum_(t: Tensor) -> Tensor:
+    """In-place sum of ``t`` across ranks (no-op outside a process group); returns ``t``."""
+    if dist_ready():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_(t: Tensor, src: int = 0) -> Tensor:
+    """In-place broadcast of ``t`` from rank ``src`` (no-op outside a process group)."""
+    if dist_ready():
+        dist.broadcast(t, src=src)
+    return t
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (FSDP2), or ``t`` itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t

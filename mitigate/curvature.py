@@ -1,0 +1,776 @@
+"""Curvature engine: Hessian-vector products, top-k Hessian eigenpairs and Hessian traces of a
+model's loss, without ever materialising the Hessian.
+
+Everything second-order in mitigate goes through this module: the diagnostics
+(:func:`mitigate.diagnostics.hessian_eigenvalues`), the :class:`~mitigate.CurvatureRegularizer`
+and the benchmarks.
+
+Building blocks
+---------------
+* :func:`make_loss_of_params` turns ``loss_fn(model, batch)`` into a pure function
+  ``f(params: dict[name, Tensor]) -> scalar`` through :func:`torch.func.functional_call`
+  (tied weights stay tied: parameters come from ``named_parameters()``, which lists a tied
+  weight once, and ``functional_call(..., tie_weights=True)`` writes it to every alias).
+* :class:`HessianOperator` is the averaged Hessian of a list of batches as a linear operator on
+  flat vectors, ``H v = Σ_b n_b H_b v / Σ_b n_b``. Each product is forward-over-reverse,
+  ``jvp(grad(f), (θ,), (v,))`` (one forward+backward pass with dual numbers, least memory);
+  where forward-mode AD lacks an op it falls back to reverse-over-reverse
+  (``vjp(grad(f))``). The choice is detected on the first product and cached per model.
+* :func:`differentiable_hvp` / :func:`rayleigh_quotients` take ``H(θ) v`` at the *live*
+  parameters with ``create_graph=True``, so a penalty built from them trains (third order).
+
+Algorithms
+----------
+* :func:`hessian_eigenvalues`: top-k eigenpairs by Lanczos with full re-orthogonalisation
+  (Lanczos 1950; Golub & Van Loan, *Matrix Computations* §10.1), or power iteration with
+  Hotelling deflation (``method="power"``, as in PyHessian, Yao et al. 2020).
+* :func:`hutchinson_trace`: ``tr(H) ≈ (1/S) Σ_s zₛᵀ H zₛ`` with Rademacher ``zₛ``
+  (Hutchinson 1989).
+
+Side effects: none. Every public routine runs under :func:`mitigate._utils.preserve_state`
+(train/eval flags and every ``.grad`` restored), in eval mode by default (dropout off).
+Randomness comes from an explicit ``seed`` / ``generator`` (CPU generator; vectors are drawn on
+CPU and moved, so results do not depend on the device's RNG).
+
+Second order needs an attention kernel with double backward / forward-mode AD. SDPA and flash
+kernels have neither, so models whose ``config._attn_implementation`` is one of them raise
+:class:`~mitigate.errors.AttentionKernelError`: load them with ``attn_implementation="eager"``.
+
+Distributed: inside a process group every rank passes its own batches; each Hessian-vector
+product is summed over ranks (``Σ_ranks Σ_b n_b H_b v`` divided by the global ``Σ n_b``) and
+every rank draws the same start vectors, so all ranks get identical eigenpairs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vjp
+
+from mitigate._utils import (
+    Batch,
+    LossFn,
+    ParamSelector,
+    all_reduce_sum_,
+    batch_size_of,
+    broadcast_,
+    flat_dot,
+    model_device,
+    move_batch,
+    preserve_state,
+    resolve_loss_fn,
+    select_parameters,
+)
+from mitigate.errors import AttentionKernelError
+
+__all__ = [
+    "EigenResult",
+    "HessianOperator",
+    "TraceResult",
+    "as_batch_list",
+    "check_attention_kernel",
+    "differentiable_hvp",
+    "hessian_eigenvalues",
+    "hutchinson_trace",
+    "hvp",
+    "make_loss_of_params",
+    "rayleigh_quotients",
+    "unwrap_model",
+]
+
+logger = logging.getLogger(__name__)
+
+HVPMode = Literal["forward", "reverse"]
+
+# attention implementations whose kernels have no double backward / forward-mode AD
+_NO_SECOND_ORDER_KERNELS = ("sdpa", "flash", "flex", "paged")
+
+# model -> "forward" | "reverse": the HVP mode that worked on this model (detected once)
+_HVP_MODE: weakref.WeakKeyDictionary[nn.Module, HVPMode] = weakref.WeakKeyDictionary()
+
+_EAGER_ADVICE = (
+    'load the model with `attn_implementation="eager"` (or call '
+    '`model.set_attn_implementation("eager")`): SDPA/flash attention kernels have no double '
+    "backward or forward-mode AD, which Hessian-vector products need"
+)
+
+
+# ---------------------------------------------------------------------------------- results
+
+
+@dataclass
+class EigenResult:
+    """Top-k Hessian eigenpairs.
+
+    Attributes:
+        values: ``(k,)`` float64 CPU tensor, eigenvalues in descending order.
+        vectors: list of ``k`` unit eigenvectors, each a ``dict`` parameter name -> tensor shaped
+            like that parameter (on the parameters' device, float32 or wider), aligned with
+            ``values``. Names are those of ``named_parameters()`` of the (DDP-unwrapped) model.
+        iterations: Hessian-vector products taken (per batch list, i.e. passes over the batches).
+        converged: whether every residual met the tolerance before ``max_iter``.
+        residual_norms: ``(k,)`` float64 CPU tensor, ``‖H vᵢ − λᵢ vᵢ‖`` (Lanczos: the Ritz
+            residual estimate ``|β_m sᵢ[m]|``; power iteration: measured on the last product).
+    """
+
+    values: Tensor
+    vectors: list[dict[str, Tensor]]
+    iterations: int
+    converged: bool
+    residual_norms: Tensor
+
+    @property
+    def names(self) -> list[str]:
+        """Parameter names, in the order the vectors list them."""
+        return list(self.vectors[0]) if self.vectors else []
+
+    def flat_vectors(self) -> Tensor:
+        """The eigenvectors as rows of one ``(k, n)`` tensor (parameters concatenated in
+        :attr:`names` order)."""
+        return torch.stack([torch.cat([t.reshape(-1) for t in v.values()]) for v in self.vectors])
+
+
+@dataclass
+class TraceResult:
+    """Hutchinson estimate of ``tr(H)``.
+
+    Attributes:
+        value: the estimate ``(1/S) Σ zₛᵀ H zₛ``.
+        std_error: standard error of that mean, ``std(zₛᵀ H zₛ) / √S`` (``nan`` when ``S = 1``).
+        samples: ``S``, the number of probe vectors.
+    """
+
+    value: float
+    std_error: float
+    samples: int
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` (``model.module``), else
+    ``model``. PEFT wrappers are kept: ``functional_call`` works on them directly."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def _attn_implementation(model: nn.Module) -> str | None:
+    """``config._attn_implementation`` of a HF model, also through PEFT / DDP wrappers."""
+    candidates = [unwrap_model(model)]
+    get_base = getattr(candidates[0], "get_base_model", None)
+    if callable(get_base):
+        candidates.append(get_base())
+    for m in candidates:
+        cfg = getattr(m, "config", None)
+        impl = getattr(cfg, "_attn_implementation", None)
+        if isinstance(impl, str):
+            return impl
+    return None
+
+
+def check_attention_kernel(model: nn.Module) -> None:
+    """Raise if the model's attention kernel cannot be differentiated twice.
+
+    Raises:
+        AttentionKernelError: when ``model.config._attn_implementation`` (also behind PEFT or DDP)
+            is SDPA, flash, flex or paged attention.
+    """
+    impl = _attn_implementation(model)
+    if impl is not None and any(key in impl.lower() for key in _NO_SECOND_ORDER_KERNELS):
+        raise AttentionKernelError(
+            f"the model uses attn_implementation={impl!r}, which has no double backward; "
+            + _EAGER_ADVICE
+        )
+
+
+def _is_missing_derivative(err: BaseException) -> bool:
+    msg = str(err)
+    return isinstance(err, NotImplementedError) or any(
+        s in msg
+        for s in (
+            "not implemented",
+            "does not support it",
+            "forward AD",
+            "double backward",
+            "doesn't support",
+        )
+    )
+
+
+def _kernel_error(err: BaseException) -> AttentionKernelError:
+    return AttentionKernelError(
+        f"second-order autodiff failed ({type(err).__name__}: {str(err).splitlines()[0]}); "
+        "this is almost always the attention kernel: " + _EAGER_ADVICE
+    )
+
+
+def as_batch_list(batches: Batch | Iterable[Batch]) -> list[Batch]:
+    """Normalise ``batches`` to a list of batches.
+
+    A ``Mapping`` (``dict`` of tensors), a ``Tensor`` or a ``tuple`` is ONE batch; a ``list`` or
+    any other iterable (generator, ``DataLoader``) is a sequence of batches and is iterated
+    once (so that every Hessian-vector product sees the same data).
+
+    Raises:
+        ValueError: when there are no batches.
+    """
+    if isinstance(batches, (Mapping, Tensor, tuple)):
+        out = [batches]
+    else:
+        out = list(batches)
+    if not out:
+        raise ValueError("no batches given: pass one batch (a dict) or a non-empty list of batches")
+    return out
+
+
+class _LossModule(nn.Module):
+    """``forward(batch) = loss_fn(model, batch)``, so that ``functional_call`` reparametrises
+    the model for any ``loss_fn`` (not just ``model(**batch)``)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.m = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Batch) -> Tensor:
+        return self.loss_fn(self.m, batch)
+
+
+def make_loss_of_params(
+    model: nn.Module,
+    batch: Batch,
+    loss_fn: LossFn | None = None,
+    names: Sequence[str] | None = None,
+) -> Callable[[dict[str, Tensor]], Tensor]:
+    """Pure function of (a subset of) the parameters: ``f(θ) = loss_fn(model_θ, batch)``.
+
+    Parameters absent from the dict keep the module's own values. Tied weights are written to
+    every alias (``functional_call(..., tie_weights=True)``), so pass each tied weight once,
+    under its ``named_parameters()`` name.
+
+    Args:
+        model: the module (DDP is unwrapped).
+        batch: one batch, as ``loss_fn`` takes it.
+        loss_fn: ``loss_fn(model, batch) -> scalar``; ``None`` means ``model(**batch).loss``.
+        names: if given, the dict passed to ``f`` must have exactly these keys.
+
+    Returns:
+        ``f(params: dict[str, Tensor]) -> Tensor`` (0-d), usable under ``torch.func`` transforms.
+
+    Raises:
+        ValueError: (when ``f`` is called) for keys other than ``names``.
+    """
+    wrapper = _LossModule(unwrap_model(model), resolve_loss_fn(loss_fn))
+    expected = None if names is None else set(names)
+
+    def f(params: dict[str, Tensor]) -> Tensor:
+        if expected is not None and set(params) != expected:
+            raise ValueError(
+                f"make_loss_of_params: got parameters {sorted(set(params) ^ expected)} "
+                "that differ from the `names` it was built for"
+            )
+        loss = functional_call(wrapper, {"m." + n: t for n, t in params.items()}, (batch,))
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError("loss_fn must return a scalar tensor")
+        return loss.reshape(())
+
+    return f
+
+
+def _float_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 or wider (Lanczos in half precision loses orthogonality at once)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ---------------------------------------------------------------------------------- operator
+
+
+class HessianOperator:
+    """The loss Hessian of a model over a list of batches, as a linear operator.
+
+    ``H v = Σ_b n_b H_b v / Σ_b n_b`` where ``H_b = ∇²_θ loss_fn(model_θ, batch_b)`` and ``n_b``
+    is the batch size (summed over ranks inside a process group). Vectors are flat 1-D tensors of
+    ``dim`` entries (selected parameters concatenated in :attr:`names` order); :meth:`to_dict` /
+    :meth:`from_dict` convert.
+
+    The operator does not guard model state; wrap its use in
+    ``preserve_state(model, mode=False)`` (the public functions do).
+
+    Args:
+        model: the model (DDP unwrapped; PEFT models as they are).
+        batches: one batch or an iterable of batches (see :func:`as_batch_list`); moved to the
+            model's device.
+        loss_fn: ``loss_fn(model, batch) -> scalar``; ``None`` means ``model(**batch).loss``.
+        params: which parameters (see :data:`mitigate._utils.ParamSelector`); ``None``: all
+            trainable.
+
+    Raises:
+        AttentionKernelError: model with an SDPA/flash attention kernel.
+        ValueError: no batches, or ``params`` selects nothing.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Batch | Iterable[Batch],
+        loss_fn: LossFn | None = None,
+        params: ParamSelector = None,
+    ) -> None:
+        self.model = unwrap_model(model)
+        check_attention_kernel(self.model)
+        selected = select_parameters(self.model, params)
+        self.names: list[str] = list(selected)
+        self.primals: dict[str, Tensor] = {n: p.detach() for n, p in selected.items()}
+        self.shapes = [p.shape for p in self.primals.values()]
+        self.numels = [p.numel() for p in self.primals.values()]
+        self.dim = sum(self.numels)
+        first = next(iter(self.primals.values()))
+        self.device = first.device
+        self.param_dtype = first.dtype
+        self.dtype = _float_dtype(first.dtype)
+        device = model_device(self.model)
+        self.batches = [move_batch(b, device) for b in as_batch_list(batches)]
+        sizes = torch.tensor([float(batch_size_of(b)) for b in self.batches], dtype=torch.float64)
+        total = all_reduce_sum_(sizes.sum().to(self.device)).item()
+        self.weights = [float(s) / total for s in sizes.tolist()]
+        fn = resolve_loss_fn(loss_fn)
+        self._fns = [make_loss_of_params(self.model, b, fn, self.names) for b in self.batches]
+        self.products = 0
+
+    # -- vector layout
+    def to_dict(self, flat: Tensor) -> dict[str, Tensor]:
+        """Split a flat ``(dim,)`` vector into views shaped like the parameters."""
+        return dict(zip(self.names, (t.view(s) for t, s in zip(flat.split(self.numels), self.shapes))))
+
+    def from_dict(self, vec: Mapping[str, Tensor] | Sequence[Tensor]) -> Tensor:
+        """Concatenate a dict (by :attr:`names`) or an aligned sequence into a flat vector."""
+        parts = [vec[n] for n in self.names] if isinstance(vec, Mapping) else list(vec)
+        if len(parts) != len(self.names):
+            raise ValueError(f"vector has {len(parts)} tensors, the operator {len(self.names)}")
+        return torch.cat([p.reshape(-1).to(self.dtype) for p in parts])
+
+    # -- products
+    def _hvp_one(self, f: Callable[[dict[str, Tensor]], Tensor], v: dict[str, Tensor]) -> dict[str, Tensor]:
+        mode = _HVP_MODE.get(self.model)
+        if mode is None:
+            try:
+                out = jvp(grad(f), (self.primals,), (v,))[1]
+                _HVP_MODE[self.model] = "forward"
+                return out
+            except (RuntimeError, NotImplementedError) as err:
+                if not _is_missing_derivative(err):
+                    raise
+                logger.info("forward-over-reverse HVP unavailable (%s); using reverse-over-reverse",
+                            str(err).splitlines()[0])
+            try:
+                out = vjp(grad(f), self.primals)[1](v)[0]
+            except (RuntimeError, NotImplementedError) as err:
+                if _is_missing_derivative(err):
+                    raise _kernel_error(err) from err
+                raise
+            _HVP_MODE[self.model] = "reverse"
+            return out
+        try:
+            if mode == "forward":
+                return jvp(grad(f), (self.primals,), (v,))[1]
+            return vjp(grad(f), self.primals)[1](v)[0]
+        except (RuntimeError, NotImplementedError) as err:
+            if _is_missing_derivative(err):
+                _HVP_MODE.pop(self.model, None)  # e.g. kernel switched since; detect again
+                raise _kernel_error(err) from err
+            raise
+
+    def matvec(self, flat_v: Tensor) -> Tensor:
+        """``H v`` for a flat ``(dim,)`` vector; returns a flat ``(dim,)`` tensor in :attr:`dtype`."""
+        v = {n: t.to(self.param_dtype) for n, t in self.to_dict(flat_v).items()}
+        acc: Tensor | None = None
+        for f, w in zip(self._fns, self.weights):
+            hv = self._hvp_one(f, v)
+            flat = torch.cat([hv[n].reshape(-1).to(self.dtype) for n in self.names])
+            acc = flat.mul_(w) if acc is None else acc.add_(flat, alpha=w)
+        assert acc is not None  # at least one batch (checked in as_batch_list)
+        self.products += 1
+        return all_reduce_sum_(acc)
+
+    __matmul__ = matvec
+
+    def random_vector(self, generator: torch.Generator, kind: Literal["gaussian", "rademacher"]) -> Tensor:
+        """A flat random vector drawn on CPU from ``generator`` (same on every rank with the same
+        seed; broadcast from rank 0 to be sure)."""
+        if kind == "gaussian":
+            z = torch.randn(self.dim, generator=generator, dtype=torch.float64)
+        else:
+            z = torch.randint(0, 2, (self.dim,), generator=generator, dtype=torch.int8).to(torch.float64)
+            z.mul_(2).sub_(1)
+        return broadcast_(z.to(device=self.device, dtype=self.dtype))
+
+
+def _generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator:
+    if generator is not None:
+        return generator
+    g = torch.Generator()
+    g.manual_seed(0 if seed is None else int(seed))
+    return g
+
+
+# ---------------------------------------------------------------------------------- public API
+
+
+def hvp(
+    model: nn.Module,
+    batches: Batch | Iterable[Batch],
+    vector: Mapping[str, Tensor] | Sequence[Tensor] | Tensor,
+    loss_fn: LossFn | None = None,
+    params: ParamSelector = None,
+    *,
+    eval_mode: bool = True,
+) -> Any:
+    """Hessian-vector product ``H v`` of the loss, averaged over the batches by size.
+
+    ``H v = Σ_b n_b ∇²L_b(θ) v / Σ_b n_b`` (forward-over-reverse ``jvp(grad(L))``; reverse-over-
+    reverse where forward AD lacks an op). The Hessian is never formed.
+
+    Args:
+        model: the model (DDP unwrapped, PEFT as is).
+        batches: one batch (dict) or an iterable of batches.
+        vector: ``v`` as a dict name -> tensor (names of the selected parameters), a sequence of
+            tensors aligned with the selected parameters in ``named_parameters()`` order, or a flat
+            ``(n,)`` tensor.
+        loss_fn: ``loss_fn(model, batch) -> scalar``; ``None`` means ``model(**batch).loss``.
+        params: parameter selector; ``None``: all trainable.
+        eval_mode: compute with the model in eval mode (dropout off); train/eval flags are
+            restored either way.
+
+    Returns:
+        ``H v`` in the same form as ``vector`` (dict, list, or flat tensor), detached.
+
+    Raises:
+        AttentionKernelError: SDPA/flash attention (load with ``attn_implementation="eager"``).
+        ValueError: no batches, empty selection, or a vector that does not fit the parameters.
+    """
+    with preserve_state(model, mode=False if eval_mode else None):
+        op = HessianOperator(model, batches, loss_fn, params)
+        if isinstance(vector, Tensor):
+            if vector.dim() != 1 or vector.numel() != op.dim:
+                raise ValueError(f"flat vector must have shape ({op.dim},), got {tuple(vector.shape)}")
+            return op.matvec(vector.to(op.device, op.dtype)).to(vector.dtype)
+        if isinstance(vector, Mapping):
+            missing = [n for n in op.names if n not in vector]
+            if missing:
+                raise ValueError(f"vector lacks entries for parameters {missing}")
+        out = op.to_dict(op.matvec(op.from_dict(vector).to(op.device)))
+        if isinstance(vector, Mapping):
+            return {n: out[n].to(vector[n].dtype).clone() for n in op.names}
+        return [out[n].to(v.dtype).clone() for n, v in zip(op.names, vector)]
+
+
+def _tridiagonal(alphas: list[float], betas: list[float]) -> Tensor:
+    m = len(alphas)
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if m > 1:
+        off = torch.tensor(betas[: m - 1], dtype=torch.float64)
+        t += torch.diag(off, 1) + torch.diag(off, -1)
+    return t
+
+
+def _lanczos(
+    op: HessianOperator, k: int, max_iter: int, tol: float, gen: torch.Generator, progress: bool
+) -> tuple[Tensor, Tensor, Tensor, int, bool]:
+    """Lanczos with full re-orthogonalisation (classical Gram-Schmidt applied twice, DGKS).
+
+    Builds ``Q_m = [q_1 … q_m]`` with ``H Q_m = Q_m T_m + β_m q_{m+1} e_mᵀ``; the top-k Ritz
+    pairs ``(θᵢ, Q_m sᵢ)`` of the tridiagonal ``T_m`` approximate the top-k eigenpairs with
+    residual ``‖H yᵢ − θᵢ yᵢ‖ = |β_m sᵢ[m]|``. Stops when every residual ≤ ``tol·|θᵢ|`` (or
+    the Krylov space became invariant). One scalar host sync per iteration.
+    """
+    from tqdm.auto import tqdm
+
+    n, m_max = op.dim, min(max_iter, op.dim)
+    q = op.random_vector(gen, "gaussian")
+    q = q / q.norm()
+    basis = torch.empty(min(m_max, 16), n, dtype=op.dtype, device=op.device)
+    alphas: list[float] = []
+    betas: list[float] = []
+    values = residuals = vecs_small = None
+    converged = False
+    bar = tqdm(total=m_max, desc="lanczos", disable=not progress, leave=False)
+    for j in range(m_max):
+        if j == basis.shape[0]:
+            basis = torch.cat([basis, basis.new_empty(min(basis.shape[0], m_max - j), n)])
+        basis[j] = q
+        w = op.matvec(q)
+        alpha = torch.dot(w, q)
+        w.sub_(alpha * q)
+        if j > 0:
+            w.sub_(basis[j - 1], alpha=betas[-1])
+        qj = basis[: j + 1]
+        for _ in range(2):  # full re-orthogonalisation, twice is enough (DGKS)
+            w.sub_(qj.T @ (qj @ w))
+        beta = w.norm()
+        a_b = torch.stack([alpha, beta]).double().cpu().tolist()  # the one host sync per step
+        alphas.append(a_b[0])
+        betas.append(a_b[1])
+        bar.update(1)
+        if j + 1 >= k or j + 1 == m_max:
+            evals, evecs = torch.linalg.eigh(_tridiagonal(alphas, betas))
+            top = torch.argsort(evals, descending=True)[: min(k, j + 1)]
+            values, vecs_small = evals[top], evecs[:, top]
+            residuals = (a_b[1] * vecs_small[-1, :]).abs()
+            scale = values.abs().clamp_min(torch.finfo(torch.float64).tiny)
+            invariant = a_b[1] <= 1e3 * torch.finfo(op.dtype).eps * max(abs(x) for x in alphas + [1e-30])
+            if len(top) == k and (bool((residuals <= tol * scale).all()) or invariant):
+                converged = True
+                break
+            if invariant:  # Krylov space exhausted before k pairs: cannot continue
+                break
+        q = w / beta
+    bar.close()
+    assert values is not None and vecs_small is not None and residuals is not None
+    m = len(alphas)
+    ritz = vecs_small.to(device=op.device, dtype=op.dtype).T @ basis[:m]  # (k, n)
+    ritz = ritz / ritz.norm(dim=1, keepdim=True)
+    return values, ritz, residuals, m, converged
+
+
+def _power(
+    op: HessianOperator, k: int, max_iter: int, tol: float, gen: torch.Generator, progress: bool
+) -> tuple[Tensor, Tensor, Tensor, int, bool]:
+    """Power iteration with Hotelling deflation (PyHessian): for each i, iterate
+    ``v ← (H − Σ_{p<i} λ_p v_p v_pᵀ) v / ‖·‖`` until the Rayleigh quotient changes by at most
+    ``tol·|λ|``. Finds the eigenvalues of largest magnitude."""
+    from tqdm.auto import tqdm
+
+    found_vals: list[float] = []
+    found_vecs: list[Tensor] = []
+    residuals: list[float] = []
+    converged_all = True
+    total = 0
+    bar = tqdm(total=k * max_iter, desc="power", disable=not progress, leave=False)
+    for _ in range(k):
+        v = op.random_vector(gen, "gaussian")
+        v = v / v.norm()
+        lam_prev: float | None = None
+        lam = 0.0
+        res = float("inf")
+        ok = False
+        for _ in range(max_iter):
+            w = op.matvec(v)
+            for lp, vp in zip(found_vals, found_vecs):
+                w.sub_(vp, alpha=lp * float(torch.dot(vp, v)))
+            total += 1
+            bar.update(1)
+            lam_t = torch.dot(w, v)
+            res_t = (w - lam_t * v).norm()
+            lam, res = (float(x) for x in torch.stack([lam_t, res_t]).double().cpu())
+            norm = w.norm()
+            if float(norm) == 0.0:
+                ok = True
+                break
+            v = w / norm
+            if lam_prev is not None and abs(lam - lam_prev) <= tol * max(abs(lam), 1e-30):
+                ok = True
+                break
+            lam_prev = lam
+        converged_all &= ok
+        found_vals.append(lam)
+        found_vecs.append(v)
+        residuals.append(res)
+    bar.close()
+    vals = torch.tensor(found_vals, dtype=torch.float64)
+    order = torch.argsort(vals, descending=True)
+    vecs = torch.stack(found_vecs)[order.to(found_vecs[0].device)]
+    return vals[order], vecs, torch.tensor(residuals, dtype=torch.float64)[order], total, converged_all
+
+
+def hessian_eigenvalues(
+    model: nn.Module,
+    batches: Batch | Iterable[Batch],
+    loss_fn: LossFn | None = None,
+    *,
+    k: int = 1,
+    params: ParamSelector = None,
+    method: Literal["lanczos", "power"] = "lanczos",
+    max_iter: int = 100,
+    tol: float = 1e-3,
+    seed: int | None = 0,
+    generator: torch.Generator | None = None,
+    eval_mode: bool = True,
+    progress: bool = False,
+) -> EigenResult:
+    """Top-k eigenpairs of the loss Hessian ``H = Σ_b n_b ∇²L_b / Σ_b n_b``.
+
+    ``method="lanczos"`` (default): Lanczos with full re-orthogonalisation; the ``k`` largest
+    (algebraic) Ritz values, stopped when every Ritz residual ``‖H yᵢ − θᵢ yᵢ‖ ≤ tol·|θᵢ|``.
+    Needs far fewer products than power iteration and keeps an ``(m, n)`` basis (``m ≤ max_iter``
+    vectors of the selected parameters: select a subset with ``params=`` on large models).
+    ``method="power"``: power iteration with deflation (PyHessian, Yao et al. 2020), the ``k``
+    eigenvalues of largest *magnitude*, stopped when the Rayleigh quotient changes by at most
+    ``tol`` relatively; ``max_iter`` products per eigenpair.
+
+    Args:
+        model: the model (DDP unwrapped; PEFT as is; eager attention).
+        batches: one batch (dict) or an iterable of batches (iterated once and kept).
+        loss_fn: ``loss_fn(model, batch) -> scalar``; ``None`` means ``model(**batch).loss``.
+        k: number of eigenpairs.
+        params: parameter selector (e.g. ``r"model\\.layers\\.\\d+\\.self_attn\\..*"``); ``None``:
+            all trainable.
+        method: ``"lanczos"`` or ``"power"``.
+        max_iter: Lanczos: basis size cap; power: products per eigenpair.
+        tol: relative tolerance (see above).
+        seed: seed of the start vectors (ignored when ``generator`` is given).
+        generator: a CPU ``torch.Generator`` for the start vectors.
+        eval_mode: compute in eval mode (dropout off); flags are restored either way.
+        progress: show a tqdm bar.
+
+    Returns:
+        :class:`EigenResult` with ``values`` ``(k,)`` descending and ``vectors`` (k dicts).
+
+    Raises:
+        AttentionKernelError: SDPA/flash attention (load with ``attn_implementation="eager"``).
+        ValueError: bad ``k``/``method``/``max_iter``/``tol``, no batches, empty selection.
+    """
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k={k!r} must be a positive int")
+    if method not in ("lanczos", "power"):
+        raise ValueError(f"method={method!r} must be 'lanczos' or 'power'")
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter={max_iter!r} must be a positive int")
+    if not (tol > 0 and math.isfinite(tol)):
+        raise ValueError(f"tol={tol!r} must be a positive float")
+    gen = _generator(seed, generator)
+    with preserve_state(model, mode=False if eval_mode else None):
+        op = HessianOperator(model, batches, loss_fn, params)
+        if k > op.dim:
+            raise ValueError(f"k={k} exceeds the number of selected parameters ({op.dim})")
+        if method == "lanczos":
+            values, vecs, res, iters, ok = _lanczos(op, k, max_iter, tol, gen, progress)
+        else:
+            values, vecs, res, iters, ok = _power(op, k, max_iter, tol, gen, progress)
+        vectors = [{n: t.clone() for n, t in op.to_dict(row).items()} for row in vecs]
+    if not ok:
+        logger.warning("hessian_eigenvalues(%s): not converged to tol=%g after %d products "
+                       "(residuals %s)", method, tol, iters, res.tolist())
+    return EigenResult(values=values, vectors=vectors, iterations=iters, converged=ok, residual_norms=res)
+
+
+def hutchinson_trace(
+    model: nn.Module,
+    batches: Batch | Iterable[Batch],
+    loss_fn: LossFn | None = None,
+    *,
+    params: ParamSelector = None,
+    samples: int = 64,
+    seed: int | None = 0,
+    generator: torch.Generator | None = None,
+    eval_mode: bool = True,
+) -> TraceResult:
+    """Hutchinson's estimate of the Hessian trace: ``tr(H) ≈ (1/S) Σₛ zₛᵀ H zₛ``, ``zₛ`` with
+    i.i.d. Rademacher (±1) entries, so ``E[zᵀHz] = tr(H)`` (Hutchinson 1989).
+
+    Args:
+        model, batches, loss_fn, params, eval_mode: as in :func:`hessian_eigenvalues`.
+        samples: number of probe vectors ``S``.
+        seed / generator: randomness of the probes (CPU generator).
+
+    Returns:
+        :class:`TraceResult` (value, std_error, samples).
+
+    Raises:
+        AttentionKernelError: SDPA/flash attention.
+        ValueError: ``samples < 1``, no batches, empty selection.
+    """
+    if not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples={samples!r} must be a positive int")
+    gen = _generator(seed, generator)
+    with preserve_state(model, mode=False if eval_mode else None):
+        op = HessianOperator(model, batches, loss_fn, params)
+        quads = []
+        for _ in range(samples):
+            z = op.random_vector(gen, "rademacher")
+            quads.append(torch.dot(z, op.matvec(z)))
+        est = torch.stack(quads).double().cpu()
+    value = float(est.mean())
+    std_error = float(est.std(unbiased=True) / math.sqrt(samples)) if samples > 1 else float("nan")
+    return TraceResult(value=value, std_error=std_error, samples=samples)
+
+
+# ---------------------------------------------------------------------------------- differentiable
+
+
+def differentiable_hvp(
+    model: nn.Module,
+    batch: Batch,
+    vectors: Sequence[Sequence[Tensor]],
+    loss_fn: LossFn | None = None,
+    params: ParamSelector | Sequence[nn.Parameter] = None,
+) -> list[list[Tensor]]:
+    """``H(θ) vᵢ`` at the live parameters, *with* graph (``create_graph=True``): the results are
+    differentiable w.r.t. the parameters, so penalties built on them train (third order).
+
+    Reverse-over-reverse on the live graph: ``g = ∇L(θ)`` with graph, then
+    ``H vᵢ = ∇⟨g, vᵢ⟩``. The model runs in its current mode (the caller decides train/eval).
+
+    Args:
+        model: the model (DDP unwrapped).
+        batch: one batch.
+        vectors: ``k`` vectors, each a sequence of tensors aligned with the selected parameters.
+        loss_fn: ``loss_fn(model, batch) -> scalar``; ``None`` means ``model(**batch).loss``.
+        params: a selector, or the list of parameters itself.
+
+    Returns:
+        ``k`` lists of tensors (``H vᵢ`` per parameter), carrying graph.
+
+    Raises:
+        AttentionKernelError: SDPA/flash attention.
+    """
+    model = unwrap_model(model)
+    check_attention_kernel(model)
+    plist = _param_list(model, params)
+    loss = resolve_loss_fn(loss_fn)(model, batch)
+    try:
+        g = torch.autograd.grad(loss, plist, create_graph=True)
+        out = []
+        for v in vectors:
+            s = flat_dot(g, [t.to(p.dtype) for t, p in zip(v, plist, strict=True)])
+            out.append(list(torch.autograd.grad(s, plist, create_graph=True, retain_graph=True)))
+    except (RuntimeError, NotImplementedError) as err:
+        if _is_missing_derivative(err):
+            raise _kernel_error(err) from err
+        raise
+    return out
+
+
+def rayleigh_quotients(
+    model: nn.Module,
+    batch: Batch,
+    vectors: Sequence[Sequence[Tensor]],
+    loss_fn: LossFn | None = None,
+    params: ParamSelector | Sequence[nn.Parameter] = None,
+) -> Tensor:
+    """``qᵢ = vᵢᵀ H(θ) vᵢ`` for each vector, differentiable w.r.t. the live parameters.
+
+    Args:
+        as :func:`differentiable_hvp`.
+
+    Returns:
+        ``(k,)`` tensor (float32 or wider) carrying graph.
+    """
+    model = unwrap_model(model)
+    plist = _param_list(model, params)
+    hvs = differentiable_hvp(model, batch, vectors, loss_fn, plist)
+    return torch.stack([flat_dot(hv, v) for hv, v in zip(hvs, vectors)])
+
+
+def _param_list(model: nn.Module, params: ParamSelector | Sequence[nn.Parameter]) -> list[nn.Parameter]:
+    if isinstance(params, (list, tuple)) and params and all(isinstance(p, Tensor) for p in params):
+        return list(params)
+    return list(select_parameters(model, params).values())  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""Optimizer wrappers: gradient projection (A-GEM, OGD, PCGrad), clipping, Low-Rank Circuit Projection."""

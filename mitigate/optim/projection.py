@@ -1,0 +1,925 @@
+"""Gradient projection against forgetting: A-GEM, OGD and PCGrad as an optimizer wrapper.
+
+:class:`GradientProjection` wraps any ``torch.optim.Optimizer`` and rewrites the accumulated
+gradient inside ``step()`` before the base optimizer sees it. Three rules, one per ``mode``:
+
+* ``"agem"`` — Averaged GEM (Chaudhry et al. 2019, *Efficient Lifelong Learning with A-GEM*).
+  A replay memory of earlier tasks' batches gives a reference gradient ``g_ref`` at the current
+  parameters; when the update conflicts with it the conflicting component is removed::
+
+      g̃ = g − (g·g_ref / g_ref·g_ref) g_ref   if g·g_ref < 0,   else g̃ = g.
+
+* ``"ogd"`` — Orthogonal Gradient Descent (Farajtabar et al. 2020). ``remember()`` stores an
+  orthonormal basis ``U = [u₁ … u_k]`` of earlier tasks' gradient directions; every step moves
+  in the orthogonal complement::
+
+      g̃ = g − Σᵢ (g·uᵢ) uᵢ.
+
+* ``"pcgrad"`` — Projecting Conflicting Gradients (Yu et al. 2020, *Gradient Surgery for
+  Multi-Task Learning*). For objectives with gradients ``g₁ … g_n``, each ``gᵢ`` is projected
+  off every *original* ``gⱼ`` it conflicts with, the ``j`` taken in random order, then summed::
+
+      gᵢ ← gᵢ − (gᵢ·gⱼ / ‖gⱼ‖²) gⱼ   if gᵢ·gⱼ < 0;      g̃ = Σᵢ gᵢ.
+
+  Two ways to use it: ``proj.pcgrad_backward([loss_task, loss_replay])`` instead of
+  ``loss.backward()`` (combined gradient written to ``.grad``, accumulates like ``backward``),
+  or — working bare under ``Trainer`` — ``remember()`` earlier tasks and let ``step()`` add a
+  replay objective: ``g̃ = PCGrad(g_task, g_replay)`` with ``g_replay`` a memory gradient.
+
+The vector space is the selected trainable parameters (``params=``) that the wrapped optimizer
+owns, flattened in ``named_parameters()`` order; ``granularity="tensor"`` applies the rule to each
+parameter tensor separately instead. Arithmetic is float32 (float64 stays float64); a step does
+no host synchronisation (statistics are accumulated on the device).
+
+Faults: a non-finite gradient (fp16 overflow) is passed to the base optimizer untouched and
+counted; ``step()`` with nothing remembered is a no-op (one warning); a memory/basis recorded for
+other parameter names or shapes raises :class:`~mitigate.errors.StateMismatchError`.
+
+Distributed (DDP): ``step()`` sees already all-reduced gradients. ``remember()`` averages the
+OGD directions over ranks (each rank passes its shard of the same batches); A-GEM/PCGrad
+average the memory gradient over ranks at step time, so every rank takes the same step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils._pytree import tree_map
+
+from mitigate._utils import (
+    Batch,
+    LossFn,
+    ParamSelector,
+    all_reduce_mean_,
+    batch_size_of,
+    move_batch,
+    preserve_state,
+    resolve_loss_fn,
+    select_parameters,
+)
+from mitigate.errors import StateMismatchError
+from mitigate.optim._base import OptimizerWrapper
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["agem", "ogd", "pcgrad"]
+_MODES = ("agem", "ogd", "pcgrad")
+_GRANULARITIES = ("global", "tensor")
+_DIRECTIONS = ("batch", "sample")
+_ORTHO = ("gram_schmidt", "qr")
+_TINY = 1e-30  # denominator floor: ‖g_ref‖² of zero never divides
+
+
+# ====================================================================== configuration
+
+
+@dataclass
+class ProjectionConfig:
+    """Options of :class:`GradientProjection` (every constructor keyword lands here).
+
+    Attributes:
+        mode: ``"agem"``, ``"ogd"`` or ``"pcgrad"`` (see the module docstring).
+        granularity: ``"global"`` projects the flattened vector of all selected parameters;
+            ``"tensor"`` applies the rule to each parameter tensor on its own.
+        memory_size: agem/pcgrad — most batches kept in the replay memory (reservoir sampling
+            over every batch ever remembered, all tasks together).
+        ref_batches: agem/pcgrad — memory batches averaged into one reference gradient.
+        ref_every: agem/pcgrad — recompute the reference gradient every N steps and reuse it in
+            between (1 = every step, the paper's rule).
+        seed: seeds the wrapper's own ``torch.Generator`` (reservoir, memory sampling, PCGrad
+            order); its state is saved in ``state_dict()``.
+        directions: ogd — one direction per remembered ``"batch"`` (mean-loss gradient) or per
+            ``"sample"`` (per-example gradients via ``torch.func.vmap``).
+        directions_per_task: ogd — at most this many new directions per ``remember()``.
+        orthogonalization: ogd — ``"gram_schmidt"`` (modified, re-orthogonalised twice) or
+            ``"qr"`` (Householder QR of the new directions after projecting out the old ones).
+        basis_dtype: ogd — storage dtype of the basis (``"float32"``, ``"bfloat16"``, ...).
+            Projection arithmetic is float32 regardless.
+        basis_device: ogd — where the basis is stored (``None``: the parameters' device;
+            ``"cpu"`` saves accelerator memory at the cost of a copy per step).
+        max_basis: ogd — cap on the total number of basis vectors; directions beyond it are
+            dropped with a warning.
+        tol: ogd — a new direction whose norm after removing the existing basis is below
+            ``tol`` × its original norm is linearly dependent and is dropped.
+    """
+
+    mode: Mode = "agem"
+    granularity: Literal["global", "tensor"] = "global"
+    memory_size: int = 64
+    ref_batches: int = 1
+    ref_every: int = 1
+    seed: int = 0
+    directions: Literal["batch", "sample"] = "batch"
+    directions_per_task: int = 16
+    orthogonalization: Literal["gram_schmidt", "qr"] = "gram_schmidt"
+    basis_dtype: str = "float32"
+    basis_device: str | None = None
+    max_basis: int = 256
+    tol: float = 1e-5
+
+    def __post_init__(self) -> None:
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of {allowed}")
+
+        choice("mode", _MODES)
+        choice("granularity", _GRANULARITIES)
+        choice("directions", _DIRECTIONS)
+        choice("orthogonalization", _ORTHO)
+        for name in ("memory_size", "ref_batches", "ref_every", "directions_per_task", "max_basis"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed={self.seed!r} must be an integer")
+        if not (isinstance(self.tol, (int, float)) and 0.0 <= float(self.tol) < 1.0):
+            raise ValueError(f"tol={self.tol!r} must be a float in [0, 1)")
+        if isinstance(self.basis_dtype, torch.dtype):
+            self.basis_dtype = str(self.basis_dtype).removeprefix("torch.")
+        dtype = getattr(torch, str(self.basis_dtype), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(
+                f"basis_dtype={self.basis_dtype!r} is not a floating torch dtype; "
+                "use e.g. 'float32' or 'bfloat16'"
+            )
+        if self.basis_device is not None:
+            if isinstance(self.basis_device, torch.device):
+                self.basis_device = str(self.basis_device)
+            try:
+                torch.device(self.basis_device)
+            except (RuntimeError, TypeError) as exc:
+                raise ValueError(f"basis_device={self.basis_device!r} is not a device: {exc}") from None
+
+    @property
+    def torch_basis_dtype(self) -> torch.dtype:
+        return getattr(torch, self.basis_dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python form (JSON and ``weights_only`` friendly)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RememberReport:
+    """What :meth:`GradientProjection.remember` recorded.
+
+    Attributes:
+        task: index of the task just remembered (0 for the first).
+        added: batches inserted into the memory (agem/pcgrad) or basis vectors added (ogd).
+        memory_batches: batches now held in the replay memory.
+        basis_size: vectors now in the OGD basis.
+    """
+
+    task: int
+    added: int
+    memory_batches: int
+    basis_size: int
+
+
+# ====================================================================== the math (pure functions)
+
+
+def _segment_dots(a: Tensor, b: Tensor, sizes: Sequence[int]) -> Tensor:
+    """Per-segment dot products of two flat vectors, shape ``(len(sizes),)``."""
+    return torch.stack([torch.dot(x, y) for x, y in zip(a.split(sizes), b.split(sizes))])
+
+
+def _expand(coef: Tensor, sizes: Sequence[int], total: int) -> Tensor:
+    """Repeat per-segment values over their segments, shape ``(total,)`` (no host sync)."""
+    counts = torch.tensor(list(sizes), device=coef.device)
+    return torch.repeat_interleave(coef, counts, output_size=total)
+
+
+@dataclass
+class ProjectionResult:
+    """One projected gradient with its bookkeeping (all tensors, on the gradient's device).
+
+    Attributes:
+        grad: the projected flat gradient ``g̃``, shape ``(D,)``.
+        projected: bool scalar, whether anything was removed.
+        cosine: scalar; agem: cos(g, g_ref); ogd: ‖Uᵀg‖/‖g‖; pcgrad: mean pairwise cosine.
+        removed: scalar ‖g − g̃‖ (for pcgrad ‖Σgᵢ − g̃‖).
+        finite: bool scalar; ``False`` means the input was non-finite and ``grad`` is the input.
+    """
+
+    grad: Tensor
+    projected: Tensor
+    cosine: Tensor
+    removed: Tensor
+    finite: Tensor
+
+
+def agem_project(g: Tensor, g_ref: Tensor, sizes: Sequence[int] | None = None) -> ProjectionResult:
+    """A-GEM projection (Chaudhry et al. 2019, eq. 11)::
+
+        g̃ = g − (g·g_ref / g_ref·g_ref) g_ref   if g·g_ref < 0,   else g.
+
+    Args:
+        g: flat gradient, shape ``(D,)``.
+        g_ref: flat reference gradient, shape ``(D,)``, finite.
+        sizes: segment sizes summing to ``D`` for per-tensor projection (``None``: global).
+
+    Returns:
+        :class:`ProjectionResult`. A non-finite ``g`` comes back unchanged (``finite=False``).
+    """
+    gg = torch.dot(g, g)
+    finite = torch.isfinite(gg)
+    if sizes is None:
+        dot, rr = torch.dot(g, g_ref), torch.dot(g_ref, g_ref)
+        conflict = (dot < 0) & finite & (rr > 0)
+        coef = torch.where(conflict, dot / rr.clamp_min(_TINY), torch.zeros_like(dot))
+        delta = coef * g_ref
+        cos_dot, cos_rr = dot, rr
+    else:
+        dots, rrs = _segment_dots(g, g_ref, sizes), _segment_dots(g_ref, g_ref, sizes)
+        conflict = (dots < 0) & finite & (rrs > 0)
+        coef = torch.where(conflict, dots / rrs.clamp_min(_TINY), torch.zeros_like(dots))
+        delta = _expand(coef, sizes, g.numel()) * g_ref
+        cos_dot, cos_rr = dots.sum(), rrs.sum()
+    cosine = cos_dot / (gg * cos_rr).sqrt().clamp_min(_TINY)
+    return ProjectionResult(g - delta, conflict.any(), cosine, delta.norm(), finite)
+
+
+def ogd_project(g: Tensor, basis: Tensor, sizes: Sequence[int] | None = None) -> ProjectionResult:
+    """OGD projection onto the orthogonal complement of ``span(basis)`` (Farajtabar et al. 2020)::
+
+        g̃ = g − Uᵀ(U g) = g − Σᵢ (g·uᵢ) uᵢ.
+
+    Args:
+        g: flat gradient, shape ``(D,)``.
+        basis: ``U``, shape ``(k, D)``, orthonormal rows (per segment when ``sizes`` is given;
+            all-zero rows allowed), same dtype and device as ``g``.
+        sizes: segment sizes for per-tensor projection (``None``: global).
+
+    Returns:
+        :class:`ProjectionResult`. A non-finite ``g`` comes back unchanged.
+    """
+    gg = torch.dot(g, g)
+    finite = torch.isfinite(gg)
+    if sizes is None:
+        c = torch.where(finite, basis @ g, torch.zeros((), dtype=g.dtype, device=g.device))  # (k,)
+        delta = c @ basis  # (D,)
+        captured = c.norm()
+    else:
+        parts, cap = [], []
+        for u, x in zip(basis.split(sizes, dim=1), g.split(sizes)):
+            c = torch.where(finite, u @ x, torch.zeros((), dtype=g.dtype, device=g.device))
+            parts.append(c @ u)
+            cap.append(torch.dot(c, c))
+        delta = torch.cat(parts)
+        captured = torch.stack(cap).sum().sqrt()
+    cosine = captured / gg.sqrt().clamp_min(_TINY)
+    projected = finite if basis.shape[0] > 0 else torch.zeros_like(finite)
+    return ProjectionResult(g - delta, projected, cosine, delta.norm(), finite)
+
+
+def pcgrad_combine(
+    grads: Tensor, generator: torch.Generator | None = None, sizes: Sequence[int] | None = None
+) -> ProjectionResult:
+    """PCGrad (Yu et al. 2020, Alg. 1): project each gradient off the *original* gradients it
+    conflicts with, in random order, then sum::
+
+        gᵢ ← gᵢ − (gᵢ·gⱼ / ‖gⱼ‖²) gⱼ   if gᵢ·gⱼ < 0   (j ≠ i, random order);   g̃ = Σᵢ gᵢ.
+
+    Args:
+        grads: per-objective flat gradients, shape ``(n, D)``.
+        generator: CPU generator for the random order (``None``: the global RNG).
+        sizes: segment sizes for per-tensor projection (``None``: global).
+
+    Returns:
+        :class:`ProjectionResult`; ``grad`` is the combined ``g̃``, ``removed`` is ‖Σgᵢ − g̃‖.
+        A non-finite input returns the plain sum.
+    """
+    n, total = grads.shape
+    plain = grads.sum(0)
+    finite = torch.isfinite(torch.dot(plain, plain)) & torch.isfinite(grads).all()
+    zero = torch.zeros((), dtype=grads.dtype, device=grads.device)
+
+    def dots(a: Tensor, b: Tensor) -> Tensor:
+        return torch.dot(a, b) if sizes is None else _segment_dots(a, b, sizes)
+
+    sq = [dots(grads[j], grads[j]) for j in range(n)]
+    out, any_conflict, cos = [], torch.zeros((), dtype=torch.bool, device=grads.device), []
+    for i in range(n):
+        gi = grads[i].clone()
+        for j in torch.randperm(n, generator=generator).tolist():
+            if j == i:
+                continue
+            d = dots(gi, grads[j])
+            conflict = (d < 0) & finite & (sq[j] > 0)
+            coef = torch.where(conflict, d / sq[j].clamp_min(_TINY), zero)
+            gi -= (coef * grads[j]) if sizes is None else _expand(coef, sizes, total) * grads[j]
+            any_conflict = any_conflict | conflict.any()
+        out.append(gi)
+        for j in range(i + 1, n):
+            num = torch.dot(grads[i], grads[j])
+            den = (torch.dot(grads[i], grads[i]) * torch.dot(grads[j], grads[j])).sqrt()
+            cos.append(num / den.clamp_min(_TINY))
+    combined = torch.where(finite, torch.stack(out).sum(0), plain)
+    cosine = torch.stack(cos).mean() if cos else torch.ones((), device=grads.device)
+    return ProjectionResult(combined, any_conflict, cosine, (plain - combined).norm(), finite)
+
+
+def _orthonormalize(
+    basis: Tensor | None, new: Tensor, method: str, tol: float, sizes: Sequence[int] | None
+) -> Tensor:
+    """Orthonormalise the rows of ``new`` (m, D) against ``basis`` (k, D) and each other.
+
+    Global: dependent rows (relative residual ≤ ``tol``) are dropped. Per segment (``sizes``):
+    each segment is orthonormalised on its own; dependent segments become zero, rows that are
+    zero everywhere are dropped. Returns the accepted rows, shape ``(m', D)``.
+    """
+    if sizes is not None:
+        cols = []
+        old = basis.split(sizes, dim=1) if basis is not None else [None] * len(sizes)
+        for b, v in zip(old, new.split(sizes, dim=1)):
+            cols.append(_orthonormalize_block(b, v, method, tol, keep_rows=True))
+        rows = torch.cat(cols, dim=1)
+        return rows[rows.abs().sum(1) > 0]
+    return _orthonormalize_block(basis, new, method, tol, keep_rows=False)
+
+
+def _orthonormalize_block(
+    basis: Tensor | None, new: Tensor, method: str, tol: float, *, keep_rows: bool
+) -> Tensor:
+    norms0 = new.norm(dim=1)
+    v = new.clone()
+    if basis is not None and basis.shape[0] > 0:
+        for _ in range(2):  # "twice is enough" (Kahan–Parlett)
+            v -= (v @ basis.T) @ basis
+    accepted = torch.zeros(new.shape[0], dtype=torch.bool)
+    out = None
+    if method == "qr" and v.shape[0] <= v.shape[1]:
+        q, r = torch.linalg.qr(v.T, mode="reduced")  # (D, m), (m, m)
+        diag = r.diagonal()
+        if bool(((diag.abs() > tol * norms0) & (norms0 > 0)).all()):
+            out = (q * torch.where(diag < 0, -1.0, 1.0)).T  # sign fix: row i ~ +v_i direction
+            accepted[:] = True
+        # rank deficient: Householder columns for dependent rows are arbitrary -> Gram–Schmidt
+    if out is None:
+        out = torch.zeros_like(v)
+        kept: list[int] = []
+        for i in range(v.shape[0]):
+            x = v[i]
+            for _ in range(2):
+                for j in kept:
+                    x = x - torch.dot(x, out[j]) * out[j]
+            n = x.norm()
+            if bool(n > tol * norms0[i]) and bool(norms0[i] > 0):
+                out[i] = x / n
+                kept.append(i)
+                accepted[i] = True
+    if keep_rows:
+        return torch.where(accepted.to(out.device)[:, None], out, torch.zeros_like(out))
+    return out[accepted.to(out.device)]
+
+
+# ====================================================================== the wrapper
+
+
+class GradientProjection(OptimizerWrapper):
+    """Optimizer wrapper projecting gradients against forgetting (A-GEM, OGD, PCGrad).
+
+    Use in any loop (three lines)::
+
+        opt = mitigate.GradientProjection(torch.optim.AdamW(model.parameters()), mode="agem")
+        ...train task 1...
+        opt.remember(model, task1_batches)      # after each finished task
+        ...train task 2 with opt as usual (backward, opt.step(), opt.zero_grad())...
+
+    It *is* the optimizer: LR schedulers, ``GradScaler.step(opt)`` (projection sees unscaled
+    gradients), gradient accumulation (projection once, on the accumulated gradient) and
+    ``Trainer(optimizers=(opt, sched))`` work unchanged; ``step()`` needs no closure.
+
+    Args:
+        optimizer: the base optimizer.
+        mode: ``"agem"``, ``"ogd"`` or ``"pcgrad"``.
+        model: the model; needed at step time by agem/pcgrad (the memory gradient). Defaults to
+            the model of the last :meth:`remember`. A DDP wrapper is unwrapped.
+        params: which trainable parameters to project (:data:`~mitigate._utils.ParamSelector`,
+            e.g. ``r".*(q_proj|k_proj).*"``); others keep their gradient. Only parameters owned
+            by ``optimizer`` count.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` for memory batches; ``None`` is
+            ``model(**batch).loss``. Not saved in ``state_dict`` (pass it again on resume).
+        config: a :class:`ProjectionConfig`; keyword arguments override its fields.
+        **options: fields of :class:`ProjectionConfig` (``ref_every``, ``memory_size``, ...).
+
+    Raises:
+        ValueError: an invalid option (message names the value).
+        TypeError: ``optimizer`` is not an optimizer.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        mode: Mode | None = None,
+        model: nn.Module | None = None,
+        params: ParamSelector = None,
+        loss_fn: LossFn | None = None,
+        config: ProjectionConfig | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(optimizer)
+        fields = {f.name for f in dataclasses.fields(ProjectionConfig)}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown}; valid options: {sorted(fields)}")
+        if mode is not None:
+            options["mode"] = mode
+        base = config if config is not None else ProjectionConfig()
+        self.config = dataclasses.replace(base, **options)
+        self._params_selector = params
+        self._model: nn.Module | None = _unwrap(model) if model is not None else None
+        self._loss_fn = loss_fn
+        self._generator = torch.Generator().manual_seed(self.config.seed)
+        # remembered state
+        self._signature: dict[str, tuple[int, ...]] | None = None
+        self._memory: list[Batch] = []
+        self._seen = 0
+        self._tasks = 0
+        self._basis: Tensor | None = None  # (k, D) in basis_dtype on basis_device
+        self._ref: Tensor | None = None  # cached flat memory gradient (D,), float32
+        self._ref_age = 0
+        # statistics (running sums, device tensors; no per-step lists)
+        self._steps = 0
+        self._acc: dict[str, Tensor] = {}
+        self._pcgrad_pending = False
+        self._warned_idle = False
+
+    # ------------------------------------------------------------------ parameters
+
+    def _named(self, model: nn.Module | None) -> list[tuple[str, nn.Parameter]]:
+        """Selected trainable parameters owned by the optimizer, in model order."""
+        owned = {id(p) for g in self.param_groups for p in g["params"]}
+        if model is None:
+            if self._params_selector is not None:
+                raise ValueError("params= needs the model: pass model= or call remember(model, ...)")
+            return [(f"param{i}", p) for i, p in enumerate(
+                p for g in self.param_groups for p in g["params"] if p.requires_grad)]
+        return [(n, p) for n, p in select_parameters(model, self._params_selector).items()
+                if id(p) in owned]
+
+    def _bind(self, model: nn.Module | None) -> list[tuple[str, nn.Parameter]]:
+        """:meth:`_named`, checked against the recorded signature and for emptiness."""
+        named = self._named(model)
+        self._check_signature(named)
+        if not named:
+            raise ValueError(
+                f"params={self._params_selector!r} selects no parameter that the wrapped "
+                "optimizer owns; build the optimizer over the model's trainable parameters"
+            )
+        return named
+
+    def _check_signature(self, named: list[tuple[str, nn.Parameter]]) -> None:
+        current = {n: tuple(p.shape) for n, p in named}
+        saved = self._signature
+        if saved is None or current == saved:
+            return
+        missing = [n for n in saved if n not in current]
+        added = [n for n in current if n not in saved]
+        reshaped = [f"{n} {list(saved[n])}->{list(current[n])}"
+                    for n in saved if n in current and saved[n] != current[n]]
+        order = list(saved) != [n for n in current if n in saved]
+        raise StateMismatchError(
+            "GradientProjection memory/basis was recorded for other parameters: "
+            f"missing={missing}, added={added}, reshaped={reshaped}"
+            + (", order changed" if order else "")
+            + "; rebuild the wrapper (or remember() again) for the changed model"
+        )
+
+    # ------------------------------------------------------------------ remember
+
+    def remember(
+        self, model: nn.Module, batches: Iterable[Batch], loss_fn: LossFn | None = None
+    ) -> RememberReport:
+        """Record a finished task.
+
+        agem/pcgrad: every batch enters the replay memory by reservoir sampling (Vitter's
+        algorithm R over all batches ever remembered), stored detached on CPU. ogd: up to
+        ``directions_per_task`` gradients of the task loss (per batch, or per sample) at the
+        current parameters — computed in eval mode, averaged over DDP ranks — are
+        orthonormalised against the basis and appended (at most ``max_basis`` in total).
+
+        Args:
+            model: the model as trained on the task (PEFT / DDP wrappers are fine).
+            batches: iterable of batches (a DataLoader); DDP: each rank its shard, same count.
+            loss_fn: ``loss_fn(model, batch) -> scalar``; ``None`` keeps the constructor's,
+                or ``model(**batch).loss``.
+
+        Returns:
+            :class:`RememberReport`.
+
+        Raises:
+            StateMismatchError: the model's selected parameters differ from those recorded.
+        """
+        self._model = _unwrap(model)
+        if loss_fn is not None:
+            self._loss_fn = loss_fn
+        named = self._bind(self._model)
+        self._signature = {n: tuple(p.shape) for n, p in named}
+        if self.config.mode == "ogd":
+            added = self._remember_directions(named, batches)
+        else:
+            added = self._remember_batches(batches)
+            self._ref = None  # the memory changed: recompute the reference next step
+        report = RememberReport(self._tasks, added, len(self._memory), self.basis_size)
+        self._tasks += 1
+        logger.info("GradientProjection.remember: %s", report)
+        return report
+
+    def _remember_batches(self, batches: Iterable[Batch]) -> int:
+        added = 0
+        for batch in batches:
+            stored = _to_cpu(batch)
+            self._seen += 1
+            if len(self._memory) < self.config.memory_size:
+                self._memory.append(stored)
+                added += 1
+                continue
+            j = int(torch.randint(self._seen, (1,), generator=self._generator))
+            if j < self.config.memory_size:
+                self._memory[j] = stored
+                added += 1
+        return added
+
+    def _remember_directions(self, named: list[tuple[str, nn.Parameter]], batches) -> int:
+        cfg = self.config
+        model = self._model
+        assert model is not None
+        loss_fn = resolve_loss_fn(self._loss_fn)
+        params = [p for _, p in named]
+        device = params[0].device
+        rows: list[Tensor] = []
+        want = cfg.directions_per_task
+        with preserve_state(model, mode=False), torch.enable_grad():
+            for batch in batches:
+                if len(rows) >= want:
+                    break
+                batch = move_batch(batch, device)
+                if cfg.directions == "batch":
+                    grads = torch.autograd.grad(loss_fn(model, batch), params, allow_unused=True)
+                    rows.append(_flat(grads, params))
+                else:
+                    rows.extend(_per_sample_flat(model, loss_fn, named, batch))
+        if not rows:
+            raise ValueError("remember() got no batches; pass the finished task's batches")
+        new = torch.stack(rows[:want])  # (m, D) float32
+        all_reduce_mean_(new)  # DDP: every rank's shard -> the global-batch gradient
+        if not torch.isfinite(new).all():
+            raise ValueError("remember(): non-finite task gradients; check the loss / dtype")
+        sizes = self._sizes(named) if cfg.granularity == "tensor" else None
+        old = None if self._basis is None else self._basis.to(device, new.dtype)
+        fresh = _orthonormalize(old, new, cfg.orthogonalization, cfg.tol, sizes)
+        room = cfg.max_basis - self.basis_size
+        if fresh.shape[0] > room:
+            warnings.warn(
+                f"GradientProjection: OGD basis is full (max_basis={cfg.max_basis}); "
+                f"dropping {fresh.shape[0] - room} of {fresh.shape[0]} new directions",
+                stacklevel=3,
+            )
+            fresh = fresh[:room]
+        store = self._basis_device(device)
+        fresh = fresh.to(store, cfg.torch_basis_dtype)
+        self._basis = fresh if self._basis is None else torch.cat([self._basis, fresh])
+        return int(fresh.shape[0])
+
+    def _basis_device(self, device: torch.device) -> torch.device:
+        return torch.device(self.config.basis_device) if self.config.basis_device else device
+
+    @staticmethod
+    def _sizes(named: list[tuple[str, nn.Parameter]]) -> list[int]:
+        return [p.numel() for _, p in named]
+
+    @property
+    def basis_size(self) -> int:
+        """Number of vectors in the OGD basis."""
+        return 0 if self._basis is None else int(self._basis.shape[0])
+
+    @property
+    def basis(self) -> Tensor | None:
+        """The OGD basis ``U``, shape ``(k, D)`` (rows orthonormal; per tensor in tensor mode)."""
+        return self._basis
+
+    @property
+    def memory(self) -> list[Batch]:
+        """The replay memory (agem/pcgrad): batches stored detached on CPU."""
+        return self._memory
+
+    @property
+    def parameter_names(self) -> list[str]:
+        """Names of the parameters the memory/basis was recorded for (empty before remember)."""
+        return [] if self._signature is None else list(self._signature)
+
+    # ------------------------------------------------------------------ pcgrad_backward
+
+    def pcgrad_backward(self, losses: Sequence[Tensor]) -> None:
+        """PCGrad instead of ``sum(losses).backward()`` (Yu et al. 2020).
+
+        Per-objective gradients come from ``torch.autograd.grad``; the selected parameters get
+        the PCGrad combination, other trainable parameters the plain sum. The result is added
+        to ``.grad`` (so gradient accumulation works), and the next ``step()`` does not add a
+        replay objective on top. Under DDP run the forward under ``model.no_sync()``: the
+        per-objective gradients are averaged over ranks here.
+
+        Args:
+            losses: scalar losses, one per objective (e.g. ``[loss_task, loss_replay]``).
+
+        Raises:
+            ValueError: fewer than one loss, or not in ``mode="pcgrad"``.
+        """
+        if self.config.mode != "pcgrad":
+            raise ValueError(f"pcgrad_backward needs mode='pcgrad', this wrapper has mode={self.config.mode!r}")
+        losses = list(losses)
+        if not losses:
+            raise ValueError("pcgrad_backward got no losses")
+        named = self._bind(self._model)
+        selected = {id(p) for _, p in named}
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        with torch.enable_grad():
+            per = [torch.autograd.grad(loss, params, retain_graph=i < len(losses) - 1,
+                                       allow_unused=True) for i, loss in enumerate(losses)]
+        flat = torch.stack([_flat(g, params) for g in per])  # (n, P) over all trainable params
+        all_reduce_mean_(flat)
+        sizes_all = [p.numel() for p in params]
+        sel_idx = [i for i, p in enumerate(params) if id(p) in selected]
+        segs = flat.split(sizes_all, dim=1)
+        sel = torch.cat([segs[i] for i in sel_idx], dim=1)
+        sizes = [sizes_all[i] for i in sel_idx] if self.config.granularity == "tensor" else None
+        with torch.no_grad():
+            res = pcgrad_combine(sel, self._generator, sizes)
+            self._record(res)
+            combined_sel = res.grad.split([sizes_all[i] for i in sel_idx])
+            out = list(flat.sum(0).split(sizes_all))
+            for k, i in enumerate(sel_idx):
+                out[i] = combined_sel[k]
+            for p, g in zip(params, out):
+                g = g.view_as(p).to(p.dtype)
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.add_(g)
+        self._pcgrad_pending = True
+
+    # ------------------------------------------------------------------ the step
+
+    def _idle(self) -> bool:
+        if self.config.mode == "ogd":
+            idle = self._basis is None or self._basis.shape[0] == 0
+        elif self.config.mode == "pcgrad" and self._pcgrad_pending:
+            return True  # gradients already combined by pcgrad_backward
+        else:
+            idle = not self._memory
+        if not idle and self._model is None:
+            raise ValueError(
+                "GradientProjection holds remembered state but no model: pass model= to the "
+                "constructor (e.g. when resuming from a state dict) or call remember(model, ...)"
+            )
+        return idle
+
+    def transform_gradients(self) -> None:
+        """Project ``.grad`` in place (called by ``step()`` under ``no_grad``)."""
+        self._steps += 1
+        if self._idle():
+            if not (self.config.mode == "pcgrad" and self._pcgrad_pending) and not self._warned_idle:
+                warnings.warn(
+                    f"GradientProjection(mode={self.config.mode!r}).step() before any "
+                    "remember(): nothing to project against, taking the plain base step "
+                    "(call remember(model, batches) after each finished task)",
+                    stacklevel=4,
+                )
+                self._warned_idle = True
+            self._pcgrad_pending = False
+            return
+        named = self._bind(self._model)
+        if all(p.grad is None for _, p in named):
+            return
+        params = [p for _, p in named]
+        g = _flat([p.grad for p in params], params)
+        sizes = self._sizes(named) if self.config.granularity == "tensor" else None
+        mode = self.config.mode
+        if mode == "ogd":
+            assert self._basis is not None
+            if self._basis.shape[1] != g.numel():
+                raise StateMismatchError(
+                    f"OGD basis has {self._basis.shape[1]} columns but the selected parameters "
+                    f"have {g.numel()} elements"
+                )
+            res = ogd_project(g, self._basis.to(g.device, g.dtype, non_blocking=True), sizes)
+        else:
+            ref = self._reference(named, g)
+            if mode == "agem":
+                res = agem_project(g, ref, sizes)
+            else:
+                res = pcgrad_combine(torch.stack([g, ref]), self._generator, sizes)
+        self._record(res)
+        _write_back(params, res.grad)
+
+    def _reference(self, named: list[tuple[str, nn.Parameter]], g: Tensor) -> Tensor:
+        """Memory gradient at the current parameters, cached for ``ref_every`` steps."""
+        if self._ref is not None and self._ref_age < self.config.ref_every:
+            self._ref_age += 1
+            if self._ref.device != g.device or self._ref.dtype != g.dtype:
+                self._ref = self._ref.to(g.device, g.dtype)
+            return self._ref
+        model = self._model
+        assert model is not None
+        loss_fn = resolve_loss_fn(self._loss_fn)
+        params = [p for _, p in named]
+        idx = torch.randint(len(self._memory), (self.config.ref_batches,), generator=self._generator)
+        ref = torch.zeros_like(g)
+        with preserve_state(model), torch.enable_grad():
+            for i in idx.tolist():
+                loss = loss_fn(model, move_batch(self._memory[i], g.device))
+                ref += _flat(torch.autograd.grad(loss, params, allow_unused=True), params)
+        ref /= len(idx)
+        all_reduce_mean_(ref)  # DDP: same reference on every rank
+        ok = torch.isfinite(torch.dot(ref, ref))
+        ref = torch.where(ok, ref, torch.zeros_like(ref))  # a non-finite reference disables it
+        self._ref, self._ref_age = ref, 1
+        return ref
+
+    # ------------------------------------------------------------------ statistics
+
+    def _record(self, res: ProjectionResult) -> None:
+        with torch.no_grad():
+            fin = res.finite
+            zero = torch.zeros((), device=res.grad.device)
+            upd = {
+                "active": fin.float(),
+                "projected": (res.projected & fin).float(),
+                "cosine": torch.where(fin, res.cosine.float(), zero),
+                "removed": torch.where(fin, res.removed.float(), zero),
+                "nonfinite": (~fin).float(),
+            }
+            for k, v in upd.items():
+                self._acc[k] = v.detach() if k not in self._acc else self._acc[k] + v.to(self._acc[k].device)
+
+    def stats(self) -> dict[str, float | int]:
+        """Running statistics, cheap to log every step (one host sync here, none in ``step``).
+
+        Returns:
+            ``steps`` (calls of ``step()``), ``projected_fraction`` (projections that removed a
+            component / projections evaluated, i.e. steps after the first ``remember()``, or
+            ``pcgrad_backward`` calls), ``mean_cosine`` (agem: cos(g, g_ref); ogd: ‖Uᵀg‖/‖g‖;
+            pcgrad: cos between objectives — mean over projected-against steps),
+            ``mean_norm_removed`` (mean ‖g − g̃‖ over those steps), ``nonfinite_skips``,
+            ``memory_batches``, ``basis_size``, ``tasks``.
+        """
+        vals = {k: float(v) for k, v in self._acc.items()}
+        active = vals.get("active", 0.0)
+        evaluated = active + vals.get("nonfinite", 0.0)
+        return {
+            "steps": self._steps,
+            "projected_fraction": vals.get("projected", 0.0) / evaluated if evaluated else 0.0,
+            "mean_cosine": vals.get("cosine", 0.0) / active if active else 0.0,
+            "mean_norm_removed": vals.get("removed", 0.0) / active if active else 0.0,
+            "nonfinite_skips": int(vals.get("nonfinite", 0.0)),
+            "memory_batches": len(self._memory),
+            "basis_size": self.basis_size,
+            "tasks": self._tasks,
+        }
+
+    # ------------------------------------------------------------------ state
+
+    def wrapper_state_dict(self) -> dict[str, Any]:
+        """Memory, basis, cached reference, generator, counters (tensors + plain Python)."""
+        sig = self._signature
+        return {
+            "config": self.config.to_dict(),
+            "signature": None if sig is None else {"names": list(sig), "shapes": [list(s) for s in sig.values()]},
+            "memory": list(self._memory),
+            "seen": self._seen,
+            "tasks": self._tasks,
+            "basis": None if self._basis is None else self._basis.detach().cpu().clone(),
+            "ref": None if self._ref is None else self._ref.detach().cpu().clone(),
+            "ref_age": self._ref_age,
+            "generator": self._generator.get_state(),
+            "steps": self._steps,
+            "acc": {k: v.detach().cpu().clone() for k, v in self._acc.items()},
+            "pcgrad_pending": self._pcgrad_pending,
+            "warned_idle": self._warned_idle,
+        }
+
+    def load_wrapper_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`wrapper_state_dict` output.
+
+        Raises:
+            ValueError: the state was saved in another ``mode``.
+            StateMismatchError: the recorded parameters no longer match the bound model.
+        """
+        saved_mode = state["config"]["mode"]
+        if saved_mode != self.config.mode:
+            raise ValueError(f"state was saved with mode={saved_mode!r}, this wrapper has mode={self.config.mode!r}")
+        sig = state["signature"]
+        self._signature = None if sig is None else {n: tuple(s) for n, s in zip(sig["names"], sig["shapes"])}
+        self._memory = list(state["memory"])
+        self._seen, self._tasks = int(state["seen"]), int(state["tasks"])
+        basis = state["basis"]
+        if basis is not None:
+            dev = self._basis_device(_param_device(self))
+            basis = basis.to(dev, self.config.torch_basis_dtype)
+        self._basis = basis
+        ref = state["ref"]
+        self._ref = None if ref is None else ref.to(_param_device(self))
+        self._ref_age = int(state["ref_age"])
+        self._generator.set_state(state["generator"])
+        self._steps = int(state["steps"])
+        self._acc = {k: v.to(_param_device(self)) for k, v in state["acc"].items()}
+        self._pcgrad_pending = bool(state["pcgrad_pending"])
+        self._warned_idle = bool(state["warned_idle"])
+        if self._model is not None and self._signature is not None:
+            self._bind(self._model)
+
+
+# ====================================================================== helpers
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (its forward skips the reducer; we all-reduce ourselves)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
+def _param_device(opt: Optimizer) -> torch.device:
+    for g in opt.param_groups:
+        for p in g["params"]:
+            return p.device
+    return torch.device("cpu")
+
+
+def _flat(grads: Sequence[Tensor | None], likes: Sequence[Tensor]) -> Tensor:
+    """Concatenate gradients into one float32+ vector; ``None`` counts as zeros. Shape ``(D,)``."""
+    dtype = torch.promote_types(likes[0].dtype, torch.float32)
+    parts = [
+        (g.reshape(-1) if g is not None else torch.zeros(p.numel(), device=p.device)).to(dtype)
+        for g, p in zip(grads, likes)
+    ]
+    return torch.cat(parts)
+
+
+def _write_back(params: Sequence[nn.Parameter], flat: Tensor) -> None:
+    """Copy the flat vector into the existing ``.grad`` tensors (parameters without one stay so)."""
+    pairs = [(p.grad, x) for p, x in zip(params, flat.split([p.numel() for p in params]))
+             if p.grad is not None]
+    dst = [g for g, _ in pairs]
+    src = [x.view_as(g).to(g.dtype) for g, x in pairs]
+    torch._foreach_copy_(dst, src)
+
+
+def _to_cpu(batch: Batch) -> Batch:
+    """Detached CPU copy of a batch (Mappings become plain dicts: ``weights_only``-loadable)."""
+    return tree_map(lambda t: t.detach().to("cpu", copy=True) if isinstance(t, Tensor) else t,
+                    move_batch(batch, "cpu"))
+
+
+class _LossModule(nn.Module):
+    """``forward(batch) = loss_fn(model, batch)`` so ``functional_call`` can reparametrise it."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Batch) -> Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+def _per_sample_flat(
+    model: nn.Module, loss_fn: LossFn, named: list[tuple[str, nn.Parameter]], batch: Batch
+) -> list[Tensor]:
+    """Per-example flat gradients of ``batch``: ``torch.func.vmap(grad(...))``, falling back to a
+    loop over one-example batches where the model's forward cannot be vmapped."""
+    params = [p for _, p in named]
+    n = batch_size_of(batch)
+    try:
+        from torch.func import functional_call, grad, vmap
+
+        wrapper = _LossModule(model, loss_fn)
+        detached = {f"model.{k}": p.detach() for k, p in named}
+
+        def loss_one(ps: dict[str, Tensor], sample: Batch) -> Tensor:
+            one = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, sample)
+            return functional_call(wrapper, ps, (one,))
+
+        in_dims = tree_map(lambda t: 0 if isinstance(t, Tensor) and t.dim() > 0 else None, batch)
+        g = vmap(grad(loss_one), in_dims=(None, in_dims), randomness="different")(detached, batch)
+        flat = torch.cat([g[f"model.{k}"].reshape(n, -1).float() for k, _ in named], dim=1)
+        return list(flat.unbind(0))
+    except Exception as exc:  # noqa: BLE001 - vmap coverage varies across models
+        logger.debug("per-sample gradients via vmap failed (%s); looping over examples", exc)
+    rows = []
+    for i in range(n):
+        one = tree_map(lambda t: t[i : i + 1] if isinstance(t, Tensor) and t.dim() > 0 else t, batch)
+        rows.append(_flat(torch.autograd.grad(loss_fn(model, one), params, allow_unused=True), params))
+    return rows

@@ -1,0 +1,1 @@
+"""Loss terms: EWC and the Hessian-eigenvalue-preserving curvature regularizer."""
