@@ -49,9 +49,9 @@ def flat_params(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def wrap(model, mode, lr=1.0, **kw) -> mitigate.GradientProjection:
+def wrap(net, mode, lr=1.0, **kw) -> mitigate.GradientProjection:
     return mitigate.GradientProjection(
-        torch.optim.SGD(model.parameters(), lr=lr), mode=mode, loss_fn=lin_loss, **kw
+        torch.optim.SGD(net.parameters(), lr=lr), mode=mode, loss_fn=lin_loss, **kw
     )
 
 

@@ -89,8 +89,8 @@ class OptimizerMitigation:
 
     Args:
         wrapper_cls: an :class:`~mitigate.OptimizerWrapper` subclass (or any callable building one).
-            When its signature has a ``model`` parameter (``LowRankCircuitProjection``), the model
-            is passed as the second positional argument.
+            When its signature has a ``model`` parameter (``GradientProjection``,
+            ``LowRankCircuitProjection``) and ``kwargs`` give none, the Trainer's model is passed.
         **kwargs: keyword arguments of ``wrapper_cls`` (``mode="agem"``, ``max_norm=1.0``, ...).
 
     Example:
@@ -111,11 +111,14 @@ class OptimizerMitigation:
         self.wrapper_cls = wrapper_cls
         self.kwargs = dict(kwargs)
         self.wrapper: OptimizerWrapper | None = None
+        # how the wrapper takes the model: None (it does not), "positional" or "keyword"
+        self._model_arg: str | None = None
         try:
-            sig = inspect.signature(wrapper_cls)
-            self._wants_model = "model" in sig.parameters
+            param = inspect.signature(wrapper_cls).parameters.get("model")
         except (TypeError, ValueError):  # builtins without a signature
-            self._wants_model = False
+            param = None
+        if param is not None and "model" not in self.kwargs:
+            self._model_arg = "keyword" if param.kind is param.KEYWORD_ONLY else "positional"
 
     def wrap(self, optimizer: Optimizer, model: nn.Module) -> OptimizerWrapper:
         """Build the wrapper around ``optimizer`` (carrying over the previous wrapper's state).
@@ -127,8 +130,10 @@ class OptimizerMitigation:
         Returns:
             The new wrapper, also stored as :attr:`wrapper`.
         """
-        if self._wants_model:
+        if self._model_arg == "positional":
             w = self.wrapper_cls(optimizer, model, **self.kwargs)
+        elif self._model_arg == "keyword":
+            w = self.wrapper_cls(optimizer, model=model, **self.kwargs)
         else:
             w = self.wrapper_cls(optimizer, **self.kwargs)
         if self.wrapper is not None and self.wrapper is not w:
