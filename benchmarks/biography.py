@@ -154,7 +154,8 @@ class BiographyConfig:
     """Everything that defines a ``biography`` scenario (hashed into the cache key).
 
     Attributes:
-        population: people per population (population 0 is pretrained; 1..T are new tasks).
+        population: people of population 0 (pretrained; Task 0 is QA on half of them).
+        new_population: people of each new population 1..T (``None``: ``population``).
         num_new_tasks: T, the number of tasks after Task 0.
         bios_per_person: biographies generated per person (random templates and order).
         hidden_size / num_layers / num_heads / intermediate_size: the tiny Llama.
@@ -167,6 +168,7 @@ class BiographyConfig:
     """
 
     population: int = 200
+    new_population: int | None = None
     num_new_tasks: int = 2
     bios_per_person: int = 5
     hidden_size: int = 128
@@ -197,18 +199,34 @@ class BiographyConfig:
             raise ValueError(
                 f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
             )
-        needed = self.population * (self.num_new_tasks + 1)
+        if self.new_population is not None and (self.new_population < 2 or self.new_population % 2):
+            raise ValueError(f"new_population={self.new_population} must be an even number >= 2")
+        needed = self.population + self.new_population_size * self.num_new_tasks
         available = len(FIRST_NAMES) * len(LAST_NAMES)
         if needed > available:
             raise ValueError(
-                f"population * (num_new_tasks + 1) = {needed} exceeds the {available} unique "
+                f"population + new_population * num_new_tasks = {needed} exceeds the {available} unique "
                 "full names; lower population or num_new_tasks"
             )
 
+    @property
+    def new_population_size(self) -> int:
+        return self.population if self.new_population is None else self.new_population
+
     def key(self, seed: int) -> str:
-        """Short hash of the config and seed: the cache directory name."""
-        blob = json.dumps({**asdict(self), "seed": seed, "version": 1}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        """Short hash of the whole config and seed (the data's cache directory)."""
+        return _hash({**asdict(self), "seed": seed, "version": 2})
+
+    def pretrain_key(self, seed: int) -> str:
+        """Short hash of what the pretrained checkpoint depends on (shared by configs that
+        differ only in the later tasks)."""
+        fields = ("population", "bios_per_person", "hidden_size", "num_layers", "num_heads",
+                  "intermediate_size", "pretrain_steps", "pretrain_lr", "pretrain_batch")
+        return _hash({**{f: getattr(self, f) for f in fields}, "seed": seed, "version": 2})
+
+
+def _hash(blob: dict) -> str:
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
 PRESETS: dict[str, BiographyConfig] = {
@@ -326,11 +344,19 @@ class BiographyData:
 
 
 def generate_data(cfg: BiographyConfig, seed: int) -> BiographyData:
-    """All populations and biographies of a scenario, deterministic in ``seed``."""
-    rng = random.Random(seed)
+    """All populations and biographies of a scenario, deterministic in ``seed``.
+
+    Population ``t`` draws from its own ``random.Random`` (seeded by ``seed`` and ``t``) after
+    the earlier populations' names are taken, so population 0 (and the pretraining on it) does
+    not depend on the settings of the later tasks.
+    """
     used: set[str] = set()
-    pops = [generate_people(cfg.population, rng, used) for _ in range(cfg.num_new_tasks + 1)]
-    bios = [[biography(p, rng) for p in pop for _ in range(cfg.bios_per_person)] for pop in pops]
+    pops, bios = [], []
+    for t in range(cfg.num_new_tasks + 1):
+        rng = random.Random(seed * 1_000_003 + t)
+        pop = generate_people(cfg.population if t == 0 else cfg.new_population_size, rng, used)
+        pops.append(pop)
+        bios.append([biography(p, rng) for p in pop for _ in range(cfg.bios_per_person)])
     return BiographyData(pops, bios)
 
 
@@ -576,8 +602,8 @@ def build_scenario(preset: str | BiographyConfig = "quick", cache_dir: str | Pat
     cache = Path(cache_dir) / f"biography-{cfg.key(seed)}"
     cache.mkdir(parents=True, exist_ok=True)
 
-    data_path, tok_path, ckpt_path = (cache / "data.json", cache / "tokenizer.json",
-                                      cache / "pretrained.safetensors")
+    data_path, tok_path = cache / "data.json", cache / "tokenizer.json"
+    ckpt_path = Path(cache_dir) / f"biography-pretrained-{cfg.pretrain_key(seed)}.safetensors"
     if data_path.exists():
         data = BiographyData.from_json(json.loads(data_path.read_text()))
     else:

@@ -415,3 +415,48 @@ def test_remember_has_no_side_effects():
 def test_config_round_trips():
     cfg = LRCPConfig(targets=["q_proj"], rank=4, max_rank=0.3, merge="concat", qkv_rows="qk")
     assert LRCPConfig(**cfg.to_dict()) == cfg
+
+
+# ---------------------------------------------------------------------------- DDP
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = nn.parallel.DistributedDataParallel(tiny_llama())
+        opt = LowRankCircuitProjection(torch.optim.SGD(model.parameters(), lr=0.1), model, targets=["q_proj", "down_proj"], energy=0.95)
+        opt.remember(model, lm_batches(10 + rank))  # each rank sees only its own shard
+        if rank == 0:
+            torch.save({n: opt.subspace(n) for n in opt.targets} | {"_ranks": {n: s.tokens for n, s in opt.stats().items()}}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_covariance_is_summed_across_ranks(tmp_path):
+    """Two gloo ranks with different batches get the subspace of the union of their batches."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "u.pt")
+    mp.spawn(_ddp_worker, args=(2, port, out), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    model = tiny_llama()
+    ref = LowRankCircuitProjection(torch.optim.SGD(model.parameters(), lr=0.1), model, targets=["q_proj", "down_proj"], energy=0.95)
+    ref.remember(model, lm_batches(10) + lm_batches(11))
+    for n in ref.targets:
+        U, V = got[n], ref.subspace(n)
+        assert U.shape == V.shape
+        torch.testing.assert_close(U @ U.T, V @ V.T, atol=1e-4, rtol=0)
+        assert got["_ranks"][n] == ref.stats()[n].tokens == 32

@@ -106,7 +106,7 @@ def lambda_max(
         ref = float(ref_res.values[0])
     else:
         ref = float(reference)
-    ratio = None if ref is None or ref == 0 else float(res.values[0]) / ref
+    ratio = None if ref is None else (float(res.values[0]) / ref if ref != 0 else float("nan"))
     return CurvatureReport(
         values=res.values,
         ratio_to_reference=ratio,

@@ -98,15 +98,15 @@ class OptimizerMitigation:
     """
 
     def __init__(self, wrapper_cls: Callable[..., OptimizerWrapper], /, **kwargs: Any) -> None:
-        if not callable(wrapper_cls):
-            raise ValueError(
-                f"wrapper_cls={wrapper_cls!r} is not callable; pass the wrapper class, e.g. "
-                "OptimizerMitigation(mitigate.GradientProjection, mode='agem')"
-            )
         if isinstance(wrapper_cls, Optimizer):
             raise ValueError(
                 f"wrapper_cls is an optimizer instance ({type(wrapper_cls).__name__}); pass the "
                 "class, or give a ready-built wrapper to the Trainer as optimizers=(wrapper, None)"
+            )
+        if not callable(wrapper_cls):
+            raise ValueError(
+                f"wrapper_cls={wrapper_cls!r} is not callable; pass the wrapper class, e.g. "
+                "OptimizerMitigation(mitigate.GradientProjection, mode='agem')"
             )
         self.wrapper_cls = wrapper_cls
         self.kwargs = dict(kwargs)
@@ -298,6 +298,19 @@ def _take_batches(data: Iterable[Any], max_batches: int | None, device: torch.de
     if not batches:
         raise ValueError("the task data yielded no batch; pass a non-empty dataset or DataLoader")
     return [move_batch(b, device) for b in batches]
+
+
+def _is_dataset(data: Any) -> bool:
+    """A ``datasets.Dataset`` or map-style torch ``Dataset`` (examples, not batches)."""
+    if isinstance(data, torch.utils.data.DataLoader):
+        return False
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        return True
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is optional
+        return False
+    return isinstance(data, (datasets.Dataset, datasets.IterableDataset))
 
 
 def _call_with_optional_loss_fn(fn: Callable[..., Any], *args: Any, loss_fn: LossFn | None) -> Any:
@@ -597,10 +610,9 @@ class MitigationTrainerMixin:
         Returns:
             A :class:`ConsolidationReport`; callbacks with an ``on_task_end`` method receive it.
         """
-        if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
-            loader: Iterable[Any] = self.get_eval_dataloader(data)  # type: ignore[attr-defined]
-        else:
-            loader = data
+        if self.optimizer is None and any(s.wrapper is None for s in self.mitigations.optimizer_specs):  # type: ignore[attr-defined]
+            self.create_optimizer()  # a task boundary before any train(): build the wrappers to remember into
+        loader: Iterable[Any] = self.get_eval_dataloader(data) if _is_dataset(data) else data  # type: ignore[attr-defined]
         report = consolidate_all(
             self.mitigations,
             self.model,  # type: ignore[attr-defined]

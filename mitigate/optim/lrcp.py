@@ -535,7 +535,8 @@ class LowRankCircuitProjection(OptimizerWrapper):
         if n_batches == 0:
             raise ValueError("remember() got no batches; pass the prior task's batches (a non-empty iterable)")
         # DDP: every rank contributes its tokens (sum); ranks without a module's tokens send zeros.
-        counts = torch.tensor([count[n] for n in self._units], dtype=torch.float64)
+        first = next(iter(self._units.values())).projs[0].param.device  # NCCL needs device tensors
+        counts = torch.tensor([count[n] for n in self._units], dtype=torch.float64, device=first)
         all_reduce_sum_(counts)
         for i, (n, u) in enumerate(self._units.items()):
             if n not in cov:

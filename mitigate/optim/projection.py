@@ -695,7 +695,7 @@ class GradientProjection(OptimizerWrapper):
                     f"GradientProjection(mode={self.config.mode!r}).step() before any "
                     "remember(): nothing to project against, taking the plain base step "
                     "(call remember(model, batches) after each finished task)",
-                    stacklevel=4,
+                    stacklevel=5,  # transform_gradients < step < no_grad < step hooks < caller
                 )
                 self._warned_idle = True
             self._pcgrad_pending = False

@@ -1,0 +1,767 @@
+"""Compare forgetting mitigations on a continual fine-tuning scenario.
+
+Exact commands (from the repository root)::
+
+    python benchmarks/compare.py --quick                      # every method, < 3 min on 2 CPU cores
+    python benchmarks/compare.py                              # default preset, < 30 min
+    python benchmarks/compare.py --preset micro --methods seq,freeze-bottom   # seconds (tests)
+    python benchmarks/compare.py --seeds 3 --run bio3         # mean ± std over 3 seeds
+    python benchmarks/compare.py --methods seq,ewc --hp ewc.strength=1000
+    python benchmarks/compare.py --scenario smollm2 --device cuda
+    python benchmarks/compare.py --list                       # registered methods and defaults
+
+Protocol (per seed): build the scenario (``benchmarks/biography.py`` by default; cached under
+``--cache-dir``), train Task 0 once with plain AdamW (cached, shared by every method), then for
+each method train Tasks 1..T on a copy with the method's hooks (``benchmarks/methods.py``),
+evaluating every task after every task (``R[i, j]`` = accuracy on task j after task i) and
+Task 0 every few steps of Task 1. Then the metrics:
+
+* ``task0_final`` (headline) and ``task0_retention`` = ``R[T, 0] / R[0, 0]``;
+* ``average_accuracy``, ``backward_transfer``, ``forgetting`` (``mitigate.diagnostics.
+  forgetting_metrics``) and ``mitigation_pct`` = ``(F_seq − F) / F_seq``;
+* ``new_task_accuracy`` = mean ``R[j, j]`` for j ≥ 1 and ``plasticity_vs_seq`` (ratio to seq);
+* ``recovery_accuracy``: Task-0 accuracy after fine-tuning a copy on K≈10 Task-0 examples
+  (Zheng et al. 2025: a large recovery means the forgetting was spurious);
+* ``lambda_max_ratio``: top Hessian eigenvalue of the Task-0 loss at the end over its value
+  right after Task 0; ``cka_drift_mid``: 1 − linear CKA of the middle layer's hidden states
+  (after-Task-0 model vs final model) on Task-0 probe batches; ``disrupted_heads_fraction``
+  (entropy increase > 1.8 bits or Q/K weight z-score > 2.5; arXiv 2601.18699);
+* ``time_per_step_vs_seq``: median time of a training step over the median time of a plain
+  AdamW reference step taken *interleaved* with the method's steps (one every
+  ``--ref-every`` steps, on a scratch copy), so load changes hit both alike;
+* ``peak_memory_mb``: peak memory of the method's run above the memory before it (CUDA:
+  ``torch.cuda.max_memory_allocated``; CPU: sampled resident set size).
+
+Outputs go to ``--out/--run``: ``results.json``, ``results.csv``, ``summary.csv``, ``summary.md``
+and the plots (``benchmarks/report.py``). The target column compares each method with the
+issue's target: keep ≥ 90% of the Task-0 accuracy, reach ≥ 95% of seq's new-task accuracy, at
+≤ 1.15× seq's time per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import threading
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from torch import nn
+
+from benchmarks import methods as M
+from benchmarks.scenario import Scenario, ScenarioUnavailable, Task
+
+log = logging.getLogger("benchmarks.compare")
+
+PRESETS = ("micro", "quick", "default")
+SCENARIOS = ("biography", "smollm2")
+
+METRIC_KEYS = (
+    "task0_after_task0", "task0_final", "task0_retention", "task0_curve_min",
+    "task0_first_token_final", "average_accuracy", "backward_transfer", "forgetting",
+    "mitigation_pct", "new_task_accuracy", "plasticity_vs_seq", "recovery_accuracy",
+    "recovery_gain", "lambda_max_task0", "lambda_max_ratio", "cka_mid_layer", "cka_drift_mid",
+    "disrupted_heads_fraction", "step_time_ms", "ref_step_time_ms", "time_per_step_vs_seq",
+    "peak_memory_mb", "consolidation_s", "wall_s", "retention_gap", "plasticity_gap",
+    "time_gap", "meets_target",
+)
+"""Every key of every method's ``metrics`` (``None`` when unavailable)."""
+
+TARGET = {"retention": 0.90, "plasticity": 0.95, "time": 1.15}
+
+
+# ============================================================================ configuration
+
+
+@dataclass
+class BenchConfig:
+    """Options of a benchmark run (``python benchmarks/compare.py --help``)."""
+
+    scenario: str = "biography"
+    preset: str = "default"
+    methods: list[str] = field(default_factory=lambda: list(M.DEFAULT_METHODS))
+    seeds: int = 1
+    seed_base: int = 0
+    device: str = "auto"
+    run: str | None = None
+    out: str = "results"
+    cache_dir: str = ".cache/mitigate-bench"
+    hp: dict[str, Any] = field(default_factory=dict)  # "method.key" -> value
+    recovery_steps: int | None = None
+    hessian_iters: int | None = None
+    ref_every: int = 5
+    strict: bool = False
+    plots: bool = True
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.scenario not in SCENARIOS:
+            raise ValueError(f"scenario={self.scenario!r}: choose one of {SCENARIOS}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r}: choose one of {PRESETS}")
+        if self.seeds < 1:
+            raise ValueError(f"seeds={self.seeds} must be >= 1")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device={self.device!r}: use auto, cpu or cuda")
+        if self.ref_every < 0:
+            raise ValueError(f"ref_every={self.ref_every} must be >= 0 (0 disables)")
+        for name in self.methods:
+            M.get(name)  # raises ValueError naming the registered methods
+
+    @property
+    def diag(self) -> dict[str, int]:
+        """Diagnostic effort: recovery steps and Lanczos iterations per preset."""
+        rec = {"micro": 3, "quick": 5, "default": 10}[self.preset]
+        it = {"micro": 4, "quick": 12, "default": 30}[self.preset]
+        return {"recovery_steps": self.recovery_steps or rec, "hessian_iters": self.hessian_iters or it}
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_args(argv: list[str] | None = None) -> BenchConfig | None:
+    """Command line -> :class:`BenchConfig` (``None`` after ``--list``)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenario", default="biography", choices=SCENARIOS)
+    p.add_argument("--preset", default=None, choices=PRESETS)
+    p.add_argument("--quick", action="store_true", help="same as --preset quick")
+    p.add_argument("--methods", default=",".join(M.DEFAULT_METHODS),
+                   help="comma list; 'a+b' combines methods (default: all)")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds (mean ± std)")
+    p.add_argument("--seed-base", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    p.add_argument("--run", default=None, help="run name (default: <scenario>-<preset>-<time>)")
+    p.add_argument("--out", default="results")
+    p.add_argument("--cache-dir", default=".cache/mitigate-bench")
+    p.add_argument("--hp", action="append", default=[],
+                   help="method hyperparameter, e.g. ewc.strength=1000 (repeatable)")
+    p.add_argument("--recovery-steps", type=int, default=None)
+    p.add_argument("--hessian-iters", type=int, default=None)
+    p.add_argument("--ref-every", type=int, default=5,
+                   help="one interleaved AdamW reference step every N steps (0: off)")
+    p.add_argument("--strict", action="store_true", help="re-raise a method's error")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--list", action="store_true", help="list the methods and exit")
+    a = p.parse_args(argv)
+    if a.list:
+        for name, m in M.METHODS.items():
+            print(f"{name:16s} {m.help}  defaults={m.defaults}")
+        return None
+    preset = a.preset or ("quick" if a.quick else "default")
+    hp = {}
+    for item in a.hp:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            p.error(f"--hp {item!r}: expected method.key=value")
+        hp[key] = _parse_value(value)
+    return BenchConfig(
+        scenario=a.scenario, preset=preset, methods=[m for m in a.methods.split(",") if m],
+        seeds=a.seeds, seed_base=a.seed_base, device=a.device, run=a.run, out=a.out,
+        cache_dir=a.cache_dir, hp=hp, recovery_steps=a.recovery_steps,
+        hessian_iters=a.hessian_iters, ref_every=a.ref_every, strict=a.strict,
+        plots=not a.no_plots, threads=a.threads,
+    )
+
+
+# ============================================================================ plumbing
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available; use --device cpu")
+    return torch.device(name)
+
+
+def load_scenario(name: str, preset: str, cache_dir: str, seed: int) -> Scenario:
+    """Build a scenario; :class:`ScenarioUnavailable` when its optional dependencies are missing."""
+    if name == "biography":
+        from benchmarks import biography
+
+        return biography.build_scenario(preset, cache_dir, seed)
+    try:
+        from benchmarks import smollm2
+    except ImportError as err:
+        raise ScenarioUnavailable(f"the smollm2 scenario could not be imported: {err}") from err
+    return smollm2.build_scenario(preset, cache_dir, seed)
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    info = {
+        "python": platform.python_version(), "platform": platform.platform(),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    try:
+        info["affinity_cpus"] = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):  # pragma: no cover - not on Linux
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class PeakMemory:
+    """Peak memory above the level at entry, in MiB (CUDA allocator, or sampled RSS on CPU)."""
+
+    def __init__(self, device: torch.device, interval: float = 0.005) -> None:
+        self.device, self.interval = device, interval
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._base = _rss_mb()
+            self._max = self._base
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._max = max(self._max, _rss_mb())
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self._max, _rss_mb()) - self._base
+
+
+def _optional(what: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, or ``None`` with a warning when the library piece is missing or
+    fails (a benchmark run must not die on a diagnostic)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - any failure of a diagnostic is reported, not fatal
+        warnings.warn(f"{what} unavailable: {type(err).__name__}: {err}", stacklevel=2)
+        return None
+
+
+def _diagnostics():
+    import mitigate.diagnostics as D
+
+    return D
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy with every parameter trainable and LoRA adapters merged (for diagnostics:
+    every method is measured on the same parameter space)."""
+    m = copy.deepcopy(model)
+    if hasattr(m, "merge_and_unload"):
+        m = m.merge_and_unload()
+    for p in m.parameters():
+        p.requires_grad_(True)
+    m.zero_grad(set_to_none=True)
+    return m.eval()
+
+
+def _wrap_lora(model: nn.Module, lora: dict | None) -> nn.Module:
+    if not lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(**lora))
+
+
+# ============================================================================ Task 0
+
+
+def _config_key(scenario: Scenario) -> str | None:
+    if not scenario.config:
+        return None
+    blob = json.dumps(scenario.config, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def train_plain(model: nn.Module, task: Task, steps: int, lr: float, device: torch.device,
+                seed: int, desc: str, weight_decay: float = 0.0) -> None:
+    """Plain AdamW over ``steps`` batches of ``task.train`` (shuffled cyclically, seeded)."""
+    from tqdm.auto import tqdm
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                            weight_decay=weight_decay)
+    order = BatchOrder(len(task.train), seed)
+    model.train()
+    for _ in tqdm(range(steps), desc=desc, leave=False, mininterval=1.0):
+        loss = model(**_to(task.train[order.next()], device)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def task0_model(scenario: Scenario, cache_dir: str, seed: int, device: torch.device
+                ) -> nn.Module:
+    """The model right after Task 0, shared by every method (trained once, cached).
+
+    Plain AdamW at the scenario's lr; with ``scenario.lora`` the adapters are merged afterwards.
+    Cached at ``cache_dir/<scenario>-<hash of scenario.config>/task0.safetensors``.
+    """
+    from safetensors.torch import load_file, save_file
+
+    model = scenario.model_factory()
+    if scenario.first_task_pretrained:
+        return model.to(device)
+    key = _config_key(scenario)
+    path = Path(cache_dir) / f"{scenario.name}-{key}" / "task0.safetensors" if key else None
+    if path is not None and path.exists():
+        model.load_state_dict(load_file(str(path)), strict=True)
+        return model.to(device)
+    model.to(device)
+    steps = scenario.task0_steps or scenario.steps_per_task
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        trained = _wrap_lora(model, scenario.lora)
+        train_plain(trained, scenario.tasks[0], steps, scenario.lr, device, seed,
+                    desc=f"{scenario.tasks[0].name}", weight_decay=scenario.weight_decay)
+        if scenario.lora:
+            model = trained.merge_and_unload()
+    model.eval()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(state, str(path))
+    return model
+
+
+class BatchOrder:
+    """Cyclic, reshuffled-per-epoch order over ``n`` batches (deterministic in ``seed``)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.rng, self.queue = n, random.Random(seed), []
+
+    def next(self) -> int:
+        if not self.queue:
+            self.queue = list(range(self.n))
+            self.rng.shuffle(self.queue)
+        return self.queue.pop()
+
+
+# ============================================================================ one method
+
+
+@dataclass
+class BaseDiagnostics:
+    """Measurements of the after-Task-0 model shared by every method of a seed."""
+
+    row0: list[float]
+    row0_first: list[float]
+    lambda_max: float | None
+    extra: dict[str, float]
+
+
+def evaluate_all(model: nn.Module, tasks: list[Task]) -> tuple[list[float], list[float]]:
+    """Accuracy and first-token accuracy (NaN if absent) on every task."""
+    acc, first = [], []
+    for task in tasks:
+        r = task.evaluate(model)
+        acc.append(float(r["accuracy"]))
+        first.append(float(r.get("first_token", float("nan"))))
+    return acc, first
+
+
+def lambda_max(model: nn.Module, task: Task, iters: int, seed: int) -> float | None:
+    D = _optional("mitigate.diagnostics", _diagnostics)
+    if D is None:
+        return None
+    res = _optional("hessian_eigenvalues", D.hessian_eigenvalues, model, task.probe, k=1,
+                    max_iter=iters, tol=1e-2, seed=seed)
+    return None if res is None else float(res.values[0])
+
+
+class ReferenceStepper:
+    """Plain AdamW steps on a scratch copy of the Task-0 model, taken between a method's steps
+    so its time per step is compared with a reference measured under the same load."""
+
+    def __init__(self, base: nn.Module, scenario: Scenario, device: torch.device, seed: int
+                 ) -> None:
+        self.model = copy.deepcopy(base).to(device).train()
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        self.model = _wrap_lora(self.model, scenario.lora)
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                     lr=scenario.lr, weight_decay=scenario.weight_decay)
+        self.device = device
+        self.times: list[float] = []
+
+    def step(self, batch: dict) -> None:
+        _sync(self.device)
+        t = time.perf_counter()
+        loss = self.model(**batch).loss
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        _sync(self.device)
+        self.times.append(time.perf_counter() - t)
+
+
+def run_method(method: M.Method, hp: dict[str, Any], scenario: Scenario, base: nn.Module,
+               base_diag: BaseDiagnostics, cfg: BenchConfig, seed: int, device: torch.device,
+               reference: ReferenceStepper | None) -> dict[str, Any]:
+    """Train Tasks 1..T with ``method`` on a copy of ``base``; return its raw record."""
+    from tqdm.auto import tqdm
+
+    tasks = scenario.tasks
+    T = len(tasks) - 1
+    t_start = time.perf_counter()
+    torch.manual_seed(seed)
+    with PeakMemory(device) as mem:
+        model = copy.deepcopy(base).to(device).train()
+        model = _wrap_lora(model, scenario.lora)
+        ctx = M.RunContext(model=model, scenario=scenario, device=device, seed=seed,
+                           hp=hp, rng=random.Random(seed))
+        t0 = time.perf_counter()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                      lr=scenario.lr, weight_decay=scenario.weight_decay)
+        ctx.task = 0
+        optimizer = method.setup(model, optimizer, ctx)
+        ctx.optimizer = optimizer
+        method.after_task(ctx, 0)
+        consolidation = time.perf_counter() - t0
+
+        rows = [list(base_diag.row0)]
+        rows_first = [list(base_diag.row0_first)]
+        curve: list[tuple[int, float]] = []
+        step_times: list[float] = []
+        for t in range(1, T + 1):
+            ctx.task = t
+            t0 = time.perf_counter()
+            method.before_task(ctx, t)
+            consolidation += time.perf_counter() - t0
+            order = BatchOrder(len(tasks[t].train), seed * 1000 + t)
+            curve_every = scenario.task0_curve_every if t == 1 else 0
+            curve_end = min(scenario.task0_curve_steps or scenario.steps_per_task,
+                            scenario.steps_per_task)
+            bar = tqdm(range(scenario.steps_per_task), desc=f"{method.name} {tasks[t].name}",
+                       leave=False, mininterval=1.0)
+            model.train()
+            for step in bar:
+                if curve_every and step <= curve_end and step % curve_every == 0:
+                    curve.append((step, float(tasks[0].evaluate(model)["accuracy"])))
+                    model.train()
+                batch = _to(tasks[t].train[order.next()], device)
+                batch = method.batch(ctx, batch)
+                _sync(device)
+                ts = time.perf_counter()
+                loss = model(**batch).loss
+                if method.loss_extra is not None:
+                    extra = method.loss_extra(model, batch, ctx)
+                    if extra is not None:
+                        loss = loss + extra
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                _sync(device)
+                step_times.append(time.perf_counter() - ts)
+                if reference is not None and cfg.ref_every and step % cfg.ref_every == 0:
+                    reference.step(batch)
+                if not math.isfinite(float(loss.detach())):
+                    raise FloatingPointError(f"{method.name}: non-finite loss at task {t} step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            if curve_every and (not curve or curve[-1][0] < curve_end):
+                curve.append((curve_end if curve_end < scenario.steps_per_task
+                              else scenario.steps_per_task,
+                              float(tasks[0].evaluate(model)["accuracy"])))
+            t0 = time.perf_counter()
+            method.after_task(ctx, t)
+            consolidation += time.perf_counter() - t0
+            acc, first = evaluate_all(model, tasks)
+            rows.append(acc)
+            rows_first.append(first)
+    train_wall = time.perf_counter() - t_start
+
+    # ---- diagnostics on a plain (merged, all-trainable) copy
+    final = plain_copy(model)
+    diag = cfg.diag
+    D = _optional("mitigate.diagnostics", _diagnostics)
+    rec = cka = heads = None
+    lam = lambda_max(final, tasks[0], diag["hessian_iters"], seed)
+    if D is not None:
+        rec = _optional("recovery_probe", D.recovery_probe, final, tasks[0].recovery,
+                        tasks[0].evaluate, steps=diag["recovery_steps"], lr=scenario.lr,
+                        seed=seed, reference=rows[0][0])
+        base_plain = plain_copy(base)
+        cka = _optional("layerwise_cka", D.layerwise_cka, base_plain, final, tasks[0].probe)
+        heads = _optional("disrupted_heads", D.disrupted_heads, base_plain, final, tasks[0].probe)
+    extra = {name: _optional(name, fn, final) for name, fn in scenario.extra_evals.items()}
+    del final, model
+
+    ref_ms = statistics.median(reference.times) * 1e3 if reference and reference.times else None
+    record = {
+        "acc_matrix": rows,
+        "first_token_matrix": rows_first,
+        "task0_curve": curve,
+        "extra_evals": extra,
+        "step_times_ms": [round(x * 1e3, 3) for x in step_times],
+        "raw": {
+            "step_time_ms": statistics.median(step_times) * 1e3 if step_times else None,
+            "ref_step_time_ms": ref_ms,
+            "peak_memory_mb": mem.peak_mb,
+            "consolidation_s": consolidation,
+            "wall_s": train_wall,
+            "lambda_max_task0": lam,
+            "recovery": None if rec is None else rec.to_dict(),
+            "cka_per_layer": None if cka is None else [float(x) for x in cka.per_layer],
+            "disrupted_heads_fraction": None if heads is None else float(heads.fraction),
+        },
+    }
+    return record
+
+
+# ============================================================================ metrics
+
+
+def _nan_to_none(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def compute_metrics(record: dict[str, Any], base: BaseDiagnostics, seq: dict[str, Any] | None
+                    ) -> dict[str, Any]:
+    """Per-seed metrics of one method (``seq``: the seq record of the same seed, if run)."""
+    R = record["acc_matrix"]
+    T = len(R) - 1
+    raw = record["raw"]
+    m: dict[str, Any] = {k: None for k in METRIC_KEYS}
+    m["task0_after_task0"] = R[0][0]
+    m["task0_final"] = R[T][0]
+    m["task0_retention"] = R[T][0] / R[0][0] if R[0][0] > 0 else None
+    curve = record["task0_curve"]
+    m["task0_curve_min"] = min(a for _, a in curve) if curve else None
+    m["task0_first_token_final"] = _nan_to_none(record["first_token_matrix"][T][0])
+    D = _optional("mitigate.diagnostics", _diagnostics)
+    fm = _optional("forgetting_metrics", D.forgetting_metrics, R) if D is not None else None
+    if fm is not None:
+        m["average_accuracy"] = _nan_to_none(fm.average_accuracy)
+        m["backward_transfer"] = _nan_to_none(fm.backward_transfer)
+        m["forgetting"] = _nan_to_none(fm.forgetting)
+    m["new_task_accuracy"] = statistics.fmean(R[j][j] for j in range(1, T + 1))
+    rec = raw["recovery"]
+    if rec is not None:
+        m["recovery_accuracy"] = rec["after"]
+        m["recovery_gain"] = rec["recovered_gain"]
+    lam = raw["lambda_max_task0"]
+    m["lambda_max_task0"] = lam
+    if lam is not None and base.lambda_max:
+        m["lambda_max_ratio"] = lam / base.lambda_max
+    cka = raw["cka_per_layer"]
+    if cka:
+        mid = len(cka) // 2  # hidden state after the middle block (index 0 = embeddings)
+        m["cka_mid_layer"] = cka[mid]
+        m["cka_drift_mid"] = 1.0 - cka[mid]
+    m["disrupted_heads_fraction"] = raw["disrupted_heads_fraction"]
+    m["step_time_ms"] = raw["step_time_ms"]
+    m["ref_step_time_ms"] = raw["ref_step_time_ms"]
+    m["peak_memory_mb"] = raw["peak_memory_mb"]
+    m["consolidation_s"] = raw["consolidation_s"]
+    m["wall_s"] = raw["wall_s"]
+    # ratios to seq
+    if m["step_time_ms"] and m["ref_step_time_ms"]:
+        m["time_per_step_vs_seq"] = m["step_time_ms"] / m["ref_step_time_ms"]
+    elif seq is not None and seq["raw"]["step_time_ms"]:
+        m["time_per_step_vs_seq"] = m["step_time_ms"] / seq["raw"]["step_time_ms"]
+    if seq is not None:
+        seq_R = seq["acc_matrix"]
+        seq_new = statistics.fmean(seq_R[j][j] for j in range(1, T + 1))
+        m["plasticity_vs_seq"] = m["new_task_accuracy"] / seq_new if seq_new > 0 else None
+        seq_fm = _optional("forgetting_metrics", D.forgetting_metrics, seq_R) if D else None
+        f_seq = None if seq_fm is None else _nan_to_none(seq_fm.forgetting)
+        if f_seq and m["forgetting"] is not None and f_seq > 0:
+            m["mitigation_pct"] = 100.0 * (f_seq - m["forgetting"]) / f_seq
+    # distance to the issue's target (positive = short of it)
+    if m["task0_retention"] is not None:
+        m["retention_gap"] = TARGET["retention"] - m["task0_retention"]
+    if m["plasticity_vs_seq"] is not None:
+        m["plasticity_gap"] = TARGET["plasticity"] - m["plasticity_vs_seq"]
+    if m["time_per_step_vs_seq"] is not None:
+        m["time_gap"] = m["time_per_step_vs_seq"] - TARGET["time"]
+    gaps = [m["retention_gap"], m["plasticity_gap"], m["time_gap"]]
+    if all(g is not None for g in gaps):
+        m["meets_target"] = all(g <= 0 for g in gaps)
+    return m
+
+
+def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Mean ± std (sample std; 0 for one seed) of every numeric metric over seeds."""
+    out: dict[str, dict[str, float | None]] = {}
+    for key in METRIC_KEYS:
+        vals = [s["metrics"][key] for s in per_seed if s["metrics"].get(key) is not None]
+        vals = [float(v) for v in vals if isinstance(v, (int, float))]
+        if not vals:
+            out[key] = {"mean": None, "std": None, "n": 0}
+            continue
+        out[key] = {"mean": statistics.fmean(vals),
+                    "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
+    return out
+
+
+# ============================================================================ main
+
+
+def _method_hp(method: M.Method, overrides: dict[str, Any]) -> dict[str, Any]:
+    hp = dict(method.defaults)
+    hp.setdefault("consolidate_batches", 8)
+    prefix = method.name + "."
+    for key, value in overrides.items():
+        if key.startswith(prefix):
+            hp[key[len(prefix):]] = value
+    return hp
+
+
+def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
+    """Run every method on every seed; return the results dict (see ``benchmarks/report.py``)."""
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t_run = time.perf_counter()
+    chosen = [M.get(name) for name in cfg.methods]
+    results: dict[str, Any] = {
+        "schema_version": 1,
+        "config": {**asdict(cfg), "diag": cfg.diag},
+        "machine": machine_info(device),
+        "scenario": None,
+        "baseline": [],
+        "methods": {m.name: {"help": m.help, "hyperparameters": _method_hp(m, cfg.hp),
+                             "status": "ok", "message": None, "seeds": []} for m in chosen},
+    }
+    for s in range(cfg.seeds):
+        seed = cfg.seed_base + s
+        t0 = time.perf_counter()
+        scenario = load_scenario(cfg.scenario, cfg.preset, cfg.cache_dir, seed)
+        base = task0_model(scenario, cfg.cache_dir, seed, device)
+        print(f"[seed {seed}] scenario {scenario.name} ready in {time.perf_counter() - t0:.1f}s"
+              f" ({scenario.notes})", flush=True)
+        results["scenario"] = {"name": scenario.name, "notes": scenario.notes,
+                               "tasks": [t.name for t in scenario.tasks],
+                               "steps_per_task": scenario.steps_per_task, "lr": scenario.lr,
+                               "config": scenario.config, "lora": scenario.lora}
+        row0, first0 = evaluate_all(base, scenario.tasks)
+        base_lam = lambda_max(plain_copy(base), scenario.tasks[0], cfg.diag["hessian_iters"], seed)
+        base_extra = {n: _optional(n, fn, base) for n, fn in scenario.extra_evals.items()}
+        base_diag = BaseDiagnostics(row0, first0, base_lam, base_extra)
+        results["baseline"].append({"seed": seed, "acc_row": row0, "first_token_row": first0,
+                                    "lambda_max_task0": base_lam, "extra_evals": base_extra})
+        print(f"[seed {seed}] after Task 0: accuracy {['%.3f' % a for a in row0]}, "
+              f"λ_max(Task 0) = {base_lam}", flush=True)
+        reference = ReferenceStepper(base, scenario, device, seed) if cfg.ref_every else None
+        records: dict[str, dict] = {}
+        for method in chosen:
+            entry = results["methods"][method.name]
+            if entry["status"] == "skipped":
+                continue
+            hp = _method_hp(method, cfg.hp)
+            try:
+                rec = run_method(method, hp, scenario, base, base_diag, cfg, seed, device,
+                                 reference)
+            except M.MethodUnavailable as err:
+                entry.update(status="skipped", message=str(err))
+                print(f"[skip] {method.name}: {err}", flush=True)
+                continue
+            except Exception as err:  # noqa: BLE001 - one broken method must not sink the run
+                if cfg.strict:
+                    raise
+                entry.update(status="failed", message=f"{type(err).__name__}: {err}")
+                print(f"[fail] {method.name}: {type(err).__name__}: {err}", flush=True)
+                log.debug("%s", traceback.format_exc())
+                continue
+            records[method.name] = rec
+            R = rec["acc_matrix"]
+            print(f"[seed {seed}] {method.name:24s} task0 {R[0][0]:.3f} -> {R[-1][0]:.3f}  "
+                  f"new {statistics.fmean(R[j][j] for j in range(1, len(R))):.3f}  "
+                  f"step {rec['raw']['step_time_ms']:.1f} ms  ({rec['raw']['wall_s']:.1f}s)",
+                  flush=True)
+        seq = records.get("seq")
+        for name, rec in records.items():
+            rec["metrics"] = compute_metrics(rec, base_diag, seq)
+            rec["seed"] = seed
+            results["methods"][name]["seeds"].append(rec)
+        del reference, base
+    for entry in results["methods"].values():
+        entry["aggregate"] = aggregate(entry["seeds"])
+        if entry["status"] != "ok":
+            entry["aggregate"] = {k: {"mean": None, "std": None, "n": 0} for k in METRIC_KEYS}
+    results["wall_time_s"] = time.perf_counter() - t_run
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """Entry point: parse ``argv``, run, write the outputs; returns the results dict (with
+    ``"output_dir"``), or ``None`` after ``--list`` / when the scenario is unavailable."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cfg = parse_args(argv)
+    if cfg is None:
+        return None
+    run = cfg.run or f"{cfg.scenario}-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = Path(cfg.out) / run
+    try:
+        results = run_benchmark(cfg)
+    except ScenarioUnavailable as err:
+        print(f"[skip] scenario {cfg.scenario!r} unavailable: {err}", flush=True)
+        return None
+    from benchmarks import report
+
+    report.write_outputs(results, out_dir, plots=cfg.plots)
+    results["output_dir"] = str(out_dir)
+    print(report.summary_markdown(results), flush=True)
+    print(f"wrote {out_dir} in {results['wall_time_s']:.1f}s", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,417 @@
+"""Method registry of the benchmark: each method is a few hooks around one training loop.
+
+The harness (``benchmarks/compare.py``) runs, for every method, on a copy of the Task-0 model::
+
+    optimizer = method.setup(model, AdamW(model.parameters(), lr), ctx)   # wrap / freeze
+    method.after_task(ctx, 0)                                            # consolidate Task 0
+    for t in 1..T:
+        method.before_task(ctx, t)
+        for step in range(steps_per_task):
+            batch = method.batch(ctx, batch)                             # replay mixing
+            loss = model(**batch).loss + method.loss_extra(model, batch, ctx)
+            loss.backward(); optimizer.step(); optimizer.zero_grad()
+        method.after_task(ctx, t)                                        # consolidate task t
+
+All the logic lives in :mod:`mitigate`; a method here only calls it. New methods register in one
+place: decorate a factory with ``@register(name, help, **defaults)`` (or put a :class:`Method` in
+:data:`METHODS`); ``a+b`` names combine registered methods (hooks run in order).
+
+Default hyperparameters (override with ``--hp name.key=value`` in ``compare.py``):
+
+====================  ======================================================================
+method                defaults
+====================  ======================================================================
+seq                   plain AdamW at the scenario's lr, no weight decay (the baseline)
+freeze-bottom         ``layers=0.5`` (fraction, or an int count, of the bottom blocks frozen
+                      after Task 0), ``embeddings=True`` (Zheng et al. 2025: freeze the
+                      embeddings and the bottom blocks)
+freeze-qk             every layer's Q/K projections frozen after Task 0 (arXiv 2601.18699 §2.3)
+agem                  ``memory_size=64`` remembered batches, ``ref_every=1``, ``ref_batches=1``
+                      (A-GEM, Chaudhry et al. 2019)
+ogd                   ``directions_per_task=16`` (one per batch), ``max_basis=256``
+                      (OGD, Farajtabar et al. 2020)
+curvature             ``strength=1.0``, ``k=8`` top Hessian eigenpairs of each finished task
+                      (arXiv 2601.18699 §2.6: keep λ_max of old tasks)
+ewc                   ``strength=100.0``, ``fisher="empirical"`` (per-sample squared grads;
+                      Kirkpatrick et al. 2017)
+clip                  ``max_norm=0.5`` (global gradient-norm clipping; arXiv 2601.18699)
+replay                ``fraction=0.25`` of each batch's rows replaced by rows of earlier
+                      tasks' batches (same compute as seq)
+lrcp                  ``mitigate.LowRankCircuitProjection`` defaults (energy 0.99)
+planned               ``mitigate.plan(model, old, new, probe_steps=min(20, steps_per_task))``
+                      then ``.apply`` (the plan's own policy)
+freeze-bottom+curv.   both, each with its defaults
+====================  ======================================================================
+
+Every consolidation (``remember``/``consolidate``/``plan``) uses at most ``consolidate_batches``
+(default 8) training batches of the finished task.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from benchmarks.scenario import Scenario
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, Tensor]
+
+
+class MethodUnavailable(RuntimeError):
+    """A method's library API is missing (not installed or not written yet): skip the method."""
+
+
+@dataclass
+class RunContext:
+    """What the hooks see: the model, its optimizer, the scenario and the method's own state.
+
+    Attributes:
+        model: the model being trained (already on ``device``).
+        scenario: the scenario.
+        device: training device.
+        seed: run seed (methods that sample use ``rng``).
+        hp: the method's hyperparameters (defaults updated with user overrides).
+        optimizer: the optimizer the loop steps (set after ``setup``).
+        task: index of the task being trained (or just finished in ``after_task``).
+        state: the method's objects (regularizers, wrappers, memories).
+        rng: a ``random.Random`` for the method.
+    """
+
+    model: nn.Module
+    scenario: Scenario
+    device: torch.device
+    seed: int
+    hp: dict[str, Any]
+    optimizer: torch.optim.Optimizer | None = None
+    task: int = 0
+    state: dict[str, Any] = field(default_factory=dict)
+    rng: random.Random = field(default_factory=random.Random)
+
+    def task_batches(self, t: int, limit: int | None = None) -> list[Batch]:
+        """Training batches of task ``t`` (the first ``limit``, default ``consolidate_batches``),
+        moved to the device."""
+        n = self.hp.get("consolidate_batches", 8) if limit is None else limit
+        return [_to(b, self.device) for b in self.scenario.tasks[t].train[:n]]
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+Hook = Callable[..., Any]
+
+
+def _noop(*_: Any) -> None:
+    return None
+
+
+def _keep_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: RunContext
+                    ) -> torch.optim.Optimizer:
+    return optimizer
+
+
+def _keep_batch(ctx: RunContext, batch: Batch) -> Batch:
+    return batch
+
+
+@dataclass
+class Method:
+    """A mitigation method as hooks into the benchmark loop.
+
+    Attributes:
+        name: registry name (``--methods``).
+        help: one line for tables and ``--list``.
+        defaults: default hyperparameters (documented in the module docstring).
+        setup: ``setup(model, optimizer, ctx) -> optimizer`` before Task 1 (freeze, wrap).
+        before_task: ``before_task(ctx, t)`` before training task ``t >= 1``.
+        batch: ``batch(ctx, batch) -> batch`` transform of each training batch (replay).
+        loss_extra: ``loss_extra(model, batch, ctx) -> scalar | None`` added to the task loss.
+        after_task: ``after_task(ctx, t)`` after task ``t`` (``t = 0``: on the Task-0 model).
+    """
+
+    name: str
+    help: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+    setup: Hook = _keep_optimizer
+    before_task: Hook = _noop
+    batch: Hook = _keep_batch
+    loss_extra: Hook | None = None
+    after_task: Hook = _noop
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, help: str, **defaults: Any) -> Callable[[Callable[[], dict]], Method]:
+    """Register the hooks returned by a factory under ``name``.
+
+    The decorated function returns a dict of hooks (``setup``, ``before_task``, ``batch``,
+    ``loss_extra``, ``after_task``; any subset)."""
+
+    def deco(factory: Callable[[], dict]) -> Method:
+        method = Method(name=name, help=help, defaults=dict(defaults), **factory())
+        METHODS[name] = method
+        return method
+
+    return deco
+
+
+def _mitigate(attr: str) -> Any:
+    """``mitigate.<attr>``, or :class:`MethodUnavailable` when it cannot be imported."""
+    try:
+        import mitigate
+
+        return getattr(mitigate, attr)
+    except (ImportError, AttributeError) as err:
+        raise MethodUnavailable(f"mitigate.{attr} is not available ({err})") from err
+
+
+def _bottom_layers(model: nn.Module, spec: float | int) -> int:
+    n_layers = model.config.num_hidden_layers
+    if isinstance(spec, float):
+        return max(1, int(round(spec * n_layers)))
+    return int(spec)
+
+
+# ============================================================================ the methods
+
+
+@register("seq", "plain AdamW fine-tuning, task after task (baseline)")
+def _seq() -> dict:
+    return {}
+
+
+@register("freeze-bottom", "freeze embeddings + bottom blocks after Task 0 (Zheng et al. 2025)",
+          layers=0.5, embeddings=True)
+def _freeze_bottom() -> dict:
+    def setup(model, optimizer, ctx):
+        n = _bottom_layers(model, ctx.hp["layers"])
+        ctx.state["freeze_bottom"] = _mitigate("freeze_bottom_layers")(
+            model, n, embeddings=bool(ctx.hp["embeddings"]))
+        return optimizer
+
+    return {"setup": setup}
+
+
+@register("freeze-qk", "freeze every layer's Q/K projections after Task 0")
+def _freeze_qk() -> dict:
+    def setup(model, optimizer, ctx):
+        ctx.state["freeze_qk"] = _mitigate("freeze_attention_qk")(model)
+        return optimizer
+
+    return {"setup": setup}
+
+
+def _projection(mode: str) -> dict:
+    def setup(model, optimizer, ctx):
+        opts = {k: v for k, v in ctx.hp.items() if k != "consolidate_batches"}
+        proj = _mitigate("GradientProjection")(optimizer, mode=mode, model=model, seed=ctx.seed,
+                                               **opts)
+        ctx.state["projection"] = proj
+        return proj
+
+    def after_task(ctx, t):
+        ctx.state["projection"].remember(ctx.model, ctx.task_batches(t))
+
+    return {"setup": setup, "after_task": after_task}
+
+
+@register("agem", "A-GEM: project off the replay-memory gradient when it conflicts",
+          memory_size=64, ref_every=1, ref_batches=1)
+def _agem() -> dict:
+    return _projection("agem")
+
+
+@register("ogd", "OGD: step orthogonally to earlier tasks' gradient directions",
+          directions_per_task=16, max_basis=256)
+def _ogd() -> dict:
+    return _projection("ogd")
+
+
+@register("curvature", "curvature regularizer on earlier tasks' top Hessian eigenspace",
+          strength=1.0, k=8)
+def _curvature() -> dict:
+    def setup(model, optimizer, ctx):
+        ctx.state["curvature"] = _mitigate("CurvatureRegularizer")(
+            model, strength=ctx.hp["strength"], k=ctx.hp["k"])
+        return optimizer
+
+    def after_task(ctx, t):
+        ctx.state["curvature"].consolidate(ctx.task_batches(t))
+
+    def loss_extra(model, batch, ctx):
+        return ctx.state["curvature"].reg()
+
+    return {"setup": setup, "after_task": after_task, "loss_extra": loss_extra}
+
+
+@register("ewc", "EWC with the empirical Fisher (Kirkpatrick et al. 2017)",
+          strength=100.0, fisher="empirical")
+def _ewc() -> dict:
+    def setup(model, optimizer, ctx):
+        ctx.state["ewc"] = _mitigate("EWC")(model, strength=ctx.hp["strength"],
+                                            fisher=ctx.hp["fisher"])
+        return optimizer
+
+    def after_task(ctx, t):
+        ctx.state["ewc"].consolidate(ctx.task_batches(t))
+
+    def loss_extra(model, batch, ctx):
+        return ctx.state["ewc"]()
+
+    return {"setup": setup, "after_task": after_task, "loss_extra": loss_extra}
+
+
+@register("clip", "global gradient-norm clipping", max_norm=0.5)
+def _clip() -> dict:
+    def setup(model, optimizer, ctx):
+        return _mitigate("GradientClipping")(optimizer, max_norm=ctx.hp["max_norm"])
+
+    return {"setup": setup}
+
+
+@register("replay", "replace a fraction of each batch's rows with earlier tasks' rows",
+          fraction=0.25)
+def _replay() -> dict:
+    def after_task(ctx, t):
+        ctx.state.setdefault("memory", []).extend(ctx.scenario.tasks[t].train)
+
+    def batch(ctx, new):
+        memory = ctx.state.get("memory")
+        n = new["input_ids"].shape[0]
+        k = int(round(ctx.hp["fraction"] * n))
+        if not memory or k == 0:
+            return new
+        old = memory[ctx.rng.randrange(len(memory))]
+        rows = torch.tensor(ctx.rng.sample(range(old["input_ids"].shape[0]),
+                                           min(k, old["input_ids"].shape[0])))
+        return mix_rows(new, {key: v[rows.to(v.device)] for key, v in old.items()})
+
+    return {"after_task": after_task, "batch": batch}
+
+
+def mix_rows(new: Batch, old: Batch) -> Batch:
+    """``new`` with its last ``len(old)`` rows replaced by ``old``'s rows (right-padded to the
+    longer length with ``attention_mask=0`` and ``labels=-100``; ``input_ids`` padded with the
+    first pad value found, else 0)."""
+    k = old["input_ids"].shape[0]
+    length = max(new["input_ids"].shape[1], old["input_ids"].shape[1])
+    fill = {"input_ids": 0, "attention_mask": 0, "labels": -100}
+
+    def pad(x: Tensor, key: str) -> Tensor:
+        extra = length - x.shape[1]
+        return x if extra == 0 else torch.nn.functional.pad(x, (0, extra), value=fill[key])
+
+    return {key: torch.cat([pad(new[key], key)[: new[key].shape[0] - k],
+                            pad(old[key].to(new[key].device), key)]) for key in new}
+
+
+@register("lrcp", "Low-Rank Circuit Projection (optimizer wrapper; remember after each task)")
+def _lrcp() -> dict:
+    def setup(model, optimizer, ctx):
+        opts = {k: v for k, v in ctx.hp.items() if k != "consolidate_batches"}
+        lrcp = _mitigate("LowRankCircuitProjection")(optimizer, model, **opts)
+        ctx.state["lrcp"] = lrcp
+        return lrcp
+
+    def after_task(ctx, t):
+        ctx.state["lrcp"].remember(ctx.model, ctx.task_batches(t))
+
+    return {"setup": setup, "after_task": after_task}
+
+
+@register("planned", "mitigate.plan(): diagnose a short probe of Task 1, apply what it chose")
+def _planned() -> dict:
+    def setup(model, optimizer, ctx):
+        old = ctx.task_batches(0)
+        new = ctx.task_batches(1)
+        opts = {k: v for k, v in ctx.hp.items() if k != "consolidate_batches"}
+        opts.setdefault("probe_steps", min(20, ctx.scenario.steps_per_task))
+        p = _mitigate("plan")(model, old, new, lr=ctx.scenario.lr, seed=ctx.seed, **opts)
+        ctx.state["plan"] = p
+        log.info("planned method:\n%s", p)
+        applied = p.apply(model, optimizer)
+        ctx.state["applied"] = applied
+        return applied.optimizer
+
+    def loss_extra(model, batch, ctx):
+        return ctx.state["applied"].penalty()
+
+    return {"setup": setup, "loss_extra": loss_extra}
+
+
+def combine(name: str) -> Method:
+    """The method ``a+b+...``: every part's hooks in order, each part with its own defaults
+    (prefixed ``a.key`` in the combined defaults)."""
+    parts = [get(p) for p in name.split("+")]
+    defaults = {f"{p.name}.{k}": v for p in parts for k, v in p.defaults.items()}
+
+    def sub(ctx: RunContext, p: Method) -> RunContext:
+        # each part sees its own hyperparameters and its own state namespace
+        hp = {k.split(".", 1)[1]: v for k, v in ctx.hp.items() if k.startswith(p.name + ".")}
+        hp.setdefault("consolidate_batches", ctx.hp.get("consolidate_batches", 8))
+        sub_ctx = ctx.state.setdefault(f"_ctx.{p.name}", None)
+        if sub_ctx is None:
+            sub_ctx = RunContext(model=ctx.model, scenario=ctx.scenario, device=ctx.device,
+                                 seed=ctx.seed, hp=hp, rng=ctx.rng)
+            ctx.state[f"_ctx.{p.name}"] = sub_ctx
+        sub_ctx.optimizer, sub_ctx.task = ctx.optimizer, ctx.task
+        return sub_ctx
+
+    def setup(model, optimizer, ctx):
+        for p in parts:
+            optimizer = p.setup(model, optimizer, sub(ctx, p))
+        return optimizer
+
+    def before_task(ctx, t):
+        for p in parts:
+            p.before_task(sub(ctx, p), t)
+
+    def batch(ctx, b):
+        for p in parts:
+            b = p.batch(sub(ctx, p), b)
+        return b
+
+    extras = [p for p in parts if p.loss_extra is not None]
+
+    def loss_extra(model, b, ctx):
+        total = None
+        for p in extras:
+            term = p.loss_extra(model, b, sub(ctx, p))
+            if term is not None:
+                total = term if total is None else total + term
+        return total
+
+    def after_task(ctx, t):
+        for p in parts:
+            p.after_task(sub(ctx, p), t)
+
+    return Method(name=name, help=" + ".join(p.help.split(":")[0] for p in parts),
+                  defaults=defaults, setup=setup, before_task=before_task, batch=batch,
+                  loss_extra=loss_extra if extras else None, after_task=after_task)
+
+
+def get(name: str) -> Method:
+    """A registered method, or the combination ``a+b``.
+
+    Raises:
+        ValueError: an unknown name (lists the registered ones).
+    """
+    if name in METHODS:
+        return METHODS[name]
+    if "+" in name:
+        return combine(name)
+    raise ValueError(f"unknown method {name!r}; registered: {', '.join(METHODS)} "
+                     "(combine with '+', e.g. 'freeze-bottom+curvature')")
+
+
+DEFAULT_METHODS = ("seq", "freeze-bottom", "freeze-qk", "agem", "ogd", "curvature", "ewc",
+                   "clip", "replay", "freeze-bottom+curvature", "lrcp", "planned")

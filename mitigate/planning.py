@@ -1,0 +1,823 @@
+"""Diagnosis-driven mitigation: probe the new task briefly, measure the mechanisms of forgetting,
+and turn the numbers into a plan you can read, save and apply.
+
+:func:`plan` runs, on the model as it stands after the old task:
+
+1. **gradient interference** — :func:`~mitigate.diagnostics.gradient_alignment` between the old-
+   and new-task gradients (global, per layer, per head's Q/K rows);
+2. a **probe**: ``probe_steps`` AdamW steps of the new task on a deep copy of the model;
+3. **attention disruption** — :func:`~mitigate.diagnostics.disrupted_heads` between the model and
+   the probed copy on old-task inputs (entropy increase in bits, Q/K weight-change z-score);
+4. **representational drift** — :func:`~mitigate.diagnostics.layerwise_cka` between the model and
+   the probed copy on old-task inputs;
+5. **landscape flattening** — λ_max of the old-task Hessian before and after the probe
+   (:func:`~mitigate.curvature.hessian_eigenvalues`; skipped, with a reason, where the attention
+   kernel has no double backward);
+
+then applies the rules of :class:`PlanPolicy` (all thresholds in one place) and forecasts
+forgetting from the early gradient alignment (:func:`forecast_forgetting`).
+
+The rules, in order (``L`` blocks, ``H`` heads per block):
+
+* **freeze_bottom** ("Spurious forgetting": task alignment lives in the bottom layers and the
+  embeddings; freezing them is the strongest single recipe) — start at
+  ``min_freeze_bottom``; raise to ``similar_task_freeze_bottom`` when the tasks are similar
+  (global cosine ``> similar_task_cosine``: "more similar task formats benefit from freezing more
+  layers"); extend upward over contiguous bottom layers where at least ``bottom_head_fraction`` of
+  the heads are disrupted (mechanistic study: 15–23% of lower-layer heads); cap at
+  ``max_freeze_bottom_fraction · L`` and at ``L − 1``.
+* **freeze_heads** (mechanism 1) — above the frozen layers, heads that are *disrupted*
+  (entropy increase ``> entropy_increase_bits`` or weight z ``> weight_z``) or *conflicting*
+  (Q/K gradient cosine ``< head_conflict_cosine`` and weight z ``> conflict_z``); at most
+  ``max_frozen_head_fraction`` of those heads, most severe first.
+* **lrcp_targets** (mechanism 2) — the FFN linears of every unfrozen block whose CKA drop
+  ``1 − CKA`` on old-task inputs is ``≥ cka_drop_lrcp``; plus that block's attention
+  projections when the global cosine is ``< global_conflict_cosine`` (strong interference).
+* **curvature** (mechanism 3) — when ``λ_max(after) / λ_max(before) < lambda_ratio``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from mitigate._utils import Batch, LossFn, model_device, resolve_loss_fn
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- policy
+
+
+@dataclass(frozen=True)
+class PlanPolicy:
+    """Every decision threshold of :func:`plan`, in one place (see the module docstring).
+
+    Seed numbers: "Mechanistic analysis of catastrophic forgetting" (arXiv 2601.18699; entropy
+    increase > 1.8 bits and 2.5σ weight change mark a disrupted head, 15–23% of lower-layer heads
+    disrupted, first-epoch cosine < −0.3 → 2.4× forgetting, λ_max < 50% of original = flattened)
+    and "Spurious forgetting" (freeze the bottom 1–3 layers + embeddings; more for similar tasks).
+    Probe-scale thresholds (CKA, λ ratio) are lower than the seed's end-of-training numbers because
+    the probe is a few steps, not a few epochs.
+
+    Attributes:
+        entropy_increase_bits: a head whose mean attention entropy on old inputs rises by more is
+            disrupted (seed: 1.8 bits).
+        weight_z: a head whose Q/K weight change has a z-score above this is disrupted (seed 2.5).
+        head_conflict_cosine: τ — a head whose joint Q/K gradient cosine (old vs new) is below τ
+            conflicts.
+        conflict_z: a conflicting head is frozen only if its weight z also exceeds this (it moved).
+        max_frozen_head_fraction: cap on frozen heads, as a fraction of the heads above the frozen
+            bottom layers (most severe first).
+        min_freeze_bottom: bottom blocks always frozen (seed: 1; "even single-task SFT gains").
+        similar_task_cosine: global gradient cosine above which the tasks count as similar.
+        similar_task_freeze_bottom: bottom blocks frozen for similar tasks (seed: 1–3, more for
+            similar formats).
+        bottom_head_fraction: a bottom block with at least this fraction of disrupted heads is
+            frozen whole (seed: 15–23% of lower-layer heads).
+        max_freeze_bottom_fraction: never freeze more than this fraction of the blocks (and always
+            leave one trainable).
+        freeze_embeddings: freeze the embeddings with the bottom blocks (seed: yes).
+        cka_drop_lrcp: an unfrozen block whose ``1 − CKA`` after the probe is at least this gets
+            LRCP on its FFN (seed's end-of-training drop is 0.32–0.47; probe scale is smaller).
+        global_conflict_cosine: below this global cosine, LRCP also covers the attention
+            projections of drifting blocks (seed: cos < −0.3 → 2.4× forgetting).
+        lrcp_energy, lrcp_max_rank: :class:`~mitigate.LowRankCircuitProjection` settings.
+        lambda_ratio: curvature protection when ``λ_max(after probe)/λ_max(before)`` is below this.
+        curvature_strength, curvature_k: :class:`~mitigate.CurvatureRegularizer` settings.
+        compute_curvature: measure λ_max at all (two Lanczos runs; needs eager attention).
+        lambda_max_iter, lambda_tol: Lanczos budget and relative tolerance for λ_max.
+        diagnostic_batches: at most this many old/new batches feed the diagnostics (``None``:
+            all); the probe cycles over all new batches and :meth:`MitigationPlan.apply` uses
+            all old batches.
+    """
+
+    entropy_increase_bits: float = 1.8
+    weight_z: float = 2.5
+    head_conflict_cosine: float = -0.1
+    conflict_z: float = 1.0
+    max_frozen_head_fraction: float = 0.25
+    min_freeze_bottom: int = 1
+    similar_task_cosine: float = 0.3
+    similar_task_freeze_bottom: int = 2
+    bottom_head_fraction: float = 0.15
+    max_freeze_bottom_fraction: float = 0.5
+    freeze_embeddings: bool = True
+    cka_drop_lrcp: float = 0.05
+    global_conflict_cosine: float = -0.3
+    lrcp_energy: float = 0.99
+    lrcp_max_rank: int | float = 0.5
+    lambda_ratio: float = 0.8
+    curvature_strength: float = 1.0
+    curvature_k: int = 1
+    compute_curvature: bool = True
+    lambda_max_iter: int = 30
+    lambda_tol: float = 1e-2
+    diagnostic_batches: int | None = 4
+
+    def __post_init__(self) -> None:
+        for name in ("entropy_increase_bits", "weight_z", "conflict_z", "curvature_strength"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be ≥ 0")
+        for name in ("head_conflict_cosine", "similar_task_cosine", "global_conflict_cosine"):
+            if not -1.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)!r} is a cosine: pass a value in [-1, 1]")
+        for name in ("max_frozen_head_fraction", "bottom_head_fraction", "max_freeze_bottom_fraction", "cka_drop_lrcp", "lrcp_energy", "lambda_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be in [0, 1]")
+        for name in ("min_freeze_bottom", "similar_task_freeze_bottom"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}={v!r} must be a non-negative int")
+        for name in ("lambda_max_iter", "diagnostic_batches"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name}={v!r} must be a positive int" + (" or None" if name == "diagnostic_batches" else ""))
+        if not self.lambda_tol > 0:
+            raise ValueError(f"lambda_tol={self.lambda_tol!r} must be > 0")
+        if isinstance(self.curvature_k, bool) or not isinstance(self.curvature_k, int) or self.curvature_k < 1:
+            raise ValueError(f"curvature_k={self.curvature_k!r} must be a positive int")
+
+
+# ----------------------------------------------------------------------------- forecast
+
+#: The default forecast is a *prior*, not a measurement: a line through two anchor points the
+#: mechanistic study implies, with its correlation r = −0.79 between early gradient cosine and
+#: final forgetting setting the residual spread. Forgetting is in units of the fraction of
+#: old-task accuracy lost. Anchors: f(+0.2) = 0.16 and f(−0.3) = 2.4 · f(+0.2) ("first-epoch
+#: cosine < −0.3: 2.4× higher forgetting"); residual sd = 0.15 · √(1 − 0.79²) ≈ 0.092, where
+#: 0.15 is an assumed spread of forgetting across task pairs.
+PRIOR_INTERCEPT = 0.25
+PRIOR_SLOPE = -0.449
+PRIOR_RESIDUAL_SD = 0.15 * math.sqrt(1 - 0.79**2)
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """Forecast of forgetting from the early gradient cosine.
+
+    Attributes:
+        expected_forgetting: point forecast (same units as the calibration pairs; default prior:
+            fraction of old-task accuracy lost).
+        low, high: interval bounds at ``level``.
+        basis: where the numbers come from (prior or fit, with its coefficients).
+        cosine: the early gradient cosine the forecast is for.
+        level: interval coverage (0.9 = 5th–95th percentile).
+    """
+
+    expected_forgetting: float
+    low: float
+    high: float
+    basis: str
+    cosine: float
+    level: float = 0.9
+
+
+def _normal_quantile(p: float) -> float:
+    return float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(p, dtype=torch.float64)))
+
+
+def forecast_forgetting(
+    cosine: float,
+    calibration: Sequence[tuple[float, float]] | None = None,
+    *,
+    level: float = 0.9,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> Forecast:
+    """Forecast forgetting from the early old/new gradient cosine with a linear model.
+
+    ``f = a + b · cos``. Without ``calibration``, ``(a, b)`` and the residual spread are the
+    shipped prior (:data:`PRIOR_INTERCEPT`, :data:`PRIOR_SLOPE`, :data:`PRIOR_RESIDUAL_SD`,
+    derived from the seed's r = −0.79 — a prior, not a measurement) and the interval is
+    ``f ± z · sd``, clipped to ``[0, 1]``. With ``calibration`` (your own ``(cosine, forgetting)``
+    pairs, at least 3, with distinct cosines), ``(a, b)`` is the least-squares fit and the
+    interval is a pairs-bootstrap prediction interval: for each of ``n_boot`` resamples, refit and
+    add a residual drawn from that fit; report the ``(1 ± level)/2`` percentiles.
+
+    Args:
+        cosine: early gradient cosine between old and new task, in [−1, 1].
+        calibration: optional ``[(cosine, forgetting), ...]``.
+        level: interval coverage in (0, 1).
+        n_boot: bootstrap resamples.
+        seed: seed of the bootstrap generator.
+
+    Returns:
+        :class:`Forecast`.
+
+    Raises:
+        ValueError: ``cosine`` not finite, bad ``level``, or fewer than 3 usable calibration pairs.
+    """
+    if not math.isfinite(cosine):
+        raise ValueError(f"cosine={cosine!r} must be finite (was a gradient zero?)")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level={level!r} must be in (0, 1), e.g. 0.9")
+    lo_q, hi_q = (1 - level) / 2, (1 + level) / 2
+    if calibration is None:
+        f = PRIOR_INTERCEPT + PRIOR_SLOPE * cosine
+        half = _normal_quantile(hi_q) * PRIOR_RESIDUAL_SD
+        clip = lambda v: min(1.0, max(0.0, v))  # noqa: E731
+        return Forecast(
+            expected_forgetting=clip(f), low=clip(f - half), high=clip(f + half), cosine=float(cosine), level=level,
+            basis=(
+                f"prior (not a measurement): forgetting = {PRIOR_INTERCEPT:.3f} {PRIOR_SLOPE:+.3f}·cos, "
+                f"residual sd {PRIOR_RESIDUAL_SD:.3f}, from the mechanistic study's r = −0.79 and "
+                "'cos < −0.3 → 2.4× forgetting'; pass calibration=[(cos, forgetting), ...] to fit your own"
+            ),
+        )
+    pairs = torch.tensor([(float(c), float(y)) for c, y in calibration], dtype=torch.float64).reshape(-1, 2)
+    if pairs.shape[0] < 3 or pairs[:, 0].unique().numel() < 2 or not bool(torch.isfinite(pairs).all()):
+        raise ValueError(
+            f"calibration needs at least 3 finite (cosine, forgetting) pairs with distinct cosines; got {pairs.tolist()}"
+        )
+
+    def fit(xy: Tensor) -> tuple[float, float, Tensor] | None:
+        x, y = xy[:, 0], xy[:, 1]
+        vx = float(((x - x.mean()) ** 2).sum())
+        if x.unique().numel() < 2:
+            return None
+        b = float(((x - x.mean()) * (y - y.mean())).sum()) / vx
+        a = float(y.mean()) - b * float(x.mean())
+        return a, b, y - (a + b * x)
+
+    a, b, resid = fit(pairs)  # type: ignore[misc]
+    g = torch.Generator().manual_seed(seed)
+    n = pairs.shape[0]
+    preds = []
+    for _ in range(n_boot):
+        sample = pairs[torch.randint(0, n, (n,), generator=g)]
+        res = fit(sample)
+        if res is None:
+            continue
+        ab, bb, rb = res
+        # residuals rescaled by √(n/(n−2)) so their variance is unbiased for the 2-parameter fit
+        e = float(rb[torch.randint(0, n, (1,), generator=g)]) * math.sqrt(n / max(n - 2, 1))
+        preds.append(ab + bb * cosine + e)
+    q = torch.tensor(preds, dtype=torch.float64).quantile(torch.tensor([lo_q, hi_q], dtype=torch.float64))
+    r = float(torch.corrcoef(pairs.T)[0, 1])
+    return Forecast(
+        expected_forgetting=a + b * cosine, low=float(q[0]), high=float(q[1]), cosine=float(cosine), level=level,
+        basis=(
+            f"fit on {n} calibration pairs: forgetting = {a:.3f} {b:+.3f}·cos (r = {r:.2f}); "
+            f"{int(level * 100)}% pairs-bootstrap prediction interval (B = {len(preds)}, seed {seed})"
+        ),
+    )
+
+
+# ----------------------------------------------------------------------------- diagnosis
+
+
+@dataclass
+class Diagnosis:
+    """The numbers a plan is made from (plain Python; ``L`` blocks, ``H`` heads).
+
+    Attributes:
+        model_type: ``model_map(model).model_type``.
+        num_layers, n_heads: ``L``, ``H``.
+        global_cosine: cosine of the full old/new task gradients.
+        layer_cosine: ``(L,)`` cosine over each block's parameters (NaN where unknown).
+        head_cosine: ``(L, H)`` joint Q/K gradient cosine per query head (NaN where unknown).
+        entropy_change: ``(L, H)`` attention entropy change (bits) on old inputs after the probe.
+        weight_z: ``(L, H)`` z-score of each head's Q/K weight change in the probe (across all
+            heads of the model).
+        weight_distance: ``(L, H)`` ``‖ΔW_q,h‖² + ‖ΔW_k,g(h)‖²`` in the probe.
+        cka: ``(L,)`` CKA between the model's and the probed copy's block outputs on old inputs.
+        lambda_before, lambda_after: old-task λ_max before/after the probe (``None``: skipped).
+        probe_steps, probe_lr: the probe.
+        probe_loss: new-task loss at the first and last probe step.
+        notes: diagnostics that were skipped and why.
+    """
+
+    model_type: str
+    num_layers: int
+    n_heads: int
+    global_cosine: float
+    layer_cosine: list[float]
+    head_cosine: list[list[float]]
+    entropy_change: list[list[float]]
+    weight_z: list[list[float]]
+    weight_distance: list[list[float]]
+    cka: list[float]
+    lambda_before: float | None = None
+    lambda_after: float | None = None
+    probe_steps: int = 0
+    probe_lr: float = 0.0
+    probe_loss: tuple[float, float] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def lambda_ratio(self) -> float | None:
+        """``λ_max(after) / λ_max(before)`` or ``None``."""
+        if self.lambda_before is None or self.lambda_after is None or self.lambda_before == 0:
+            return None
+        return self.lambda_after / self.lambda_before
+
+
+def _layer_cosines(al: Any, L: int) -> list[float]:
+    """Per-block cosine from an AlignmentReport's per-(group, layer) cosines (mean over groups)."""
+    vals: dict[int, list[float]] = {}
+    for key, v in getattr(al, "per_layer", {}).items():
+        layer = key[1] if isinstance(key, tuple) else key
+        if isinstance(layer, int) and 0 <= layer < L and v == v:
+            vals.setdefault(layer, []).append(float(v))
+    return [sum(vals[i]) / len(vals[i]) if i in vals else float("nan") for i in range(L)]
+
+
+def _probe(model: nn.Module, batches: list[Batch], loss_fn: LossFn, steps: int, lr: float, weight_decay: float, seed: int) -> tuple[nn.Module, tuple[float, float] | None]:
+    """``steps`` AdamW steps of the new task on a deep copy of ``model`` (train mode, seeded)."""
+    probed = copy.deepcopy(model)
+    for p in probed.parameters():
+        p.grad = None
+    params = [p for p in probed.parameters() if p.requires_grad]
+    if not params or steps == 0:
+        return probed, None
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    probed.train()
+    losses = []
+    devices = sorted({q.device.index or 0 for q in params if q.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for i in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(probed, batches[i % len(batches)])
+            loss.backward()
+            opt.step()
+            if i in (0, steps - 1):
+                losses.append(float(loss.detach()))
+    opt.zero_grad(set_to_none=True)
+    probed.train(model.training)
+    return probed, (losses[0], losses[-1])
+
+
+def diagnose(
+    model: nn.Module,
+    old_batches: Sequence[Batch],
+    new_batches: Sequence[Batch],
+    loss_fn: LossFn | None = None,
+    *,
+    probe_steps: int = 20,
+    lr: float = 1e-4,
+    weight_decay: float = 0.0,
+    policy: PlanPolicy | None = None,
+    seed: int = 0,
+) -> Diagnosis:
+    """Measure what :func:`plan` decides from (see the module docstring); ``model`` is untouched.
+
+    Args:
+        model: the model after the old task (single-stack: decoder-only or encoder-only).
+        old_batches, new_batches: lists of batches of the old and new tasks.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` (default ``model(**batch).loss``) for both.
+        probe_steps, lr, weight_decay: the AdamW probe of the new task on a copy.
+        policy: thresholds passed to the diagnostics (entropy, z).
+        seed: seeds the probe (dropout) and the Lanczos start vector.
+
+    Returns:
+        :class:`Diagnosis`.
+
+    Raises:
+        ValueError: empty batch lists, bad probe settings, or a multi-stack model.
+    """
+    from mitigate.architectures import model_map
+    from mitigate.diagnostics import disrupted_heads, gradient_alignment, layerwise_cka
+
+    policy = policy or PlanPolicy()
+    if not old_batches or not new_batches:
+        raise ValueError("plan() needs non-empty old_batches and new_batches (lists of batches)")
+    if isinstance(probe_steps, bool) or not isinstance(probe_steps, int) or probe_steps < 1:
+        raise ValueError(f"probe_steps={probe_steps!r} must be a positive int (a few dozen is typical)")
+    if not lr > 0:
+        raise ValueError(f"lr={lr!r} must be > 0 (the new task's learning rate)")
+    mm = model_map(model)
+    if len(mm.stacks) != 1:
+        raise ValueError(
+            f"plan() supports single-stack models; {mm.model_type} has stacks {mm.stacks}. Use the "
+            "diagnostics and mitigations directly for encoder-decoder models"
+        )
+    L, H = mm.num_layers, mm.n_heads
+    loss = resolve_loss_fn(loss_fn)
+    notes: list[str] = []
+    probe_batches = list(new_batches)
+    k = policy.diagnostic_batches
+    old_batches, new_batches = list(old_batches)[:k], probe_batches[:k]
+
+    al = gradient_alignment(model, old_batches, new_batches, loss_fn)
+    head_cos = [[float("nan")] * H for _ in range(L)]
+    for layer, t in al.per_head.items():
+        if isinstance(layer, int) and 0 <= layer < L:
+            head_cos[layer] = [float(v) for v in t.tolist()]
+
+    lam_b = lam_a = None
+    if policy.compute_curvature:
+        lam_b = _lambda_max(model, old_batches, loss_fn, seed, policy, notes)
+
+    probed, probe_loss = _probe(model, probe_batches, loss, probe_steps, lr, weight_decay, seed)
+    try:
+        dh = disrupted_heads(model, probed, old_batches, entropy_threshold=policy.entropy_increase_bits, z_threshold=policy.weight_z)
+        ent = dh.entropy_change.tolist()
+        wz = dh.weight_z.tolist()
+        wd = dh.weight_distance.tolist()
+    except (ValueError, RuntimeError) as e:
+        notes.append(f"disrupted heads skipped: {e}")
+        ent = [[0.0] * H for _ in range(L)]
+        wz = [[0.0] * H for _ in range(L)]
+        wd = [[0.0] * H for _ in range(L)]
+    try:
+        cka_res = layerwise_cka(model, probed, old_batches)
+        per = dict(zip(cka_res.layers, cka_res.per_layer.tolist()))
+        cka = [float(per.get(i + 1, float("nan"))) for i in range(L)]  # hidden state i+1 = block i output
+    except (ValueError, RuntimeError) as e:
+        notes.append(f"CKA skipped: {e}")
+        cka = [float("nan")] * L
+    if policy.compute_curvature and lam_b is not None:
+        lam_a = _lambda_max(probed, old_batches, loss_fn, seed, policy, notes)
+    del probed
+    return Diagnosis(
+        model_type=mm.model_type, num_layers=L, n_heads=H, global_cosine=float(al.global_cosine),
+        layer_cosine=_layer_cosines(al, L), head_cosine=head_cos, entropy_change=ent, weight_z=wz, weight_distance=wd,
+        cka=cka, lambda_before=lam_b, lambda_after=lam_a, probe_steps=probe_steps, probe_lr=lr,
+        probe_loss=probe_loss, notes=notes,
+    )
+
+
+def _lambda_max(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn | None, seed: int, policy: PlanPolicy, notes: list[str]) -> float | None:
+    from mitigate.curvature import hessian_eigenvalues
+    from mitigate.errors import AttentionKernelError
+
+    try:
+        res = hessian_eigenvalues(model, list(batches), loss_fn, k=1, seed=seed, max_iter=policy.lambda_max_iter, tol=policy.lambda_tol)
+        return float(res.values[0])
+    except (AttentionKernelError, RuntimeError, ValueError) as e:
+        notes.append(f"λ_max skipped: {type(e).__name__}: {e}")
+        return None
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class AppliedPlan:
+    """What :meth:`MitigationPlan.apply` did.
+
+    Attributes:
+        optimizer: the optimizer to train with (a :class:`~mitigate.LowRankCircuitProjection`
+            around yours when the plan uses LRCP, else yours).
+        penalty: ``penalty() -> scalar tensor`` to add to the loss (zero when no regularizer).
+        freeze_reports: the :class:`~mitigate.FreezeReport` of each freezing call.
+        regularizers: the consolidated regularizer modules.
+    """
+
+    optimizer: Optimizer
+    penalty: Callable[[], Tensor]
+    freeze_reports: list[Any] = field(default_factory=list)
+    regularizers: list[nn.Module] = field(default_factory=list)
+
+    def undo(self) -> None:
+        """Unfreeze what the plan froze (the optimizer wrapper and regularizers just stop being used)."""
+        for r in reversed(self.freeze_reports):
+            r.undo()
+
+
+class _Penalty:
+    """Sum of the regularizers' penalties; a zero scalar without any."""
+
+    def __init__(self, regs: list[nn.Module], device: torch.device) -> None:
+        self.regs, self.device = regs, device
+
+    def __call__(self) -> Tensor:
+        if not self.regs:
+            return torch.zeros((), device=self.device)
+        total = self.regs[0].reg() if hasattr(self.regs[0], "reg") else self.regs[0]()
+        for r in self.regs[1:]:
+            total = total + (r.reg() if hasattr(r, "reg") else r())
+        return total
+
+
+@dataclass
+class MitigationPlan:
+    """A readable, JSON-able, applicable mitigation plan (see the module docstring for the rules).
+
+    Attributes:
+        freeze_bottom: bottom blocks to freeze (with the embeddings when ``freeze_embeddings``).
+        freeze_embeddings: freeze the embeddings with them.
+        freeze_heads: ``{layer: [head, ...]}`` whose Q/K to freeze (layers above ``freeze_bottom``).
+        lrcp_targets: module names protected with LRCP (on the old task's input subspaces).
+        curvature: add the curvature regularizer; ``curvature_strength`` its strength.
+        forecast: forgetting forecast from the early gradient cosine.
+        reasons: why, with the numbers.
+        diagnosis: the measurements.
+        policy: the thresholds used.
+        old_batches, loss_fn: kept (by reference) so :meth:`apply` can consolidate the old task.
+    """
+
+    freeze_bottom: int
+    freeze_embeddings: bool
+    freeze_heads: dict[int, list[int]]
+    lrcp_targets: list[str]
+    curvature: bool
+    curvature_strength: float
+    forecast: Forecast
+    reasons: list[str]
+    diagnosis: Diagnosis
+    policy: PlanPolicy
+    old_batches: Sequence[Batch] = field(default_factory=list, repr=False, compare=False)
+    loss_fn: LossFn | None = field(default=None, repr=False, compare=False)
+
+    # ------------------------------------------------------------------ views
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python (JSON-able) form, without the stored batches and loss function."""
+        d = self.diagnosis
+        clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
+        diag = asdict(d)
+        diag["layer_cosine"] = [clean(v) for v in d.layer_cosine]
+        diag["head_cosine"] = [[clean(v) for v in row] for row in d.head_cosine]
+        diag["cka"] = [clean(v) for v in d.cka]
+        diag["probe_loss"] = list(d.probe_loss) if d.probe_loss else None
+        diag["lambda_ratio"] = d.lambda_ratio
+        out = {
+            "freeze_bottom": self.freeze_bottom,
+            "freeze_embeddings": self.freeze_embeddings,
+            "freeze_heads": {str(k): list(v) for k, v in sorted(self.freeze_heads.items())},
+            "lrcp_targets": list(self.lrcp_targets),
+            "curvature": self.curvature,
+            "curvature_strength": self.curvature_strength,
+            "forecast": asdict(self.forecast),
+            "reasons": list(self.reasons),
+            "diagnosis": diag,
+            "policy": asdict(self.policy),
+        }
+        json.dumps(out)  # fail here, not in the user's json.dump
+        return out
+
+    def __str__(self) -> str:
+        d, f = self.diagnosis, self.forecast
+        fmt = lambda v: "  n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:+.2f}"  # noqa: E731
+        lines = [
+            f"MitigationPlan for {d.model_type} ({d.num_layers} blocks × {d.n_heads} heads); probe: "
+            f"{d.probe_steps} AdamW steps at lr {d.probe_lr:g}"
+            + (f", new-task loss {d.probe_loss[0]:.3f} → {d.probe_loss[1]:.3f}" if d.probe_loss else ""),
+            f"  forecast forgetting {f.expected_forgetting:.2f}  [{f.low:.2f}, {f.high:.2f}] ({int(f.level * 100)}%)"
+            f" at early gradient cosine {f.cosine:+.3f}",
+            f"    basis: {f.basis}",
+            "",
+            f"  {'action':<24}{'setting'}",
+            f"  {'freeze bottom blocks':<24}{self.freeze_bottom}" + (" + embeddings" if self.freeze_bottom and self.freeze_embeddings else ""),
+            f"  {'freeze Q/K of heads':<24}" + (", ".join(f"L{l}: {hs}" for l, hs in sorted(self.freeze_heads.items())) or "none"),
+            f"  {'LRCP':<24}" + (f"{len(self.lrcp_targets)} modules" if self.lrcp_targets else "none"),
+        ]
+        lines += [f"  {'':<24}{n}" for n in self.lrcp_targets]
+        lam = d.lambda_ratio
+        lines.append(
+            f"  {'curvature regularizer':<24}" + (f"strength {self.curvature_strength:g}" if self.curvature else "no")
+            + (f"  (λ_max {d.lambda_before:.3g} → {d.lambda_after:.3g}, ratio {lam:.2f})" if lam is not None else "")
+        )
+        lines += ["", f"  {'block':<7}{'grad cos':>9}{'CKA':>7}{'max ΔH bits':>13}{'max z':>8}  action"]
+        for i in range(d.num_layers):
+            act = []
+            if i < self.freeze_bottom:
+                act.append("frozen")
+            if i in self.freeze_heads:
+                act.append(f"freeze Q/K heads {self.freeze_heads[i]}")
+            if any(_layer_of(n, i) for n in self.lrcp_targets):
+                act.append("LRCP")
+            ent = max(d.entropy_change[i]) if d.entropy_change[i] else float("nan")
+            wz = max(d.weight_z[i]) if d.weight_z[i] else float("nan")
+            cka = d.cka[i]
+            lines.append(
+                f"  {i:<7}{fmt(d.layer_cosine[i]):>9}{(f'{cka:.3f}' if math.isfinite(cka) else 'n/a'):>7}"
+                f"{ent:>13.2f}{wz:>8.2f}  {', '.join(act) or '-'}"
+            )
+        lines += ["", "  reasons:"] + [f"    - {r}" for r in self.reasons]
+        if d.notes:
+            lines += ["  notes:"] + [f"    - {n}" for n in d.notes]
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ apply
+    def apply(self, model: nn.Module, optimizer: Optimizer) -> AppliedPlan:
+        """Freeze, wrap and consolidate as planned, on the old task's stored batches.
+
+        Order: freeze the bottom blocks (+ embeddings), freeze the chosen heads' Q/K, wrap the
+        optimizer in :class:`~mitigate.LowRankCircuitProjection` over ``lrcp_targets`` and
+        ``remember`` the old task, build and ``consolidate`` the curvature regularizer.
+
+        Args:
+            model: the model the plan was made for (same module names).
+            optimizer: the optimizer you will train the new task with (over ``model``'s params).
+
+        Returns:
+            :class:`AppliedPlan` — train with ``applied.optimizer`` and add ``applied.penalty()``
+            to the loss.
+        """
+        from mitigate.freezing import freeze_attention_qk, freeze_bottom_layers
+
+        reports = []
+        if self.freeze_bottom > 0:
+            reports.append(freeze_bottom_layers(model, self.freeze_bottom, embeddings=self.freeze_embeddings))
+        if self.freeze_heads:
+            reports.append(freeze_attention_qk(model, heads={int(k): list(v) for k, v in self.freeze_heads.items()}))
+        opt: Optimizer = optimizer
+        if self.lrcp_targets:
+            from mitigate.optim.lrcp import LowRankCircuitProjection
+
+            opt = LowRankCircuitProjection(
+                optimizer, model, targets=list(self.lrcp_targets), energy=self.policy.lrcp_energy,
+                max_rank=self.policy.lrcp_max_rank,
+            )
+            opt.remember(model, self.old_batches, self.loss_fn)
+        regs: list[nn.Module] = []
+        if self.curvature:
+            import mitigate
+
+            reg = mitigate.CurvatureRegularizer(model, strength=self.curvature_strength, k=self.policy.curvature_k)
+            reg.consolidate(self.old_batches, self.loss_fn)
+            regs.append(reg)
+        return AppliedPlan(optimizer=opt, penalty=_Penalty(regs, model_device(model)), freeze_reports=reports, regularizers=regs)
+
+
+def _layer_of(name: str, layer: int) -> bool:
+    parts = name.split(".")
+    return any(p == str(layer) and i > 0 for i, p in enumerate(parts))
+
+
+# ----------------------------------------------------------------------------- decide
+
+
+def decide(diagnosis: Diagnosis, model: nn.Module, policy: PlanPolicy | None = None) -> dict[str, Any]:
+    """Apply the rules of :class:`PlanPolicy` to a :class:`Diagnosis` (pure: no model call but
+    :func:`mitigate.model_map` for module names).
+
+    Returns:
+        ``{"freeze_bottom", "freeze_embeddings", "freeze_heads", "lrcp_targets", "curvature",
+        "curvature_strength", "reasons"}``.
+    """
+    from mitigate.architectures import model_map
+    from mitigate.optim.lrcp import _candidates
+
+    p = policy or PlanPolicy()
+    d = diagnosis
+    L, H = d.num_layers, d.n_heads
+    reasons: list[str] = []
+    finite = lambda v: v is not None and isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
+
+    # ---- heads: disrupted or conflicting (mechanism 1)
+    def flagged(zs: list[list[float]], layers: range) -> dict[tuple[int, int], tuple[float, str]]:
+        out: dict[tuple[int, int], tuple[float, str]] = {}
+        for l in layers:
+            for h in range(H):
+                ent, z, cos = d.entropy_change[l][h], zs[l][h], d.head_cosine[l][h]
+                parts = []
+                if finite(ent) and ent > p.entropy_increase_bits:
+                    parts.append(f"attention entropy +{ent:.2f} bits > {p.entropy_increase_bits}")
+                if finite(z) and z > p.weight_z:
+                    parts.append(f"Q/K weight-change z {z:.2f} > {p.weight_z}")
+                if finite(cos) and cos < p.head_conflict_cosine and finite(z) and z > p.conflict_z:
+                    parts.append(f"Q/K gradient cosine {cos:+.2f} < {p.head_conflict_cosine} and z {z:.2f} > {p.conflict_z}")
+                if parts:
+                    sev = max(
+                        ent / p.entropy_increase_bits if finite(ent) and p.entropy_increase_bits else 0.0,
+                        z / p.weight_z if finite(z) and p.weight_z else 0.0,
+                    )
+                    out[(l, h)] = (sev, "; ".join(parts))
+        return out
+
+    whole = flagged(d.weight_z, range(L))
+
+    # ---- bottom blocks (spurious forgetting)
+    cap = max(0, min(L - 1, int(math.floor(p.max_freeze_bottom_fraction * L))))
+    n = min(p.min_freeze_bottom, cap)
+    if n:
+        reasons.append(
+            f"freeze the bottom {n} block(s)" + (" + embeddings" if p.freeze_embeddings else "")
+            + f": task alignment lives in the bottom layers (spurious-forgetting study; policy.min_freeze_bottom={p.min_freeze_bottom})"
+        )
+    if finite(d.global_cosine) and d.global_cosine > p.similar_task_cosine and min(p.similar_task_freeze_bottom, cap) > n:
+        n = min(p.similar_task_freeze_bottom, cap)
+        reasons.append(f"tasks are similar (global gradient cosine {d.global_cosine:+.3f} > {p.similar_task_cosine}): freeze {n} bottom blocks (similar formats benefit from more)")
+    while n < cap:
+        frac = sum(1 for (l, _h) in whole if l == n) / H
+        if frac == 0 or frac < p.bottom_head_fraction:
+            break
+        reasons.append(f"block {n}: {frac:.0%} of its heads disrupted (≥ {p.bottom_head_fraction:.0%}): freeze it with the bottom blocks")
+        n += 1
+    covered = sorted(k for k in whole if k[0] < n)
+    if covered:
+        reasons.append(f"heads {covered} (block, head) are flagged but inside the frozen bottom blocks")
+
+    # ---- heads above the frozen blocks: weight z re-scored among the heads that will train
+    zs = d.weight_z
+    dist = [v for l in range(n, L) for v in d.weight_distance[l]]
+    if n > 0 and dist and all(finite(v) for v in dist):
+        t = torch.tensor(dist, dtype=torch.float64)
+        std = float(t.std(unbiased=False))
+        zt = ((t - t.mean()) / std if std > 0 else torch.zeros_like(t)).view(L - n, H).tolist()
+        zs = [[0.0] * H for _ in range(n)] + zt
+    above = flagged(zs, range(n, L))
+    order = sorted(above, key=lambda k: -above[k][0])
+    budget = int(math.floor(p.max_frozen_head_fraction * H * (L - n)))
+    chosen, dropped = order[:budget], order[budget:]
+    freeze_heads: dict[int, list[int]] = {}
+    for l, h in sorted(chosen):
+        freeze_heads.setdefault(l, []).append(h)
+        reasons.append(f"freeze Q/K of head {h} in block {l}: {above[(l, h)][1]}" + (f" (z among blocks ≥ {n})" if n else ""))
+    if dropped:
+        reasons.append(f"{len(dropped)} less severe flagged heads not frozen (cap policy.max_frozen_head_fraction={p.max_frozen_head_fraction}): {sorted(dropped)}")
+
+    # ---- LRCP on drifting blocks (mechanism 2)
+    lrcp: list[str] = []
+    mm = model_map(model)
+    cands = _candidates(model)
+    for b in mm.blocks:
+        i = b.index
+        if i < n or i >= L:
+            continue
+        cka = d.cka[i]
+        if not finite(cka) or 1.0 - cka < p.cka_drop_lrcp:
+            continue
+        mods = [c for pre in mm.mlp_module_names(b) for c in cands if c.startswith(pre + ".")]
+        what = "FFN"
+        if finite(d.global_cosine) and d.global_cosine < p.global_conflict_cosine:
+            for att in mm.attention(b):
+                mods += [s.module_name for s in (att.q, att.k, att.v, att.o)]
+            what = "FFN + attention (strong interference)"
+        mods = [m for m in dict.fromkeys(mods) if m in cands]
+        if mods:
+            lrcp += mods
+            reasons.append(f"LRCP on block {i} {what}: CKA drop {1 - cka:.3f} ≥ {p.cka_drop_lrcp} on old-task inputs after the probe")
+    lrcp = list(dict.fromkeys(lrcp))
+
+    # ---- curvature (mechanism 3)
+    ratio = d.lambda_ratio
+    curvature = ratio is not None and ratio < p.lambda_ratio
+    if curvature:
+        reasons.append(f"curvature protection: old-task λ_max {d.lambda_before:.3g} → {d.lambda_after:.3g} (ratio {ratio:.2f} < {p.lambda_ratio}): the landscape is flattening")
+    elif ratio is None and p.compute_curvature:
+        reasons.append("no curvature decision: λ_max unavailable (see notes)")
+    if not (freeze_heads or lrcp or curvature) and n == 0:
+        reasons.append("no mechanism crossed its threshold: train as usual")
+    return {
+        "freeze_bottom": n,
+        "freeze_embeddings": p.freeze_embeddings and (n > 0),
+        "freeze_heads": freeze_heads,
+        "lrcp_targets": lrcp,
+        "curvature": curvature,
+        "curvature_strength": p.curvature_strength if curvature else 0.0,
+        "reasons": reasons,
+    }
+
+
+def plan(
+    model: nn.Module,
+    old_batches: Iterable[Batch],
+    new_batches: Iterable[Batch],
+    loss_fn: LossFn | None = None,
+    *,
+    probe_steps: int = 20,
+    lr: float = 1e-4,
+    weight_decay: float = 0.0,
+    policy: PlanPolicy | None = None,
+    calibration: Sequence[tuple[float, float]] | None = None,
+    seed: int = 0,
+) -> MitigationPlan:
+    """Diagnose forgetting with a short probe of the new task and plan the mitigation.
+
+    Runs :func:`diagnose` (gradient alignment, a ``probe_steps``-step AdamW probe on a deep copy,
+    disrupted heads, CKA drift, λ_max before/after), applies the rules of ``policy`` (see the
+    module docstring) and forecasts forgetting from the early gradient cosine
+    (:func:`forecast_forgetting`). ``model`` is not modified (modes and ``.grad`` restored); the
+    deep copy needs one extra model and its AdamW state in memory for the probe.
+
+    Args:
+        model: the model as trained on the old task (eager attention for λ_max and entropies).
+        old_batches: old-task batches (kept by reference for :meth:`MitigationPlan.apply`).
+        new_batches: a few new-task batches for the probe and the gradient alignment.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` for both tasks; default ``model(**batch).loss``.
+        probe_steps: AdamW steps of the probe.
+        lr: probe learning rate (use the new task's).
+        weight_decay: probe weight decay.
+        policy: decision thresholds (:class:`PlanPolicy`).
+        calibration: ``[(early cosine, forgetting), ...]`` to fit the forecast (else the prior).
+        seed: seeds the probe, λ_max and the forecast bootstrap.
+
+    Returns:
+        :class:`MitigationPlan` (``print(plan)`` for the table, ``plan.to_dict()`` for JSON,
+        ``plan.apply(model, optimizer)`` to act on it).
+
+    Raises:
+        ValueError: empty batches, bad probe settings or policy, a multi-stack model, or a bad
+            calibration set.
+    """
+    policy = policy or PlanPolicy()
+    old_batches = list(old_batches)
+    new_batches = list(new_batches)
+    diag = diagnose(model, old_batches, new_batches, loss_fn, probe_steps=probe_steps, lr=lr, weight_decay=weight_decay, policy=policy, seed=seed)
+    dec = decide(diag, model, policy)
+    forecast = forecast_forgetting(diag.global_cosine if math.isfinite(diag.global_cosine) else 0.0, calibration, seed=seed)
+    return MitigationPlan(forecast=forecast, diagnosis=diag, policy=policy, old_batches=old_batches, loss_fn=loss_fn, **dec)

@@ -1,0 +1,278 @@
+"""mitigate.plan: the rules, the forecast, the constructed one-disrupted-head case, and apply()."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import mitigate
+from mitigate.optim.lrcp import LowRankCircuitProjection
+from mitigate.planning import (
+    PRIOR_INTERCEPT,
+    PRIOR_SLOPE,
+    Diagnosis,
+    MitigationPlan,
+    PlanPolicy,
+    decide,
+    forecast_forgetting,
+    plan,
+)
+
+VOCAB = 64
+HEADS = 8
+
+
+def tiny_llama(layers: int = 2, seed: int = 0) -> nn.Module:
+    cfg = AutoConfig.for_model(
+        "llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+
+
+def batches(seed: int, *, labels: bool = True, n: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, VOCAB, (2, 8), generator=g)
+        b = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if labels:
+            b["labels"] = ids.clone()
+        out.append(b)
+    return out
+
+
+def one_head_task(layer: int, head: int):
+    """Old task: next-token LM loss (batches with labels). New task (batches without labels):
+    make head ``head`` of block ``layer`` attend to the first token. Its gradient reaches the
+    Q/K rows of exactly that head (plus embeddings/norms/lower blocks), so in the probe only that
+    head's Q/K weights move within its block: a one-hot weight-distance pattern."""
+
+    def loss_fn(model, batch):
+        if "labels" in batch:
+            return model(**batch).loss
+        att = model(**batch, output_attentions=True).attentions[layer][:, head]  # (B, T, T)
+        return -(att[..., 0] + 1e-6).log().mean()
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+def test_plan_picks_exactly_the_disrupted_head_and_leaves_the_model_alone():
+    model = tiny_llama()
+    model.train()
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    policy = PlanPolicy(min_freeze_bottom=0, compute_curvature=False)
+    p = plan(model, batches(1), batches(2, labels=False), one_head_task(0, 5), probe_steps=8, lr=1e-2, policy=policy)
+    assert p.freeze_heads == {0: [5]}
+    assert p.freeze_bottom == 0
+    # population z of a one-hot distance pattern over N = 16 heads: √(N − 1)
+    assert p.diagnosis.weight_z[0][5] == pytest.approx(math.sqrt(15), rel=1e-6)
+    assert any("head 5 in block 0" in r and "z 3.87" in r for r in p.reasons)
+    # no side effects on the model
+    assert model.training
+    for n, q in model.named_parameters():
+        assert torch.equal(q, w0[n]) and q.grad is None
+
+
+def test_plan_with_bottom_freeze_rescores_heads_above_it_and_apply_freezes_and_wraps():
+    model = tiny_llama()
+    old = batches(1)
+    loss_fn = one_head_task(1, 5)
+    p = plan(model, old, batches(2, labels=False), loss_fn, probe_steps=8, lr=1e-2, policy=PlanPolicy(compute_curvature=False, cka_drop_lrcp=0.0))
+    assert p.freeze_bottom == 1 and p.freeze_embeddings
+    assert p.freeze_heads == {1: [5]}  # z among block 1's 8 heads: one-hot → √7 > 2.5
+    assert p.lrcp_targets == [f"model.layers.1.mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")]
+    assert p.old_batches is not None and p.old_batches[0] is old[0]
+    text = str(p)
+    assert "freeze bottom blocks    1 + embeddings" in text and "L1: [5]" in text
+    d = json.loads(json.dumps(p.to_dict()))
+    assert d["freeze_heads"] == {"1": [5]} and d["freeze_bottom"] == 1
+
+    base = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    applied = p.apply(model, base)
+    assert isinstance(applied.optimizer, LowRankCircuitProjection)
+    assert applied.optimizer.optimizer is base
+    assert applied.optimizer.targets == p.lrcp_targets
+    assert all(s.rank > 0 and s.tasks == 1 for s in applied.optimizer.stats().values())
+    assert len(applied.freeze_reports) == 2 and applied.regularizers == []
+    assert not model.model.embed_tokens.weight.requires_grad
+    assert not any(q.requires_grad for q in model.model.layers[0].parameters())
+    pen = applied.penalty()
+    assert isinstance(pen, torch.Tensor) and pen.ndim == 0 and float(pen) == 0.0
+
+    qw = model.model.layers[1].self_attn.q_proj.weight
+    kw = model.model.layers[1].self_attn.k_proj.weight
+    q0, k0 = qw.detach().clone(), kw.detach().clone()
+    rows = slice(5 * 4, 6 * 4)  # head_dim 4
+    model.train()
+    for b in batches(3):
+        applied.optimizer.zero_grad()
+        (model(**b).loss + applied.penalty()).backward()
+        applied.optimizer.step()
+    assert torch.equal(qw[rows], q0[rows]) and torch.equal(kw[rows], k0[rows])
+    assert not torch.equal(qw, q0)  # the other heads trained
+    applied.undo()
+    assert model.model.embed_tokens.weight.requires_grad
+
+
+def test_apply_builds_and_consolidates_the_curvature_regularizer(monkeypatch):
+    calls = []
+
+    class FakeReg(nn.Module):
+        def __init__(self, model, *, strength, k):
+            super().__init__()
+            calls.append(("init", strength, k))
+            self.w = next(model.parameters())
+
+        def consolidate(self, batches, loss_fn=None):
+            calls.append(("consolidate", len(batches), loss_fn))
+
+        def reg(self):
+            return self.w.sum() * 0 + 2.5
+
+    monkeypatch.setitem(vars(mitigate), "CurvatureRegularizer", FakeReg)  # bypass the lazy import
+    model = tiny_llama()
+    d = _diag(2, lam=(10.0, 4.0))
+    old = batches(1)
+    dec = decide(d, model, PlanPolicy(min_freeze_bottom=0, curvature_strength=3.0, curvature_k=2))
+    assert dec["curvature"] and dec["curvature_strength"] == 3.0
+    p = MitigationPlan(forecast=forecast_forgetting(0.0), diagnosis=d, policy=PlanPolicy(curvature_k=2), old_batches=old, loss_fn=None, **dec)
+    applied = p.apply(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert calls == [("init", 3.0, 2), ("consolidate", 2, None)]
+    assert float(applied.penalty()) == 2.5 and len(applied.regularizers) == 1
+
+
+@pytest.mark.slow
+def test_plan_measures_lambda_max_before_and_after_the_probe():
+    model = tiny_llama(layers=1)
+    policy = PlanPolicy(lambda_max_iter=8, lambda_tol=0.1, diagnostic_batches=1)
+    p = plan(model, batches(1, n=1), batches(2, n=1), probe_steps=3, lr=1e-2, policy=policy)
+    d = p.diagnosis
+    assert d.lambda_before is not None and d.lambda_after is not None and d.lambda_before > 0
+    assert p.curvature == (d.lambda_after / d.lambda_before < policy.lambda_ratio)
+
+
+def test_plan_input_errors():
+    model = tiny_llama(layers=1)
+    with pytest.raises(ValueError, match="non-empty"):
+        plan(model, [], batches(2))
+    with pytest.raises(ValueError, match="probe_steps"):
+        plan(model, batches(1), batches(2), probe_steps=0)
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        PlanPolicy(cka_drop_lrcp=1.5)
+    with pytest.raises(ValueError, match="cosine"):
+        PlanPolicy(head_conflict_cosine=-2.0)
+
+
+# ---------------------------------------------------------------------------- the rules
+
+
+def _diag(L: int, *, gcos: float = 0.0, cka=None, lam=(None, None), H: int = HEADS) -> Diagnosis:
+    z = [[0.0] * H for _ in range(L)]
+    return Diagnosis(
+        model_type="llama", num_layers=L, n_heads=H, global_cosine=gcos, layer_cosine=[0.0] * L,
+        head_cosine=[[0.0] * H for _ in range(L)], entropy_change=[[0.0] * H for _ in range(L)],
+        weight_z=z, weight_distance=[[1.0] * H for _ in range(L)], cka=list(cka or [1.0] * L),
+        lambda_before=lam[0], lambda_after=lam[1],
+    )
+
+
+def test_rule_similar_tasks_freeze_more_bottom_blocks_within_the_cap():
+    model = tiny_llama(layers=4)
+    assert decide(_diag(4, gcos=0.1), model)["freeze_bottom"] == 1
+    dec = decide(_diag(4, gcos=0.6), model)
+    assert dec["freeze_bottom"] == 2 and dec["freeze_embeddings"]
+    assert any("similar" in r and "+0.600" in r for r in dec["reasons"])
+    capped = decide(_diag(4, gcos=0.6), model, PlanPolicy(similar_task_freeze_bottom=4))
+    assert capped["freeze_bottom"] == 2  # ⌊0.5 · 4⌋
+    assert decide(_diag(4), model, PlanPolicy(min_freeze_bottom=0))["freeze_bottom"] == 0
+
+
+def test_rule_bottom_blocks_with_many_disrupted_heads_are_frozen_whole():
+    model = tiny_llama(layers=4)
+    d = _diag(4)
+    d.entropy_change[0][1] = d.entropy_change[0][2] = 2.0  # 25% of block 0
+    d.entropy_change[1][3] = 2.0  # 12.5% of block 1: below 15%
+    dec = decide(d, model, PlanPolicy(min_freeze_bottom=0))
+    assert dec["freeze_bottom"] == 1
+    assert dec["freeze_heads"] == {1: [3]}
+    assert any("(0, 1)" in r and "frozen bottom" in r for r in dec["reasons"])
+
+
+def test_rule_heads_conflict_needs_motion_and_cap_keeps_the_most_severe():
+    model = tiny_llama(layers=2)
+    d = _diag(2)
+    d.head_cosine[1][0], d.weight_z[1][0] = -0.5, 1.5  # conflicting and moved: frozen
+    d.head_cosine[1][1], d.weight_z[1][1] = -0.5, 0.5  # conflicting, did not move: kept
+    d.head_cosine[1][2], d.weight_z[1][2] = +0.5, 3.0  # moved a lot (z > 2.5): frozen
+    pol = PlanPolicy(min_freeze_bottom=0)
+    dec = decide(d, model, pol)
+    assert dec["freeze_heads"] == {1: [0, 2]}
+    few = decide(d, model, dataclasses.replace(pol, max_frozen_head_fraction=1 / 16))  # budget 1
+    assert few["freeze_heads"] == {1: [2]}
+    assert any("not frozen" in r for r in few["reasons"])
+
+
+def test_rule_lrcp_on_drifting_unfrozen_blocks_and_attention_under_strong_conflict():
+    model = tiny_llama(layers=4)
+    dec = decide(_diag(4, cka=[0.5, 0.99, 0.9, 0.97]), model)
+    assert dec["freeze_bottom"] == 1  # block 0 is frozen: its drift needs no LRCP
+    assert dec["lrcp_targets"] == [f"model.layers.2.mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")]
+    strong = decide(_diag(4, gcos=-0.5, cka=[0.5, 0.99, 0.9, 0.97]), model)
+    assert "model.layers.2.self_attn.q_proj" in strong["lrcp_targets"] and len(strong["lrcp_targets"]) == 7
+
+
+def test_rule_curvature_on_flattening_only():
+    model = tiny_llama(layers=2)
+    assert decide(_diag(2, lam=(10.0, 7.0)), model)["curvature"]
+    assert not decide(_diag(2, lam=(10.0, 9.0)), model)["curvature"]
+    dec = decide(_diag(2), model)
+    assert not dec["curvature"] and any("λ_max unavailable" in r for r in dec["reasons"])
+
+
+# ---------------------------------------------------------------------------- forecast
+
+
+def test_prior_forecast_encodes_the_seed_and_says_it_is_a_prior():
+    lo, hi = forecast_forgetting(0.2), forecast_forgetting(-0.3)
+    assert hi.expected_forgetting / lo.expected_forgetting == pytest.approx(2.4, rel=0.01)
+    assert lo.expected_forgetting == pytest.approx(PRIOR_INTERCEPT + PRIOR_SLOPE * 0.2)
+    assert lo.low < lo.expected_forgetting < lo.high
+    assert "prior" in lo.basis and "not a measurement" in lo.basis
+    assert forecast_forgetting(1.0).expected_forgetting == 0.0  # clipped to [0, 1]
+
+
+def test_calibrated_forecast_fits_the_line_with_a_bootstrap_interval():
+    exact = [(c, 0.3 - 0.5 * c) for c in (-0.5, -0.2, 0.0, 0.3, 0.6)]
+    f = forecast_forgetting(0.1, exact)
+    assert f.expected_forgetting == pytest.approx(0.25, abs=1e-12)
+    assert f.low == pytest.approx(0.25, abs=1e-9) and f.high == pytest.approx(0.25, abs=1e-9)
+
+    g = torch.Generator().manual_seed(0)
+    xs = torch.rand(40, generator=g) * 2 - 1
+    ys = 0.2 - 0.4 * xs + 0.05 * torch.randn(40, generator=g)
+    f = forecast_forgetting(0.0, list(zip(xs.tolist(), ys.tolist())), seed=1)
+    assert f.low < 0.2 < f.high
+    assert 0.08 < f.high - f.low < 0.3  # ≈ 2 · 1.645 · 0.05
+    assert "fit on 40" in f.basis
+    assert forecast_forgetting(0.0, list(zip(xs.tolist(), ys.tolist())), seed=1) == f  # seeded
+
+
+def test_forecast_errors():
+    with pytest.raises(ValueError, match="at least 3"):
+        forecast_forgetting(0.0, [(0.1, 0.2), (0.2, 0.1)])
+    with pytest.raises(ValueError, match="distinct"):
+        forecast_forgetting(0.0, [(0.1, 0.2), (0.1, 0.1), (0.1, 0.3)])
+    with pytest.raises(ValueError, match="finite"):
+        forecast_forgetting(float("nan"))
