@@ -66,6 +66,7 @@ def build_model(cfg: BenchConfig) -> torch.nn.Module:
     conf = GPT2Config(
         n_layer=cfg.layers, n_embd=cfg.hidden, n_head=cfg.heads, n_positions=cfg.seq,
         vocab_size=cfg.vocab, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=0, eos_token_id=0,
     )
     return GPT2LMHeadModel(conf).to(cfg.device)
 

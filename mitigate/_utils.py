@@ -206,3 +206,60 @@ def local_tensor(t: Tensor) -> Tensor:
     """The local shard of a DTensor (FSDP2), or ``t`` itself."""
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
+
+
+# ---------------------------------------------------------------- per-parameter stored state
+
+
+def buffer_key(prefix: str, param_name: str) -> str:
+    """Buffer name for state stored per parameter: ``prefix + name`` with ``.`` -> ``__``
+    (``register_buffer`` refuses dots)."""
+    return prefix + param_name.replace(".", "__")
+
+
+def live_parameters(
+    model: nn.Module, shapes: Mapping[str, Sequence[int]], what: str
+) -> list[nn.Parameter]:
+    """The model's parameters named in ``shapes`` (``named_parameters()`` names), in that order,
+    after checking that each still exists with the recorded shape.
+
+    Raises:
+        StateMismatchError: naming every parameter that is missing or changed shape.
+    """
+    from mitigate.errors import StateMismatchError
+
+    named = dict(model.named_parameters())
+    missing = [n for n in shapes if n not in named]
+    changed = [
+        f"{n} {tuple(shapes[n])} -> {tuple(named[n].shape)}"
+        for n in shapes
+        if n in named and tuple(named[n].shape) != tuple(shapes[n])
+    ]
+    if missing or changed:
+        parts = []
+        if missing:
+            parts.append(f"missing parameters {missing}")
+        if changed:
+            parts.append(f"parameters that changed shape {changed}")
+        raise StateMismatchError(
+            f"{what} no longer matches the model: " + "; ".join(parts)
+            + ". Consolidate again on the current model (or restore the original architecture)."
+        )
+    return [named[n] for n in shapes]
+
+
+def adopt_state_dict_buffers(
+    module: nn.Module, state_dict: Mapping[str, Any], prefix: str, device: torch.device | None
+) -> None:
+    """Before ``load_state_dict``: drop ``module``'s own buffers and register one placeholder per
+    tensor entry of ``state_dict`` under ``prefix`` (so a fresh module can load saved state whose
+    buffers it does not have yet). Non-tensor entries and ``_extra_state`` are skipped."""
+    for name in list(module._buffers):
+        del module._buffers[name]
+    for key, value in state_dict.items():
+        if not key.startswith(prefix) or not isinstance(value, Tensor):
+            continue
+        rest = key[len(prefix):]
+        if "." in rest or rest == "_extra_state":
+            continue
+        module.register_buffer(rest, torch.empty_like(value, device=device or value.device))

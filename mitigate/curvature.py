@@ -53,6 +53,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp
+from torch.overrides import TorchFunctionMode
 
 from mitigate._utils import (
     Batch,
@@ -77,6 +78,7 @@ __all__ = [
     "as_batch_list",
     "check_attention_kernel",
     "differentiable_hvp",
+    "functional_loss",
     "hessian_eigenvalues",
     "hutchinson_trace",
     "hvp",
@@ -245,6 +247,34 @@ class _LossModule(nn.Module):
         return self.loss_fn(self.m, batch)
 
 
+def functional_loss(
+    model: nn.Module, loss_fn: LossFn | None = None
+) -> Callable[[dict[str, Tensor], Batch], Tensor]:
+    """Pure function of parameters and batch: ``g(θ, batch) = loss_fn(model_θ, batch)``.
+
+    Parameters absent from the dict keep the module's own values. Tied weights are written to
+    every alias (``functional_call(..., tie_weights=True)``), so pass each tied weight once,
+    under its ``named_parameters()`` name. Usable under ``torch.func`` transforms (``grad``,
+    ``jvp``, ``vmap`` over the batch).
+
+    Args:
+        model: the module (DDP is unwrapped).
+        loss_fn: ``loss_fn(model, batch) -> scalar``; ``None`` means ``model(**batch).loss``.
+
+    Returns:
+        ``g(params: dict[str, Tensor], batch) -> Tensor`` (0-d).
+    """
+    wrapper = _LossModule(unwrap_model(model), resolve_loss_fn(loss_fn))
+
+    def g(params: dict[str, Tensor], batch: Batch) -> Tensor:
+        loss = functional_call(wrapper, {"m." + n: t for n, t in params.items()}, (batch,))
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError("loss_fn must return a scalar tensor")
+        return loss.reshape(())
+
+    return g
+
+
 def make_loss_of_params(
     model: nn.Module,
     batch: Batch,
@@ -253,9 +283,7 @@ def make_loss_of_params(
 ) -> Callable[[dict[str, Tensor]], Tensor]:
     """Pure function of (a subset of) the parameters: ``f(θ) = loss_fn(model_θ, batch)``.
 
-    Parameters absent from the dict keep the module's own values. Tied weights are written to
-    every alias (``functional_call(..., tie_weights=True)``), so pass each tied weight once,
-    under its ``named_parameters()`` name.
+    See :func:`functional_loss` (tied weights, untouched parameters).
 
     Args:
         model: the module (DDP is unwrapped).
@@ -269,7 +297,7 @@ def make_loss_of_params(
     Raises:
         ValueError: (when ``f`` is called) for keys other than ``names``.
     """
-    wrapper = _LossModule(unwrap_model(model), resolve_loss_fn(loss_fn))
+    g = functional_loss(model, loss_fn)
     expected = None if names is None else set(names)
 
     def f(params: dict[str, Tensor]) -> Tensor:
@@ -278,10 +306,7 @@ def make_loss_of_params(
                 f"make_loss_of_params: got parameters {sorted(set(params) ^ expected)} "
                 "that differ from the `names` it was built for"
             )
-        loss = functional_call(wrapper, {"m." + n: t for n, t in params.items()}, (batch,))
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise ValueError("loss_fn must return a scalar tensor")
-        return loss.reshape(())
+        return g(params, batch)
 
     return f
 
@@ -706,6 +731,40 @@ def hutchinson_trace(
 # ---------------------------------------------------------------------------------- differentiable
 
 
+class _CompositeNorms(TorchFunctionMode):
+    """Route ``F.layer_norm`` through elementary ops while active.
+
+    PyTorch's fused ``native_layer_norm`` has correct first and second derivatives, but the
+    derivative of its double-backward formula (third order) is wrong (a ``gradgradcheck`` of
+    ``∇ LN`` fails), which silently corrupts the gradient of any penalty built on an HVP through
+    a LayerNorm (GPT-2, BERT, OPT, ...). The composite ``(x − μ)/√(σ² + ε)·w + b`` is exact at every
+    order. The mode is thread-local and scoped to the penalty's forward pass.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.layer_norm:
+            return _layer_norm_composite(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _layer_norm_composite(
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    dims = tuple(range(-len(normalized_shape), 0))
+    centred = input - input.mean(dims, keepdim=True)
+    out = centred * torch.rsqrt(centred.pow(2).mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
 def differentiable_hvp(
     model: nn.Module,
     batch: Batch,
@@ -716,8 +775,12 @@ def differentiable_hvp(
     """``H(θ) vᵢ`` at the live parameters, *with* graph (``create_graph=True``): the results are
     differentiable w.r.t. the parameters, so penalties built on them train (third order).
 
-    Reverse-over-reverse on the live graph: ``g = ∇L(θ)`` with graph, then
-    ``H vᵢ = ∇⟨g, vᵢ⟩``. The model runs in its current mode (the caller decides train/eval).
+    Reverse-over-reverse on the live graph: ``g = ∇L(θ)`` with graph, then all
+    ``H vᵢ = ∇⟨g, vᵢ⟩`` in one batched backward (``is_grads_batched``; a loop where vmap fails).
+    This measured faster than forward-over-reverse (``jvp(grad)``) or forward-over-forward once
+    the third-order backward is counted. LayerNorm runs as composite ops (see
+    :class:`_CompositeNorms`) so the third derivative is right. The model runs in its current
+    mode (the caller decides train/eval).
 
     Args:
         model: the model (DDP unwrapped).
@@ -735,12 +798,25 @@ def differentiable_hvp(
     model = unwrap_model(model)
     check_attention_kernel(model)
     plist = _param_list(model, params)
-    loss = resolve_loss_fn(loss_fn)(model, batch)
+    vecs = [[t.to(p.dtype) for t, p in zip(v, plist, strict=True)] for v in vectors]
     try:
+        with _CompositeNorms():
+            loss = resolve_loss_fn(loss_fn)(model, batch)
         g = torch.autograd.grad(loss, plist, create_graph=True)
+        if len(vecs) > 1:
+            try:
+                stacked = [torch.stack([v[j] for v in vecs]) for j in range(len(plist))]
+                hv = torch.autograd.grad(
+                    g, plist, grad_outputs=stacked, create_graph=True, is_grads_batched=True
+                )
+                return [[t[i] for t in hv] for i in range(len(vecs))]
+            except RuntimeError as err:  # an op without a batching rule: loop instead
+                if _is_missing_derivative(err) and "vmap" not in str(err):
+                    raise
+                logger.debug("batched HVP failed (%s); looping", str(err).splitlines()[0])
         out = []
-        for v in vectors:
-            s = flat_dot(g, [t.to(p.dtype) for t, p in zip(v, plist, strict=True)])
+        for v in vecs:
+            s = flat_dot(g, v)
             out.append(list(torch.autograd.grad(s, plist, create_graph=True, retain_graph=True)))
     except (RuntimeError, NotImplementedError) as err:
         if _is_missing_derivative(err):

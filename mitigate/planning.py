@@ -14,8 +14,10 @@ and turn the numbers into a plan you can read, save and apply.
    (:func:`~mitigate.curvature.hessian_eigenvalues`; skipped, with a reason, where the attention
    kernel has no double backward);
 
-then applies the rules of :class:`PlanPolicy` (all thresholds in one place) and forecasts
-forgetting from the early gradient alignment (:func:`forecast_forgetting`).
+then applies the rules of :class:`PlanPolicy` (all thresholds in one place), **verifies** the
+candidate plans the rules propose by probing each on a copy (``PlanPolicy.verify``: the one that
+loses the least old-task loss at ≥ 90% of the unmitigated new-task progress wins, simplest on
+ties) and forecasts forgetting from the early gradient alignment (:func:`forecast_forgetting`).
 
 The rules, in order (``L`` blocks, ``H`` heads per block):
 
@@ -96,6 +98,14 @@ class PlanPolicy:
         curvature_strength, curvature_k: :class:`~mitigate.CurvatureRegularizer` settings.
         compute_curvature: measure λ_max at all (two Lanczos runs; needs eager attention).
         lambda_max_iter, lambda_tol: Lanczos budget and relative tolerance for λ_max.
+        verify: probe each candidate plan (every bottom-freeze depth from ``min_freeze_bottom``
+            to the cap, each with and without the head/LRCP protections) on a copy and keep the
+            one that loses the least old-task loss while keeping at least ``min_plasticity`` of
+            the unmitigated probe's new-task loss decrease; candidates within
+            ``verify_tolerance`` (a fraction of the unmitigated old-loss increase) of the best
+            count as ties and the simplest wins (fewest frozen blocks, then freeze-only). The
+            rules above then only propose; the probe decides.
+        min_plasticity, verify_tolerance: see ``verify``.
         diagnostic_batches: at most this many old/new batches feed the diagnostics (``None``:
             all); the probe cycles over all new batches and :meth:`MitigationPlan.apply` uses
             all old batches.
@@ -123,6 +133,9 @@ class PlanPolicy:
     lambda_max_iter: int = 30
     lambda_tol: float = 1e-2
     diagnostic_batches: int | None = 4
+    verify: bool = True
+    min_plasticity: float = 0.9
+    verify_tolerance: float = 0.05
 
     def __post_init__(self) -> None:
         for name in ("entropy_increase_bits", "weight_z", "conflict_z", "curvature_strength"):
@@ -131,7 +144,7 @@ class PlanPolicy:
         for name in ("head_conflict_cosine", "similar_task_cosine", "global_conflict_cosine"):
             if not -1.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)!r} is a cosine: pass a value in [-1, 1]")
-        for name in ("max_frozen_head_fraction", "bottom_head_fraction", "max_freeze_bottom_fraction", "cka_drop_lrcp", "lrcp_energy", "lambda_ratio"):
+        for name in ("min_plasticity", "verify_tolerance", "max_frozen_head_fraction", "bottom_head_fraction", "max_freeze_bottom_fraction", "cka_drop_lrcp", "lrcp_energy", "lambda_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be in [0, 1]")
         for name in ("min_freeze_bottom", "similar_task_freeze_bottom"):
@@ -293,7 +306,9 @@ class Diagnosis:
         cka: ``(L,)`` CKA between the model's and the probed copy's block outputs on old inputs.
         lambda_before, lambda_after: old-task λ_max before/after the probe (``None``: skipped).
         probe_steps, probe_lr: the probe.
-        probe_loss: new-task loss at the first and last probe step.
+        probe_loss: new-task training loss at the first and last probe step.
+        old_loss: old-task eval loss (diagnostic batches) before and after the probe.
+        new_loss: new-task eval loss (diagnostic batches) before and after the probe.
         notes: diagnostics that were skipped and why.
     """
 
@@ -312,6 +327,8 @@ class Diagnosis:
     probe_steps: int = 0
     probe_lr: float = 0.0
     probe_loss: tuple[float, float] | None = None
+    old_loss: tuple[float, float] | None = None
+    new_loss: tuple[float, float] | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -332,15 +349,38 @@ def _layer_cosines(al: Any, L: int) -> list[float]:
     return [sum(vals[i]) / len(vals[i]) if i in vals else float("nan") for i in range(L)]
 
 
-def _probe(model: nn.Module, batches: list[Batch], loss_fn: LossFn, steps: int, lr: float, weight_decay: float, seed: int) -> tuple[nn.Module, tuple[float, float] | None]:
-    """``steps`` AdamW steps of the new task on a deep copy of ``model`` (train mode, seeded)."""
+@torch.no_grad()
+def _eval_loss(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn) -> float:
+    """Mean loss over ``batches`` in eval mode (flags and ``.grad`` restored)."""
+    from mitigate._utils import preserve_state
+
+    with preserve_state(model, mode=False):
+        return sum(float(loss_fn(model, b)) for b in batches) / len(batches)
+
+
+def _probe(
+    model: nn.Module,
+    batches: list[Batch],
+    loss_fn: LossFn,
+    steps: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    prepare: Callable[[nn.Module, Optimizer], tuple[Optimizer, Callable[[], Tensor] | None]] | None = None,
+) -> tuple[nn.Module, tuple[float, float] | None]:
+    """``steps`` AdamW steps of the new task on a deep copy of ``model`` (train mode, seeded).
+
+    ``prepare(copy, adamw) -> (optimizer, penalty)`` installs a candidate mitigation on the copy."""
     probed = copy.deepcopy(model)
     for p in probed.parameters():
         p.grad = None
     params = [p for p in probed.parameters() if p.requires_grad]
     if not params or steps == 0:
         return probed, None
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt: Optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    penalty = None
+    if prepare is not None:
+        opt, penalty = prepare(probed, opt)
     probed.train()
     losses = []
     devices = sorted({q.device.index or 0 for q in params if q.device.type == "cuda"})
@@ -349,7 +389,7 @@ def _probe(model: nn.Module, batches: list[Batch], loss_fn: LossFn, steps: int, 
         for i in range(steps):
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(probed, batches[i % len(batches)])
-            loss.backward()
+            (loss if penalty is None else loss + penalty()).backward()
             opt.step()
             if i in (0, steps - 1):
                 losses.append(float(loss.detach()))
@@ -419,7 +459,9 @@ def diagnose(
     if policy.compute_curvature:
         lam_b = _lambda_max(model, old_batches, loss_fn, seed, policy, notes)
 
+    old_before, new_before = _eval_loss(model, old_batches, loss), _eval_loss(model, new_batches, loss)
     probed, probe_loss = _probe(model, probe_batches, loss, probe_steps, lr, weight_decay, seed)
+    old_after, new_after = _eval_loss(probed, old_batches, loss), _eval_loss(probed, new_batches, loss)
     try:
         dh = disrupted_heads(model, probed, old_batches, entropy_threshold=policy.entropy_increase_bits, z_threshold=policy.weight_z)
         ent = dh.entropy_change.tolist()
@@ -444,7 +486,7 @@ def diagnose(
         model_type=mm.model_type, num_layers=L, n_heads=H, global_cosine=float(al.global_cosine),
         layer_cosine=_layer_cosines(al, L), head_cosine=head_cos, entropy_change=ent, weight_z=wz, weight_distance=wd,
         cka=cka, lambda_before=lam_b, lambda_after=lam_a, probe_steps=probe_steps, probe_lr=lr,
-        probe_loss=probe_loss, notes=notes,
+        probe_loss=probe_loss, old_loss=(old_before, old_after), new_loss=(new_before, new_after), notes=notes,
     )
 
 
@@ -461,6 +503,27 @@ def _lambda_max(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn | No
 
 
 # ----------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Candidate:
+    """One candidate plan as measured by a verification probe.
+
+    Attributes:
+        name: e.g. ``"freeze 2 + heads + LRCP"``.
+        freeze_bottom: its frozen bottom blocks.
+        protect: whether it includes the head freezing / LRCP of the rules.
+        old_loss_increase: old-task eval loss after its probe minus before.
+        new_loss_decrease: new-task eval loss before minus after its probe.
+        chosen: whether :func:`plan` picked it.
+    """
+
+    name: str
+    freeze_bottom: int
+    protect: bool
+    old_loss_increase: float
+    new_loss_decrease: float
+    chosen: bool = False
 
 
 @dataclass
@@ -515,6 +578,7 @@ class MitigationPlan:
         reasons: why, with the numbers.
         diagnosis: the measurements.
         policy: the thresholds used.
+        candidates: the verified candidates (empty when ``policy.verify`` is off).
         old_batches, loss_fn: kept (by reference) so :meth:`apply` can consolidate the old task.
     """
 
@@ -528,6 +592,7 @@ class MitigationPlan:
     reasons: list[str]
     diagnosis: Diagnosis
     policy: PlanPolicy
+    candidates: list[Candidate] = field(default_factory=list)
     old_batches: Sequence[Batch] = field(default_factory=list, repr=False, compare=False)
     loss_fn: LossFn | None = field(default=None, repr=False, compare=False)
 
@@ -553,6 +618,7 @@ class MitigationPlan:
             "reasons": list(self.reasons),
             "diagnosis": diag,
             "policy": asdict(self.policy),
+            "candidates": [asdict(c) for c in self.candidates],
         }
         json.dumps(out)  # fail here, not in the user's json.dump
         return out
@@ -595,6 +661,12 @@ class MitigationPlan:
                 f"  {i:<7}{fmt(d.layer_cosine[i]):>9}{(f'{cka:.3f}' if math.isfinite(cka) else 'n/a'):>7}"
                 f"{ent:>13.2f}{wz:>8.2f}  {', '.join(act) or '-'}"
             )
+        if self.candidates:
+            lines += ["", f"  {'verified candidate':<34}{'old loss +':>11}{'new loss −':>11}"]
+            lines += [
+                f"  {('* ' if c.chosen else '  ') + c.name:<34}{c.old_loss_increase:>+11.4f}{c.new_loss_decrease:>+11.4f}"
+                for c in self.candidates
+            ]
         lines += ["", "  reasons:"] + [f"    - {r}" for r in self.reasons]
         if d.notes:
             lines += ["  notes:"] + [f"    - {n}" for n in d.notes]
@@ -650,9 +722,24 @@ def _layer_of(name: str, layer: int) -> bool:
 # ----------------------------------------------------------------------------- decide
 
 
-def decide(diagnosis: Diagnosis, model: nn.Module, policy: PlanPolicy | None = None) -> dict[str, Any]:
+def decide(
+    diagnosis: Diagnosis,
+    model: nn.Module,
+    policy: PlanPolicy | None = None,
+    *,
+    freeze_bottom: int | None = None,
+    protect: bool = True,
+) -> dict[str, Any]:
     """Apply the rules of :class:`PlanPolicy` to a :class:`Diagnosis` (pure: no model call but
     :func:`mitigate.model_map` for module names).
+
+    Args:
+        diagnosis: the measurements.
+        model: the model (for module names).
+        policy: the thresholds.
+        freeze_bottom: force this many frozen bottom blocks instead of the bottom-block rules
+            (used to build the candidates that :func:`plan` verifies).
+        protect: ``False`` drops the head freezing and LRCP (a freeze-only candidate).
 
     Returns:
         ``{"freeze_bottom", "freeze_embeddings", "freeze_heads", "lrcp_targets", "curvature",
@@ -698,10 +785,13 @@ def decide(diagnosis: Diagnosis, model: nn.Module, policy: PlanPolicy | None = N
             f"freeze the bottom {n} block(s)" + (" + embeddings" if p.freeze_embeddings else "")
             + f": task alignment lives in the bottom layers (spurious-forgetting study; policy.min_freeze_bottom={p.min_freeze_bottom})"
         )
-    if finite(d.global_cosine) and d.global_cosine > p.similar_task_cosine and min(p.similar_task_freeze_bottom, cap) > n:
+    if freeze_bottom is not None:
+        n = max(0, min(int(freeze_bottom), L - 1))
+        reasons = [f"freeze the bottom {n} block(s)" + (" + embeddings" if n and p.freeze_embeddings else "")]
+    elif finite(d.global_cosine) and d.global_cosine > p.similar_task_cosine and min(p.similar_task_freeze_bottom, cap) > n:
         n = min(p.similar_task_freeze_bottom, cap)
         reasons.append(f"tasks are similar (global gradient cosine {d.global_cosine:+.3f} > {p.similar_task_cosine}): freeze {n} bottom blocks (similar formats benefit from more)")
-    while n < cap:
+    while freeze_bottom is None and n < cap:
         frac = sum(1 for (l, _h) in whole if l == n) / H
         if frac == 0 or frac < p.bottom_head_fraction:
             break
@@ -721,13 +811,13 @@ def decide(diagnosis: Diagnosis, model: nn.Module, policy: PlanPolicy | None = N
         zs = [[0.0] * H for _ in range(n)] + zt
     above = flagged(zs, range(n, L))
     order = sorted(above, key=lambda k: -above[k][0])
-    budget = int(math.floor(p.max_frozen_head_fraction * H * (L - n)))
+    budget = int(math.floor(p.max_frozen_head_fraction * H * (L - n))) if protect else 0
     chosen, dropped = order[:budget], order[budget:]
     freeze_heads: dict[int, list[int]] = {}
     for l, h in sorted(chosen):
         freeze_heads.setdefault(l, []).append(h)
         reasons.append(f"freeze Q/K of head {h} in block {l}: {above[(l, h)][1]}" + (f" (z among blocks ≥ {n})" if n else ""))
-    if dropped:
+    if dropped and protect:
         reasons.append(f"{len(dropped)} less severe flagged heads not frozen (cap policy.max_frozen_head_fraction={p.max_frozen_head_fraction}): {sorted(dropped)}")
 
     # ---- LRCP on drifting blocks (mechanism 2)
@@ -736,7 +826,7 @@ def decide(diagnosis: Diagnosis, model: nn.Module, policy: PlanPolicy | None = N
     cands = _candidates(model)
     for b in mm.blocks:
         i = b.index
-        if i < n or i >= L:
+        if i < n or i >= L or not protect:
             continue
         cka = d.cka[i]
         if not finite(cka) or 1.0 - cka < p.cka_drop_lrcp:
@@ -819,5 +909,96 @@ def plan(
     new_batches = list(new_batches)
     diag = diagnose(model, old_batches, new_batches, loss_fn, probe_steps=probe_steps, lr=lr, weight_decay=weight_decay, policy=policy, seed=seed)
     dec = decide(diag, model, policy)
+    candidates: list[Candidate] = []
+    if policy.verify:
+        dec, candidates = _verify(model, diag, dec, old_batches, new_batches, loss_fn, policy, probe_steps, lr, weight_decay, seed)
     forecast = forecast_forgetting(diag.global_cosine if math.isfinite(diag.global_cosine) else 0.0, calibration, seed=seed)
-    return MitigationPlan(forecast=forecast, diagnosis=diag, policy=policy, old_batches=old_batches, loss_fn=loss_fn, **dec)
+    return MitigationPlan(
+        forecast=forecast, diagnosis=diag, policy=policy, candidates=candidates, old_batches=old_batches,
+        loss_fn=loss_fn, **dec,
+    )
+
+
+def _candidate_name(dec: dict[str, Any]) -> str:
+    parts = [f"freeze {dec['freeze_bottom']}" + ("+emb" if dec["freeze_embeddings"] else "")]
+    if dec["freeze_heads"]:
+        parts.append(f"{sum(len(v) for v in dec['freeze_heads'].values())} heads")
+    if dec["lrcp_targets"]:
+        parts.append(f"LRCP×{len(dec['lrcp_targets'])}")
+    return " + ".join(parts)
+
+
+def select_candidate(candidates: list[Candidate], baseline_old_increase: float, baseline_new_decrease: float, policy: PlanPolicy) -> int:
+    """Index of the candidate :func:`plan` keeps (see ``PlanPolicy.verify``).
+
+    Eligible: ``new_loss_decrease ≥ min_plasticity · baseline_new_decrease`` (all, when the
+    baseline did not learn or none is eligible). Best: least ``old_loss_increase``; ties within
+    ``verify_tolerance · |baseline_old_increase|`` go to the earliest (simplest) candidate.
+    """
+    if not candidates:
+        raise ValueError("select_candidate needs at least one candidate")
+    eligible = [i for i, c in enumerate(candidates) if baseline_new_decrease <= 0 or c.new_loss_decrease >= policy.min_plasticity * baseline_new_decrease]
+    if not eligible:
+        eligible = list(range(len(candidates)))
+    best = min(candidates[i].old_loss_increase for i in eligible)
+    tol = policy.verify_tolerance * abs(baseline_old_increase)
+    return next(i for i in eligible if candidates[i].old_loss_increase <= best + tol)
+
+
+def _verify(
+    model: nn.Module,
+    diag: Diagnosis,
+    proposed: dict[str, Any],
+    old_batches: list[Batch],
+    new_batches: list[Batch],
+    loss_fn: LossFn | None,
+    policy: PlanPolicy,
+    probe_steps: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+) -> tuple[dict[str, Any], list[Candidate]]:
+    """Probe every candidate on a copy (curvature left out of the probes: it is decided by its
+    own rule) and keep the best one (:func:`select_candidate`)."""
+    loss = resolve_loss_fn(loss_fn)
+    k = policy.diagnostic_batches
+    old_d, new_d = old_batches[:k], new_batches[:k]
+    L = diag.num_layers
+    cap = max(0, min(L - 1, int(math.floor(policy.max_freeze_bottom_fraction * L))))
+    decs: list[dict[str, Any]] = []
+    for n in range(min(policy.min_freeze_bottom, cap), cap + 1):
+        for protect in (False, True):
+            dec = decide(diag, model, policy, freeze_bottom=n, protect=protect)
+            key = (dec["freeze_bottom"], dec["freeze_embeddings"], json.dumps(dec["freeze_heads"], sort_keys=True), tuple(dec["lrcp_targets"]))
+            if all(key != (d["freeze_bottom"], d["freeze_embeddings"], json.dumps(d["freeze_heads"], sort_keys=True), tuple(d["lrcp_targets"])) for d in decs):
+                decs.append(dec)
+    assert diag.old_loss is not None and diag.new_loss is not None
+    base_old = diag.old_loss[1] - diag.old_loss[0]
+    base_new = diag.new_loss[0] - diag.new_loss[1]
+    cands: list[Candidate] = []
+    for dec in decs:
+        if not (dec["freeze_bottom"] or dec["freeze_heads"] or dec["lrcp_targets"]):
+            old_inc, new_dec = base_old, base_new  # the unmitigated probe: already measured
+        else:
+            trial = MitigationPlan(
+                forecast=forecast_forgetting(0.0), diagnosis=diag, policy=policy, old_batches=old_batches,
+                loss_fn=loss_fn, **{**dec, "curvature": False, "curvature_strength": 0.0},
+            )
+            prepare = lambda m, o, trial=trial: (lambda a: (a.optimizer, a.penalty))(trial.apply(m, o))  # noqa: E731
+            probed, _ = _probe(model, new_batches, loss, probe_steps, lr, weight_decay, seed, prepare=prepare)
+            old_inc = _eval_loss(probed, old_d, loss) - diag.old_loss[0]
+            new_dec = diag.new_loss[0] - _eval_loss(probed, new_d, loss)
+            del probed
+        cands.append(Candidate(_candidate_name(dec), dec["freeze_bottom"], bool(dec["freeze_heads"] or dec["lrcp_targets"]), old_inc, new_dec))
+    i = select_candidate(cands, base_old, base_new, policy)
+    cands[i].chosen = True
+    chosen = dict(decs[i])
+    chosen["curvature"], chosen["curvature_strength"] = proposed["curvature"], proposed["curvature_strength"]
+    c = cands[i]
+    chosen["reasons"] = [
+        f"verified by probing {len(cands)} candidates ({probe_steps} steps each): '{c.name}' raises the old-task "
+        f"loss by {c.old_loss_increase:+.4f} (unmitigated {base_old:+.4f}) and lowers the new-task loss by "
+        f"{c.new_loss_decrease:+.4f} (unmitigated {base_new:+.4f}; required ≥ {policy.min_plasticity:.0%} of it)",
+        *chosen["reasons"],
+    ]
+    return chosen, cands

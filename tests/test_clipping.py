@@ -147,6 +147,17 @@ def test_invalid_options(kwargs, needle):
         mitigate.GradientClipping(torch.optim.SGD(mlp().parameters(), lr=0.1), **kwargs)
 
 
+def test_step_hooks_registered_on_the_wrapper_fire():
+    model = mlp()
+    clip = mitigate.GradientClipping(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=1.0)
+    seen = []
+    clip.register_step_pre_hook(lambda opt, args, kwargs: seen.append("pre"))
+    clip.register_step_post_hook(lambda opt, args, kwargs: seen.append("post"))
+    backward(model, 0)
+    clip.step()
+    assert seen == ["pre", "post"]
+
+
 def test_not_an_optimizer():
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         mitigate.GradientClipping(mlp(), max_norm=1.0)  # type: ignore[arg-type]

@@ -94,7 +94,7 @@ def _grads(model, batches):
     model.zero_grad()
     for b in batches:
         model(**b).loss.backward()
-    out = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    out = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
     return out
 
@@ -202,3 +202,22 @@ def test_tracker_every_and_batch_mode():
     with pytest.raises(ValueError, match="max_steps"):
         AlignmentTracker(model, old, max_steps=0)
     assert math.isnan(AlignmentTracker(model, old).summary().mean_cosine)
+
+
+def test_peft_lora_b_rows_of_fused_c_attn_are_split():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build("gpt2"), LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False))
+    a, b = _lm_batches(4), _lm_batches(5)
+    rep = gradient_alignment(model, a, b)
+    ga, gb = _grads(model, a), _grads(model, b)
+    b_names = [n for n in ga if "lora_B" in n]
+    a_names = [n for n in ga if "lora_A" in n]
+    assert len(b_names) == 2 and ga[b_names[0]].shape == (96, 2)
+    for g, rows in {"q": slice(0, 32), "k": slice(32, 64), "v": slice(64, 96)}.items():
+        assert rep.per_group[g] == pytest.approx(_cos([(ga[n][rows], gb[n][rows]) for n in b_names]), abs=1e-6)
+    assert rep.per_group["qkv"] == pytest.approx(_cos([(ga[n], gb[n]) for n in a_names]), abs=1e-6)
+    h = 1
+    q, k = slice(8 * h, 8 * h + 8), slice(32 + 8 * h, 40 + 8 * h)
+    n = b_names[1]
+    assert float(rep.per_head[1][h]) == pytest.approx(_cos([(ga[n][q], gb[n][q]), (ga[n][k], gb[n][k])]), abs=1e-6)

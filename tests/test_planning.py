@@ -15,6 +15,7 @@ import mitigate
 from mitigate.optim.lrcp import LowRankCircuitProjection
 from mitigate.planning import (
     PRIOR_INTERCEPT,
+    Candidate,
     PRIOR_SLOPE,
     Diagnosis,
     MitigationPlan,
@@ -22,6 +23,7 @@ from mitigate.planning import (
     decide,
     forecast_forgetting,
     plan,
+    select_candidate,
 )
 
 VOCAB = 64
@@ -72,7 +74,7 @@ def test_plan_picks_exactly_the_disrupted_head_and_leaves_the_model_alone():
     model = tiny_llama()
     model.train()
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    policy = PlanPolicy(min_freeze_bottom=0, compute_curvature=False)
+    policy = PlanPolicy(min_freeze_bottom=0, compute_curvature=False, verify=False)
     p = plan(model, batches(1), batches(2, labels=False), one_head_task(0, 5), probe_steps=8, lr=1e-2, policy=policy)
     assert p.freeze_heads == {0: [5]}
     assert p.freeze_bottom == 0
@@ -89,7 +91,7 @@ def test_plan_with_bottom_freeze_rescores_heads_above_it_and_apply_freezes_and_w
     model = tiny_llama()
     old = batches(1)
     loss_fn = one_head_task(1, 5)
-    p = plan(model, old, batches(2, labels=False), loss_fn, probe_steps=8, lr=1e-2, policy=PlanPolicy(compute_curvature=False, cka_drop_lrcp=0.0))
+    p = plan(model, old, batches(2, labels=False), loss_fn, probe_steps=8, lr=1e-2, policy=PlanPolicy(compute_curvature=False, cka_drop_lrcp=0.0, verify=False))
     assert p.freeze_bottom == 1 and p.freeze_embeddings
     assert p.freeze_heads == {1: [5]}  # z among block 1's 8 heads: one-hot → √7 > 2.5
     assert p.lrcp_targets == [f"model.layers.1.mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")]
@@ -156,7 +158,7 @@ def test_apply_builds_and_consolidates_the_curvature_regularizer(monkeypatch):
 @pytest.mark.slow
 def test_plan_measures_lambda_max_before_and_after_the_probe():
     model = tiny_llama(layers=1)
-    policy = PlanPolicy(lambda_max_iter=8, lambda_tol=0.1, diagnostic_batches=1)
+    policy = PlanPolicy(lambda_max_iter=8, lambda_tol=0.1, diagnostic_batches=1, verify=False)
     p = plan(model, batches(1, n=1), batches(2, n=1), probe_steps=3, lr=1e-2, policy=policy)
     d = p.diagnosis
     assert d.lambda_before is not None and d.lambda_after is not None and d.lambda_before > 0
@@ -276,3 +278,40 @@ def test_forecast_errors():
         forecast_forgetting(0.0, [(0.1, 0.2), (0.1, 0.1), (0.1, 0.3)])
     with pytest.raises(ValueError, match="finite"):
         forecast_forgetting(float("nan"))
+
+
+# ---------------------------------------------------------------------------- verification
+
+
+def test_select_candidate_least_forgetting_at_enough_plasticity_simplest_on_ties():
+    C = lambda name, old, new: Candidate(name, 0, False, old, new)  # noqa: E731
+    pol = PlanPolicy(min_plasticity=0.9, verify_tolerance=0.05)
+    cands = [C("none", 1.0, 2.0), C("a", 0.5, 1.9), C("b", 0.2, 1.5), C("c", 0.49, 1.95)]
+    assert select_candidate(cands, 1.0, 2.0, pol) == 1  # b learns too little; a and c tie (0.01 < 0.05)
+    assert select_candidate(cands, 1.0, 2.0, dataclasses.replace(pol, verify_tolerance=0.0)) == 3
+    assert select_candidate(cands, 1.0, 2.0, dataclasses.replace(pol, min_plasticity=0.5)) == 2
+    assert select_candidate([C("x", 0.3, -1.0)], 1.0, 2.0, pol) == 0  # none eligible: best of all
+    with pytest.raises(ValueError):
+        select_candidate([], 1.0, 2.0, pol)
+
+
+def test_plan_verifies_candidates_by_probing_copies():
+    model = tiny_llama()
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pol = PlanPolicy(min_freeze_bottom=0, compute_curvature=False)
+    p = plan(model, batches(1), batches(2), probe_steps=4, lr=1e-2, policy=pol)
+    d = p.diagnosis
+    names = [c.name for c in p.candidates]
+    assert len(names) == len(set(names)) >= 2 and sum(c.chosen for c in p.candidates) == 1
+    chosen = next(c for c in p.candidates if c.chosen)
+    assert chosen.freeze_bottom == p.freeze_bottom
+    # the unmitigated candidate reports the main probe's own numbers
+    none = p.candidates[0]
+    assert none.name == "freeze 0" and none.old_loss_increase == pytest.approx(d.old_loss[1] - d.old_loss[0])
+    base_old, base_new = none.old_loss_increase, none.new_loss_decrease
+    assert p.candidates.index(chosen) == select_candidate(p.candidates, base_old, base_new, pol)
+    assert p.reasons[0].startswith("verified by probing")
+    assert "verified candidate" in str(p)
+    assert json.loads(json.dumps(p.to_dict()))["candidates"][p.candidates.index(chosen)]["chosen"]
+    for n, q in model.named_parameters():
+        assert torch.equal(q, w0[n]) and q.grad is None

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_models import VOCAB, build
 from torch import nn
 
 import mitigate
@@ -524,22 +525,11 @@ def test_grad_scaler_unscales_before_projection_and_skips_inf():
     assert scaler.get_scale() < 2.0**8 and proj.stats()["steps"] == 0
 
 
-def tiny_llama():
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.for_model(
-        "llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-
-
 def lm_batches(n, seed):
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        ids = torch.randint(0, 64, (2, 8), generator=g)
+        ids = torch.randint(0, VOCAB, (2, 8), generator=g)
         out.append({"input_ids": ids, "labels": ids.clone()})
     return out
 
@@ -548,7 +538,7 @@ def lm_batches(n, seed):
 def test_peft_lora_only_trainable_parameters(mode):
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(build("llama").train(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     trainable = [p for p in model.parameters() if p.requires_grad]
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     proj = mitigate.GradientProjection(torch.optim.AdamW(trainable, lr=1e-3), mode=mode, directions_per_task=3)
@@ -568,6 +558,25 @@ def test_peft_lora_only_trainable_parameters(mode):
         if not p.requires_grad:
             assert torch.equal(p, frozen[n])
     assert proj.stats()["steps"] == 2
+
+
+def test_hf_trainer_calls_step_bare(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = build("llama").train()
+    proj = mitigate.GradientProjection(torch.optim.AdamW(model.parameters(), lr=1e-3), mode="agem", ref_every=2)
+    proj.remember(model, lm_batches(2, 0))
+    before = [p.detach().clone() for p in model.parameters()]
+    rows = [{"input_ids": b["input_ids"][i], "labels": b["labels"][i]} for b in lm_batches(3, 1) for i in range(2)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, report_to=[],
+        use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True,
+    )
+    Trainer(model=model, args=args, train_dataset=rows, optimizers=(proj, None)).train()
+    s = proj.stats()
+    assert s["steps"] == 3 and s["nonfinite_skips"] == 0
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert not model.training or all(m.training == model.training for m in model.modules())
 
 
 # ---------------------------------------------------------------- forgetting on a two-task toy

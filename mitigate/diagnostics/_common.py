@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Union
 
 import torch
@@ -254,6 +254,9 @@ def _proj_pieces(sl: Any, letter: str, layer: LayerKey | None, rows: Tensor, nam
         out.append(Piece(sl.param_name, letter, layer, sl.dim, rows))
     if sl.bias_name is not None and sl.bias_name in names:
         out.append(Piece(sl.bias_name, letter, layer, 0, rows))
+    for _, lora_b in sl.lora:  # PEFT lora_B (out, r): its rows are the projection's outputs
+        if lora_b in names:
+            out.append(Piece(lora_b, letter, layer, 0, rows))
     return out
 
 
@@ -262,7 +265,8 @@ def param_layout(model: nn.Module, names: Sequence[str], mm: Any | None = None) 
 
     Groups come from ``model_map(model).param_groups()``; a fused QKV weight (group ``qkv``, e.g.
     GPT-2's ``Conv1D`` ``c_attn``) is split into its Q, K and V rows with the
-    :class:`~mitigate.architectures.AttentionInfo` index slices, and so is its bias. Per-head pieces
+    :class:`~mitigate.architectures.AttentionInfo` index slices, and so are its bias and PEFT
+    ``lora_B`` rows (a fused ``lora_A`` is shared by Q, K and V and stays in ``qkv``). Per-head pieces
     are the Q rows of each query head and the K rows of each K/V head of each block's first
     attention module. Models without a map get one ``other`` piece per parameter.
     """
@@ -300,7 +304,31 @@ def param_layout(model: nn.Module, names: Sequence[str], mm: Any | None = None) 
 
 
 def layer_key_str(key: Any) -> str:
-    """JSON key for a ``(group, layer)`` or layer key."""
+    """JSON key for a ``(group, layer)`` or layer key: ``"q/3"``, ``"3"``."""
     if isinstance(key, tuple):
         return "/".join(str(k) for k in key)
     return str(key)
+
+
+def plain(x: Any) -> Any:
+    """Plain-Python copy: tensors to (nested) lists, dict keys to strings (tuples as
+    ``"a/b"``), tuples to lists, nested dataclass results through their ``to_dict``."""
+    if isinstance(x, Tensor):
+        return x.tolist()
+    if isinstance(x, Result):
+        return x.to_dict()
+    if isinstance(x, Mapping):
+        return {layer_key_str(k): plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [plain(v) for v in x]
+    return x
+
+
+class Result:
+    """Base of the diagnostics' result dataclasses: :meth:`to_dict` gives a plain-Python copy
+    of every field (tensors as lists)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python (JSON-ready) copy of the fields; ``(group, layer)`` keys become
+        ``"group/layer"`` strings."""
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]

@@ -35,7 +35,7 @@ from mitigate._utils import (
     resolve_loss_fn,
     select_parameters,
 )
-from mitigate.diagnostics._common import LayerKey, ParamLayout, as_batch_list, cosine, layer_key_str, param_layout
+from mitigate.diagnostics._common import LayerKey, ParamLayout, Piece, Result, as_batch_list, cosine, param_layout
 
 __all__ = ["AlignmentReport", "AlignmentSummary", "AlignmentTracker", "gradient_alignment", "task_gradient"]
 
@@ -94,7 +94,7 @@ def task_gradient(
 
 
 @dataclass
-class AlignmentReport:
+class AlignmentReport(Result):
     """Cosine similarity between two task gradients, overall and broken down.
 
     Attributes:
@@ -122,20 +122,6 @@ class AlignmentReport:
     conflict_rate: dict[str, float]
     norm_a: float
     norm_b: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-Python (JSON-ready) copy; ``(group, layer)`` keys become ``"group/layer"``."""
-        return {
-            "global_cosine": self.global_cosine,
-            "per_group": dict(self.per_group),
-            "per_layer": {layer_key_str(k): v for k, v in self.per_layer.items()},
-            "per_head": {str(k): v.tolist() for k, v in self.per_head.items()},
-            "per_head_q": {str(k): v.tolist() for k, v in self.per_head_q.items()},
-            "per_head_k": {str(k): v.tolist() for k, v in self.per_head_k.items()},
-            "conflict_rate": dict(self.conflict_rate),
-            "norm_a": self.norm_a,
-            "norm_b": self.norm_b,
-        }
 
 
 class _Sums:
@@ -183,20 +169,16 @@ def _compare(layout: ParamLayout, ga: dict[str, Tensor | None], gb: dict[str, Te
         if piece.layer is not None:
             layers.setdefault((piece.group, piece.layer), _Sums()).add(s)
         tensor_cos.setdefault(piece.group, []).append(s.cos)
+    def head_sums(pieces: list[Piece]) -> _Sums:
+        s = _Sums()
+        for p in pieces:
+            s.add(_piece_sums(ga[p.name], gb[p.name], p.take))
+        return s
+
     per_head, per_head_q, per_head_k = {}, {}, {}
     for lk, hp in layout.heads.items():
-        qs = []
-        for pieces in hp.q:
-            s = _Sums()
-            for p in pieces:
-                s.add(_piece_sums(ga[p.name], gb[p.name], p.take))
-            qs.append(s)
-        ks = []
-        for pieces in hp.k:
-            s = _Sums()
-            for p in pieces:
-                s.add(_piece_sums(ga[p.name], gb[p.name], p.take))
-            ks.append(s)
+        qs = [head_sums(pieces) for pieces in hp.q]
+        ks = [head_sums(pieces) for pieces in hp.k]
         joint = []
         for h, sq in enumerate(qs):
             s = _Sums()
@@ -244,6 +226,10 @@ def gradient_alignment(
     Phi-3, ...) are split into their Q, K and V rows. Gradient conflict as in the mechanistic
     analysis of forgetting (arXiv 2601.18699: 67% conflicting Q/K heads vs 29% FFN tensors).
 
+    Under PEFT, LoRA parameters count in the group of the module they adapt; their ``lora_B``
+    rows are the projection's output rows, so per-head cosines and the fused-QKV split use them
+    (a ``lora_A`` of a fused QKV module is shared by Q, K and V and stays in group ``qkv``).
+
     No ``.grad`` is written and train/eval flags are restored.
 
     Args:
@@ -267,7 +253,7 @@ def gradient_alignment(
 
 
 @dataclass
-class AlignmentSummary:
+class AlignmentSummary(Result):
     """Summary of the early-training alignment recorded by :class:`AlignmentTracker`.
 
     Attributes:
@@ -284,16 +270,6 @@ class AlignmentSummary:
     min_cosine: float
     fraction_negative: float
     per_group_mean: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-Python copy."""
-        return {
-            "steps": self.steps,
-            "mean_cosine": self.mean_cosine,
-            "min_cosine": self.min_cosine,
-            "fraction_negative": self.fraction_negative,
-            "per_group_mean": dict(self.per_group_mean),
-        }
 
 
 class AlignmentTracker:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from mitigate._utils import Batch, model_device, preserve_state
-from mitigate.diagnostics._common import as_batch_list, forward, model_inputs, token_mask, try_model_map
+from mitigate.diagnostics._common import Result, as_batch_list, forward, model_inputs, token_mask, try_model_map
 from mitigate.errors import UnsupportedArchitectureError
 
 __all__ = ["DisruptedHeads", "attention_entropy", "disrupted_heads", "head_weight_distance"]
@@ -162,7 +162,7 @@ def head_weight_distance(model_before: nn.Module, model_after: nn.Module) -> Ten
 
 
 @dataclass
-class DisruptedHeads:
+class DisruptedHeads(Result):
     """Heads whose attention pattern or Q/K weights moved abnormally between two models.
 
     Attributes:
@@ -187,21 +187,6 @@ class DisruptedHeads:
     fraction_per_layer: Tensor
     entropy_threshold: float
     z_threshold: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-Python copy."""
-        return {
-            "mask": self.mask.tolist(),
-            "entropy_before": self.entropy_before.tolist(),
-            "entropy_after": self.entropy_after.tolist(),
-            "entropy_change": self.entropy_change.tolist(),
-            "weight_distance": self.weight_distance.tolist(),
-            "weight_z": self.weight_z.tolist(),
-            "fraction": self.fraction,
-            "fraction_per_layer": self.fraction_per_layer.tolist(),
-            "entropy_threshold": self.entropy_threshold,
-            "z_threshold": self.z_threshold,
-        }
 
 
 @torch.no_grad()

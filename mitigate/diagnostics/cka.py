@@ -15,13 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mitigate._utils import Batch, preserve_state
-from mitigate.diagnostics._common import Moments, as_batch_list, hidden_states
+from mitigate.diagnostics._common import Moments, Result, as_batch_list, hidden_states
 
 __all__ = ["CKAResult", "layerwise_cka", "linear_cka"]
 
@@ -77,6 +76,7 @@ def linear_cka(x: Tensor, y: Tensor, *, unbiased: bool = False) -> Tensor:
     Raises:
         ValueError: not 2-D, different ``n``, ``n < 2``, or ``unbiased`` with ``n <= 3``.
     """
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
     _check_pair(x, y)
     n = x.shape[0]
     if n < 2:
@@ -103,7 +103,7 @@ def _cka_from_moments(xx: Tensor, yy: Tensor, xy: Tensor) -> Tensor:
 
 
 @dataclass
-class CKAResult:
+class CKAResult(Result):
     """Layer-wise CKA between two models.
 
     Attributes:
@@ -121,10 +121,6 @@ class CKAResult:
     def drop(self) -> Tensor:
         """``1 − CKA`` per layer (the seed's "CKA drop" when the reference is 1)."""
         return 1.0 - self.per_layer
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-Python copy."""
-        return {"per_layer": self.per_layer.tolist(), "layers": list(self.layers), "n_tokens": self.n_tokens}
 
 
 @torch.no_grad()
@@ -159,15 +155,17 @@ def layerwise_cka(
         ValueError: models with different numbers of hidden states, an out-of-range layer, or no
             tokens.
     """
+    if layers is not None and not list(layers):
+        raise ValueError("layers=[] selects nothing; pass None for every hidden state")
     stats: dict[int, Moments] = {}
-    chosen: list[int] | None = None
+    chosen: list[int] = []
     with preserve_state(model_a, mode=False), preserve_state(model_b, mode=False):
         for batch in as_batch_list(batches):
             ha, mask = hidden_states(model_a, batch)
             hb, _ = hidden_states(model_b, batch)
             if len(ha) != len(hb):
                 raise ValueError(f"the models return {len(ha)} and {len(hb)} hidden states; compare like with like")
-            if chosen is None:
+            if not chosen:
                 chosen = list(range(len(ha))) if layers is None else [int(i) for i in layers]
                 bad = [i for i in chosen if not -len(ha) <= i < len(ha)]
                 if bad:
@@ -176,7 +174,6 @@ def layerwise_cka(
             for i in chosen:
                 m = mask.to(ha[i].device)
                 stats.setdefault(i, Moments(cross=True)).update(ha[i][m], hb[i][m.to(hb[i].device)])
-    assert chosen is not None  # as_batch_list guarantees one batch
     values = []
     for i in chosen:
         xx, yy, xy = stats[i].centered()

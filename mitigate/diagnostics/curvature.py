@@ -15,12 +15,13 @@ from typing import Any, Union
 from torch import Tensor, nn
 
 from mitigate._utils import Batch, LossFn
+from mitigate.diagnostics._common import Result
 
 __all__ = ["CurvatureReport", "lambda_max"]
 
 
 @dataclass
-class CurvatureReport:
+class CurvatureReport(Result):
     """Top Hessian eigenvalues of a task loss.
 
     Attributes:
@@ -44,15 +45,8 @@ class CurvatureReport:
         return float(self.values[0])
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-Python copy."""
-        return {
-            "values": self.values.tolist(),
-            "lambda_max": self.lambda_max,
-            "ratio_to_reference": self.ratio_to_reference,
-            "reference_values": None if self.reference_values is None else self.reference_values.tolist(),
-            "converged": self.converged,
-            "iterations": self.iterations,
-        }
+        """Plain-Python copy, with ``lambda_max``."""
+        return {**super().to_dict(), "lambda_max": self.lambda_max}
 
 
 Reference = Union[float, CurvatureReport, nn.Module, None]

@@ -21,11 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mitigate.diagnostics._common import Result
+
 __all__ = ["ForgettingMetrics", "forgetting_metrics"]
 
 
 @dataclass
-class ForgettingMetrics:
+class ForgettingMetrics(Result):
     """Continual-learning summary of an accuracy matrix (see the module docstring for formulas).
 
     Attributes:
@@ -41,16 +43,6 @@ class ForgettingMetrics:
     forgetting: float
     forward_transfer: float | None
     per_task_forgetting: Tensor
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-Python copy."""
-        return {
-            "average_accuracy": self.average_accuracy,
-            "backward_transfer": self.backward_transfer,
-            "forgetting": self.forgetting,
-            "forward_transfer": self.forward_transfer,
-            "per_task_forgetting": self.per_task_forgetting.tolist(),
-        }
 
 
 def forgetting_metrics(

@@ -11,13 +11,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Union
 
 import torch
 from torch import nn
 
 from mitigate._utils import Batch, LossFn, model_device, move_batch, preserve_state, resolve_loss_fn
-from mitigate.diagnostics._common import as_batch_list
+from mitigate.diagnostics._common import Result, as_batch_list
 
 __all__ = ["RecoveryResult", "recovery_probe"]
 
@@ -26,7 +26,7 @@ OptimizerSpec = Union[str, Callable[..., torch.optim.Optimizer]]
 
 
 @dataclass
-class RecoveryResult:
+class RecoveryResult(Result):
     """Old-task score of a fine-tuned copy before and after the recovery steps.
 
     Attributes:
@@ -48,19 +48,6 @@ class RecoveryResult:
     recovered_fraction: float | None = None
     before_metrics: dict[str, float] = field(default_factory=dict)
     after_metrics: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-Python copy."""
-        return {
-            "before": self.before,
-            "after": self.after,
-            "recovered_gain": self.recovered_gain,
-            "steps": self.steps,
-            "losses": list(self.losses),
-            "recovered_fraction": self.recovered_fraction,
-            "before_metrics": dict(self.before_metrics),
-            "after_metrics": dict(self.after_metrics),
-        }
 
 
 def _score(value: float | dict[str, float]) -> tuple[float, dict[str, float]]:

@@ -246,7 +246,7 @@ def _pyplot() -> Any:
 
 
 def _ok(section: Any) -> bool:
-    return isinstance(section, dict) and "skipped" not in section
+    return isinstance(section, dict) and bool(section) and "skipped" not in section
 
 
 def _plots(out: Path, rep: dict[str, Any], cka: Any, heads: Any, align: Any, curv: Any) -> list[str]:
@@ -277,6 +277,8 @@ def _plots(out: Path, rep: dict[str, Any], cka: Any, heads: Any, align: Any, cur
         mask = torch.tensor(heads["mask"])
         for layer, head in torch.nonzero(mask).tolist():
             ax.text(head, layer, "x", ha="center", va="center", color="black")
+        ax.set_xticks(range(change.shape[1]))
+        ax.set_yticks(range(change.shape[0]))
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
         ax.set_title(f"Attention entropy change (bits); x = disrupted ({heads['fraction']:.0%})")
@@ -361,7 +363,7 @@ def _summary_md(rep: dict[str, Any]) -> str:
     lines.append("")
     if _ok(align):
         lines.append(f"Global gradient cosine (old vs new task): {_fmt(align.get('global_cosine'))}.")
-    if _ok(rep.get("router", {})) and rep.get("router"):
+    if _ok(rep.get("router")):
         r = rep["router"]
         lines.append(
             "Router drift: mean KL "

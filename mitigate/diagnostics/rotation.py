@@ -13,19 +13,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mitigate._utils import Batch, preserve_state
-from mitigate.diagnostics._common import Moments, as_batch_list, hidden_states
+from mitigate.diagnostics._common import Moments, Result, as_batch_list, hidden_states
 
 __all__ = ["RotationResult", "layer_pc_rotation", "pc_rotation"]
 
 
 @dataclass
-class RotationResult:
+class RotationResult(Result):
     """Principal-component rotation between two representations.
 
     Attributes:
@@ -43,15 +42,6 @@ class RotationResult:
     principal_angles_deg: Tensor
     explained_variance_before: Tensor
     explained_variance_after: Tensor
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-Python copy."""
-        return {
-            "angles_deg": self.angles_deg.tolist(),
-            "principal_angles_deg": self.principal_angles_deg.tolist(),
-            "explained_variance_before": self.explained_variance_before.tolist(),
-            "explained_variance_after": self.explained_variance_after.tolist(),
-        }
 
 
 def _top_k(cov: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -107,6 +97,7 @@ def pc_rotation(x_before: Tensor, x_after: Tensor, *, k: int = 5) -> RotationRes
     Raises:
         ValueError: not 2-D, different ``d``, fewer than 2 rows, or ``k`` not in ``[1, d]``.
     """
+    x_before, x_after = torch.as_tensor(x_before), torch.as_tensor(x_after)
     if x_before.dim() != 2 or x_after.dim() != 2 or x_before.shape[1] != x_after.shape[1]:
         raise ValueError(
             f"pc_rotation needs (n, d) features with the same d, got {tuple(x_before.shape)} and {tuple(x_after.shape)}"

@@ -19,13 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from mitigate._utils import Batch, model_device, preserve_state
-from mitigate.diagnostics._common import as_batch_list, forward, model_inputs, token_mask, try_model_map, unwrap_output
+from mitigate.diagnostics._common import Result, as_batch_list, forward, model_inputs, token_mask, try_model_map, unwrap_output
 
 __all__ = ["RouterDrift", "router_drift"]
 
 
 @dataclass
-class RouterDrift:
+class RouterDrift(Result):
     """Routing drift per MoE layer.
 
     Attributes:
@@ -41,16 +41,6 @@ class RouterDrift:
     layers: list[int]
     top_k: int
     n_tokens: int
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-Python copy."""
-        return {
-            "kl_per_layer": self.kl_per_layer.tolist(),
-            "changed_topk_fraction": self.changed_topk_fraction.tolist(),
-            "layers": list(self.layers),
-            "top_k": self.top_k,
-            "n_tokens": self.n_tokens,
-        }
 
 
 def _top_k_of(model: nn.Module, routers: list[tuple[Any, str]]) -> int:

@@ -51,6 +51,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.func import grad, vmap
 from torch.optim import Optimizer
 from torch.utils._pytree import tree_map
 
@@ -65,6 +66,7 @@ from mitigate._utils import (
     resolve_loss_fn,
     select_parameters,
 )
+from mitigate.curvature import functional_loss, unwrap_model
 from mitigate.errors import StateMismatchError
 from mitigate.optim._base import OptimizerWrapper
 
@@ -229,7 +231,8 @@ def agem_project(g: Tensor, g_ref: Tensor, sizes: Sequence[int] | None = None) -
         sizes: segment sizes summing to ``D`` for per-tensor projection (``None``: global).
 
     Returns:
-        :class:`ProjectionResult`. A non-finite ``g`` comes back unchanged (``finite=False``).
+        :class:`ProjectionResult`. A non-finite ``g`` comes back unchanged (``finite=False``);
+        a non-conflicting one bit-identical.
     """
     gg = torch.dot(g, g)
     finite = torch.isfinite(gg)
@@ -237,22 +240,26 @@ def agem_project(g: Tensor, g_ref: Tensor, sizes: Sequence[int] | None = None) -
         dot, rr = torch.dot(g, g_ref), torch.dot(g_ref, g_ref)
         conflict = (dot < 0) & finite & (rr > 0)
         coef = torch.where(conflict, dot / rr.clamp_min(_TINY), torch.zeros_like(dot))
-        delta = coef * g_ref
+        out = torch.addcmul(g, g_ref, -coef)  # one fused pass: g − coef·g_ref
+        removed = coef.abs() * rr.sqrt()
         cos_dot, cos_rr = dot, rr
     else:
         dots, rrs = _segment_dots(g, g_ref, sizes), _segment_dots(g_ref, g_ref, sizes)
         conflict = (dots < 0) & finite & (rrs > 0)
         coef = torch.where(conflict, dots / rrs.clamp_min(_TINY), torch.zeros_like(dots))
-        delta = _expand(coef, sizes, g.numel()) * g_ref
+        out = torch.addcmul(g, _expand(coef, sizes, g.numel()), g_ref, value=-1.0)
+        removed = (coef * coef * rrs).sum().sqrt()
         cos_dot, cos_rr = dots.sum(), rrs.sum()
     cosine = cos_dot / (gg * cos_rr).sqrt().clamp_min(_TINY)
-    return ProjectionResult(g - delta, conflict.any(), cosine, delta.norm(), finite)
+    return ProjectionResult(out, conflict.any(), cosine, removed, finite)
 
 
 def ogd_project(g: Tensor, basis: Tensor, sizes: Sequence[int] | None = None) -> ProjectionResult:
     """OGD projection onto the orthogonal complement of ``span(basis)`` (Farajtabar et al. 2020)::
 
         g̃ = g − Uᵀ(U g) = g − Σᵢ (g·uᵢ) uᵢ.
+
+    Two passes over ``U`` (``c = U g``, then a fused ``addmv``); ``removed = ‖U g‖``.
 
     Args:
         g: flat gradient, shape ``(D,)``.
@@ -265,68 +272,94 @@ def ogd_project(g: Tensor, basis: Tensor, sizes: Sequence[int] | None = None) ->
     """
     gg = torch.dot(g, g)
     finite = torch.isfinite(gg)
+    zero = torch.zeros((), dtype=g.dtype, device=g.device)
     if sizes is None:
-        c = torch.where(finite, basis @ g, torch.zeros((), dtype=g.dtype, device=g.device))  # (k,)
-        delta = c @ basis  # (D,)
+        c = torch.where(finite, basis @ g, zero)  # (k,)
+        out = torch.addmv(g, basis.t(), c, alpha=-1)  # (D,)
         captured = c.norm()
     else:
         parts, cap = [], []
         for u, x in zip(basis.split(sizes, dim=1), g.split(sizes)):
-            c = torch.where(finite, u @ x, torch.zeros((), dtype=g.dtype, device=g.device))
-            parts.append(c @ u)
+            c = torch.where(finite, u @ x, zero)
+            parts.append(torch.addmv(x, u.t(), c, alpha=-1))
             cap.append(torch.dot(c, c))
-        delta = torch.cat(parts)
+        out = torch.cat(parts)
         captured = torch.stack(cap).sum().sqrt()
     cosine = captured / gg.sqrt().clamp_min(_TINY)
     projected = finite if basis.shape[0] > 0 else torch.zeros_like(finite)
-    return ProjectionResult(g - delta, projected, cosine, delta.norm(), finite)
+    return ProjectionResult(out, projected, cosine, captured, finite)
 
 
 def pcgrad_combine(
-    grads: Tensor, generator: torch.Generator | None = None, sizes: Sequence[int] | None = None
+    grads: Sequence[Tensor],
+    generator: torch.Generator | None = None,
+    sizes: Sequence[int] | None = None,
+    fallback: Sequence[float] | None = None,
 ) -> ProjectionResult:
     """PCGrad (Yu et al. 2020, Alg. 1): project each gradient off the *original* gradients it
     conflicts with, in random order, then sum::
 
         gᵢ ← gᵢ − (gᵢ·gⱼ / ‖gⱼ‖²) gⱼ   if gᵢ·gⱼ < 0   (j ≠ i, random order);   g̃ = Σᵢ gᵢ.
 
+    Every projected ``gᵢ`` stays in ``span(g₁ … g_n)``, so the surgery runs on the n×n Gram
+    matrix and a coefficient matrix ``C`` (``gᵢ = Σₖ Cᵢₖ gₖ``, ``gᵢ·gⱼ = (C G)ᵢⱼ``); the
+    vectors are read once for the Gram matrix and once for ``g̃ = Σₖ (Σᵢ Cᵢₖ) gₖ``.
+
     Args:
-        grads: per-objective flat gradients, shape ``(n, D)``.
+        grads: the n per-objective flat gradients, each shape ``(D,)`` (or an ``(n, D)`` tensor).
         generator: CPU generator for the random order (``None``: the global RNG).
         sizes: segment sizes for per-tensor projection (``None``: global).
+        fallback: weights of the objectives returned when an input is non-finite (default:
+            all ones, the plain sum; ``[1, 0, …]`` returns the first gradient untouched).
 
     Returns:
-        :class:`ProjectionResult`; ``grad`` is the combined ``g̃``, ``removed`` is ‖Σgᵢ − g̃‖.
-        A non-finite input returns the plain sum.
+        :class:`ProjectionResult`; ``grad`` is ``g̃``, ``removed`` is ‖Σgᵢ − g̃‖, ``cosine``
+        the mean pairwise cosine of the original gradients.
     """
-    n, total = grads.shape
-    plain = grads.sum(0)
-    finite = torch.isfinite(torch.dot(plain, plain)) & torch.isfinite(grads).all()
-    zero = torch.zeros((), dtype=grads.dtype, device=grads.device)
-
-    def dots(a: Tensor, b: Tensor) -> Tensor:
-        return torch.dot(a, b) if sizes is None else _segment_dots(a, b, sizes)
-
-    sq = [dots(grads[j], grads[j]) for j in range(n)]
-    out, any_conflict, cos = [], torch.zeros((), dtype=torch.bool, device=grads.device), []
+    gs = list(grads)
+    n, total = len(gs), gs[0].numel()
+    dev = gs[0].device
+    segs = [[x] for x in gs] if sizes is None else [list(x.split(sizes)) for x in gs]
+    n_seg = len(segs[0])
+    gram = torch.empty(n_seg, n, n, dtype=gs[0].dtype, device=dev)  # (S, n, n)
     for i in range(n):
-        gi = grads[i].clone()
+        for j in range(i, n):
+            d = torch.stack([torch.dot(a, b) for a, b in zip(segs[i], segs[j])])
+            gram[:, i, j] = d
+            gram[:, j, i] = d
+    finite = torch.isfinite(gram).all()
+    diag = gram.diagonal(dim1=1, dim2=2)  # (S, n) = ‖gⱼ‖² per segment
+    coef = torch.eye(n, dtype=gram.dtype, device=dev).repeat(n_seg, 1, 1)  # C[s, i, k]
+    zero = torch.zeros((), dtype=gram.dtype, device=dev)
+    any_conflict = torch.zeros((), dtype=torch.bool, device=dev)
+    for i in range(n):
         for j in torch.randperm(n, generator=generator).tolist():
             if j == i:
                 continue
-            d = dots(gi, grads[j])
-            conflict = (d < 0) & finite & (sq[j] > 0)
-            coef = torch.where(conflict, d / sq[j].clamp_min(_TINY), zero)
-            gi -= (coef * grads[j]) if sizes is None else _expand(coef, sizes, total) * grads[j]
+            d = (coef[:, i, :] * gram[:, :, j]).sum(-1)  # (S,) current gᵢ · gⱼ
+            conflict = (d < 0) & finite & (diag[:, j] > 0)
+            coef[:, i, j] -= torch.where(conflict, d / diag[:, j].clamp_min(_TINY), zero)
             any_conflict = any_conflict | conflict.any()
-        out.append(gi)
-        for j in range(i + 1, n):
-            num = torch.dot(grads[i], grads[j])
-            den = (torch.dot(grads[i], grads[i]) * torch.dot(grads[j], grads[j])).sqrt()
-            cos.append(num / den.clamp_min(_TINY))
-    combined = torch.where(finite, torch.stack(out).sum(0), plain)
-    cosine = torch.stack(cos).mean() if cos else torch.ones((), device=grads.device)
-    return ProjectionResult(combined, any_conflict, cosine, (plain - combined).norm(), finite)
+    w = coef.sum(1)  # (S, n): g̃ = Σₖ w[:, k] gₖ
+    keep = torch.ones(n, dtype=gram.dtype, device=dev) if fallback is None else torch.tensor(
+        list(fallback), dtype=gram.dtype, device=dev)
+    w = torch.where(finite, w, keep)
+    if sizes is None:
+        out = gs[0] * w[0, 0]
+        for k in range(1, n):
+            out.addcmul_(gs[k], w[0, k])
+    else:
+        out = gs[0] * _expand(w[:, 0], sizes, total)
+        for k in range(1, n):
+            out.addcmul_(gs[k], _expand(w[:, k], sizes, total))
+    v = 1.0 - w  # Σgᵢ − g̃ = Σₖ vₖ gₖ, its squared norm vᵀ G v per segment
+    removed = torch.einsum("sk,skl,sl->", v, gram, v).clamp_min(0).sqrt()
+    g_all = gram.sum(0)
+    iu = torch.triu_indices(n, n, 1, device=dev)
+    norms = g_all.diagonal().clamp_min(0).sqrt()
+    cos = g_all[iu[0], iu[1]] / (norms[iu[0]] * norms[iu[1]]).clamp_min(_TINY)
+    cosine = cos.mean() if n > 1 else torch.ones((), device=dev)
+    return ProjectionResult(out, any_conflict, cosine, torch.where(finite, removed, zero), finite)
 
 
 def _orthonormalize(
@@ -439,7 +472,7 @@ class GradientProjection(OptimizerWrapper):
         base = config if config is not None else ProjectionConfig()
         self.config = dataclasses.replace(base, **options)
         self._params_selector = params
-        self._model: nn.Module | None = _unwrap(model) if model is not None else None
+        self._model: nn.Module | None = unwrap_model(model) if model is not None else None
         self._loss_fn = loss_fn
         self._generator = torch.Generator().manual_seed(self.config.seed)
         # remembered state
@@ -522,7 +555,7 @@ class GradientProjection(OptimizerWrapper):
         Raises:
             StateMismatchError: the model's selected parameters differ from those recorded.
         """
-        self._model = _unwrap(model)
+        self._model = unwrap_model(model)
         if loss_fn is not None:
             self._loss_fn = loss_fn
         named = self._bind(self._model)
@@ -656,7 +689,7 @@ class GradientProjection(OptimizerWrapper):
         sel = torch.cat([segs[i] for i in sel_idx], dim=1)
         sizes = [sizes_all[i] for i in sel_idx] if self.config.granularity == "tensor" else None
         with torch.no_grad():
-            res = pcgrad_combine(sel, self._generator, sizes)
+            res = pcgrad_combine(list(sel), self._generator, sizes)
             self._record(res)
             combined_sel = res.grad.split([sizes_all[i] for i in sel_idx])
             out = list(flat.sum(0).split(sizes_all))
@@ -720,7 +753,7 @@ class GradientProjection(OptimizerWrapper):
             if mode == "agem":
                 res = agem_project(g, ref, sizes)
             else:
-                res = pcgrad_combine(torch.stack([g, ref]), self._generator, sizes)
+                res = pcgrad_combine([g, ref], self._generator, sizes, fallback=(1.0, 0.0))
         self._record(res)
         _write_back(params, res.grad)
 
@@ -844,13 +877,6 @@ class GradientProjection(OptimizerWrapper):
 # ====================================================================== helpers
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (its forward skips the reducer; we all-reduce ourselves)."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.module
-    return model
-
-
 def _param_device(opt: Optimizer) -> torch.device:
     for g in opt.param_groups:
         for p in g["params"]:
@@ -883,18 +909,6 @@ def _to_cpu(batch: Batch) -> Batch:
                     move_batch(batch, "cpu"))
 
 
-class _LossModule(nn.Module):
-    """``forward(batch) = loss_fn(model, batch)`` so ``functional_call`` can reparametrise it."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Batch) -> Tensor:
-        return self.loss_fn(self.model, batch)
-
-
 def _per_sample_flat(
     model: nn.Module, loss_fn: LossFn, named: list[tuple[str, nn.Parameter]], batch: Batch
 ) -> list[Tensor]:
@@ -903,18 +917,15 @@ def _per_sample_flat(
     params = [p for _, p in named]
     n = batch_size_of(batch)
     try:
-        from torch.func import functional_call, grad, vmap
-
-        wrapper = _LossModule(model, loss_fn)
-        detached = {f"model.{k}": p.detach() for k, p in named}
+        f = functional_loss(model, loss_fn)  # f(params, batch) -> scalar, via functional_call
+        detached = {k: p.detach() for k, p in named}
 
         def loss_one(ps: dict[str, Tensor], sample: Batch) -> Tensor:
-            one = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, sample)
-            return functional_call(wrapper, ps, (one,))
+            return f(ps, tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, sample))
 
         in_dims = tree_map(lambda t: 0 if isinstance(t, Tensor) and t.dim() > 0 else None, batch)
         g = vmap(grad(loss_one), in_dims=(None, in_dims), randomness="different")(detached, batch)
-        flat = torch.cat([g[f"model.{k}"].reshape(n, -1).float() for k, _ in named], dim=1)
+        flat = torch.cat([g[k].reshape(n, -1).float() for k, _ in named], dim=1)
         return list(flat.unbind(0))
     except Exception as exc:  # noqa: BLE001 - vmap coverage varies across models
         logger.debug("per-sample gradients via vmap failed (%s); looping over examples", exc)

@@ -97,6 +97,7 @@ def main() -> int:
         print(f"rank {rank}: " + "; ".join(failures), file=sys.stderr)
     elif rank == 0:
         print("DDP-PROJECTION-OK", flush=True)
+    dist.barrier()  # no rank tears gloo down while another is still in a collective
     dist.destroy_process_group()
     return 1 if int(flag) else 0
 

@@ -1,0 +1,512 @@
+"""Curvature regularizer: keep the loss landscape of earlier tasks from flattening.
+
+Sequential fine-tuning flattens the loss landscape around earlier tasks' minima: their top
+Hessian eigenvalue falls by ~75% after three later tasks and the flattening precedes behavioural
+forgetting (Mechanistic Analysis of Catastrophic Forgetting in LLMs, arXiv 2601.18699, §2.6);
+"if curvature regularization maintains Hessian eigenvalues within 20% of original values, this
+mechanism is substantially suppressed". This module is that regularizer.
+
+At the end of task ``t`` (:meth:`CurvatureRegularizer.consolidate`) it stores ``θ*_t``, the top-k
+eigenpairs ``(λ_{t,i}, v_{t,i})`` of that task's loss Hessian (Lanczos, :mod:`mitigate.curvature`)
+and a small replay memory (a few batches, on CPU). While training later tasks it returns
+
+    curv(θ) = strength · ( w_a · Σ_t ½ Σ_i λ_{t,i} ⟨v_{t,i}, θ − θ*_t⟩²
+                         + w_p · Σ_t Σ_i ((v_{t,i}ᵀ H_t(θ) v_{t,i} − λ_{t,i}) / λ_{t,i})² )
+
+* The **anchor** term is the low-rank Laplace approximation of task ``t``'s loss around
+  ``θ*_t`` (a rank-k quadratic: cheap, every step).
+* The **preservation** term evaluates the Rayleigh quotients ``v_iᵀ H_t(θ) v_i`` of the
+  *current* parameters on a replay batch of task ``t`` through a differentiable Hessian-vector
+  product (third-order gradient), penalising the relative change of the curvature along the
+  stored eigen-directions. It is amortised: computed every ``every`` calls and multiplied by
+  ``every`` on those calls, zero on the others, so its expected gradient per step is unchanged
+  while costing ``1/every`` of the work. ``replay_batch_size`` samples (rotating through the
+  replay memory) are used per evaluation.
+
+Only positive eigenvalues are kept (the relative preservation error divides by ``λ_i``): a
+non-positive ``λ_i`` is dropped with a warning, and consolidation fails when none is positive.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from mitigate._utils import (
+    Batch,
+    LossFn,
+    ParamSelector,
+    adopt_state_dict_buffers,
+    batch_size_of,
+    buffer_key,
+    live_parameters,
+    model_device,
+    move_batch,
+    preserve_state,
+    resolve_loss_fn,
+)
+from mitigate.curvature import (
+    EigenResult,
+    HessianOperator,
+    as_batch_list,
+    hessian_eigenvalues,
+    rayleigh_quotients,
+    unwrap_model,
+)
+
+__all__ = ["CurvatureConfig", "CurvatureDrift", "CurvatureRegularizer"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CurvatureConfig:
+    """Settings of :class:`CurvatureRegularizer` (validated on construction).
+
+    Attributes:
+        strength: overall multiplier of the penalty (≥ 0).
+        k: eigenpairs stored per task (top-k of the task's loss Hessian).
+        params: which parameters the eigenvectors live on (``None``: all trainable; e.g.
+            ``r".*self_attn\\..*"`` for attention only, or the LoRA parameters on PEFT models).
+        every: the preservation term is computed every ``every`` calls (×``every``), else 0.
+        replay_batches: batches of each task kept (CPU) for the preservation term; 0 disables it.
+        replay_batch_size: samples per preservation evaluation, rotating through the stored
+            batches (``None``: a whole stored batch). Its cost is a third-order backward, so a
+            small slice keeps the amortised overhead low.
+        anchor_weight: ``w_a``, weight of the low-rank Laplace anchor term.
+        preservation_weight: ``w_p``, weight of the eigenvalue-preservation term.
+        method / max_iter / tol / seed: passed to :func:`mitigate.curvature.hessian_eigenvalues`.
+        eval_mode: compute eigenpairs and the preservation term with dropout off.
+        dtype: storage dtype of ``θ*`` and the eigenvectors.
+    """
+
+    strength: float = 1.0
+    k: int = 4
+    params: ParamSelector = None
+    every: int = 10
+    replay_batches: int = 1
+    replay_batch_size: int | None = 2
+    anchor_weight: float = 1.0
+    preservation_weight: float = 1.0
+    method: Literal["lanczos", "power"] = "lanczos"
+    max_iter: int = 100
+    tol: float = 1e-3
+    seed: int = 0
+    eval_mode: bool = True
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        def nonneg(name: str) -> None:
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name}={v!r} must be a finite number >= 0")
+
+        for name in ("strength", "anchor_weight", "preservation_weight"):
+            nonneg(name)
+        for name in ("k", "every", "max_iter"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v >= 1):
+                raise ValueError(f"{name}={v!r} must be a positive int")
+        if not (isinstance(self.replay_batches, int) and self.replay_batches >= 0):
+            raise ValueError(f"replay_batches={self.replay_batches!r} must be an int >= 0 (0: no replay)")
+        if self.replay_batch_size is not None and not (
+            isinstance(self.replay_batch_size, int) and self.replay_batch_size >= 1
+        ):
+            raise ValueError(f"replay_batch_size={self.replay_batch_size!r} must be None or a positive int")
+        if self.method not in ("lanczos", "power"):
+            raise ValueError(f"method={self.method!r} must be 'lanczos' or 'power'")
+        if not (isinstance(self.tol, (int, float)) and self.tol > 0):
+            raise ValueError(f"tol={self.tol!r} must be > 0")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed={self.seed!r} must be an int")
+        if not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
+            raise ValueError(f"dtype={self.dtype!r} must be a floating torch.dtype")
+
+
+@dataclass
+class CurvatureDrift:
+    """Curvature of one consolidated task now, against the stored eigenvalues.
+
+    Attributes:
+        task: task index.
+        eigenvalues: ``(k,)`` stored ``λᵢ``.
+        rayleigh: ``(k,)`` current ``vᵢᵀ H(θ) vᵢ`` on the task's replay memory (or given batches).
+        ratio: ``rayleigh / eigenvalues`` (1 = curvature preserved; 0.25 = flattened by 75%).
+    """
+
+    task: int
+    eigenvalues: Tensor
+    rayleigh: Tensor
+    ratio: Tensor
+
+
+class CurvatureRegularizer(nn.Module):
+    """Anchor + eigenvalue-preservation penalty (see the module docstring for the formula).
+
+    ``curv()`` (``forward``) returns a differentiable scalar to add to the loss; call it once per
+    optimizer step (the call count drives ``every``; pass ``step=`` to drive it yourself).
+
+    Args:
+        model: the model being fine-tuned (DDP unwrapped, eager attention for the preservation
+            term). A plain reference, not a submodule: ``state_dict()`` holds only this module's
+            buffers.
+        strength, k, ...: see :class:`CurvatureConfig`.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` used on replay batches when
+            :meth:`consolidate` got none (and after loading a state dict); ``None``:
+            ``model(**batch).loss``.
+        config: a ready :class:`CurvatureConfig` instead of the keyword arguments.
+
+    Raises:
+        ValueError: invalid settings.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        strength: float = 1.0,
+        k: int = 4,
+        params: ParamSelector = None,
+        every: int = 10,
+        replay_batches: int = 1,
+        replay_batch_size: int | None = 2,
+        anchor_weight: float = 1.0,
+        preservation_weight: float = 1.0,
+        method: Literal["lanczos", "power"] = "lanczos",
+        max_iter: int = 100,
+        tol: float = 1e-3,
+        seed: int = 0,
+        eval_mode: bool = True,
+        dtype: torch.dtype = torch.float32,
+        loss_fn: LossFn | None = None,
+        config: CurvatureConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config or CurvatureConfig(
+            strength=strength, k=k, params=params, every=every, replay_batches=replay_batches,
+            replay_batch_size=replay_batch_size, anchor_weight=anchor_weight,
+            preservation_weight=preservation_weight, method=method, max_iter=max_iter, tol=tol,
+            seed=seed, eval_mode=eval_mode, dtype=dtype,
+        )
+        object.__setattr__(self, "_model", unwrap_model(model))  # not a submodule
+        self.loss_fn = loss_fn
+        self._tasks: list[dict[str, Any]] = []  # {"shapes", "k", "replay": [{"keys", "kind"}]}
+        self._loss_fns: list[LossFn | None] = []
+        self._step = 0
+        self._replay_cursor = 0
+        self._flat: dict[int, tuple[Tensor, Tensor]] = {}  # task -> (θ* flat (n,), V flat (k, n))
+
+    # ------------------------------------------------------------------ public
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self._tasks)
+
+    def eigenvalues(self, task: int = -1) -> Tensor:
+        """Stored ``(k,)`` eigenvalues of task ``task``."""
+        return self._buffers[f"t{self._index(task)}__eigenvalues"]
+
+    def eigenvectors(self, task: int = -1) -> list[dict[str, Tensor]]:
+        """Stored unit eigenvectors of task ``task``: ``k`` dicts name -> tensor."""
+        t = self._index(task)
+        stacked = {n: self._buffers[buffer_key(f"t{t}__vectors__", n)] for n in self._tasks[t]["shapes"]}
+        return [{n: v[i] for n, v in stacked.items()} for i in range(self._tasks[t]["k"])]
+
+    def anchor(self, task: int = -1) -> dict[str, Tensor]:
+        """Stored ``θ*`` of task ``task``."""
+        t = self._index(task)
+        return {n: self._buffers[buffer_key(f"t{t}__anchor__", n)] for n in self._tasks[t]["shapes"]}
+
+    @torch.no_grad()
+    def consolidate(self, batches: Batch | Iterable[Batch], loss_fn: LossFn | None = None) -> EigenResult:
+        """End of a task: store ``θ*``, the top-k Hessian eigenpairs of the task's loss at ``θ*``
+        and ``replay_batches`` batches (CPU) for the preservation term.
+
+        Args:
+            batches: one batch (dict) or an iterable of batches of the finished task.
+            loss_fn: ``loss_fn(model, batch) -> scalar`` (``None``: the constructor's, else
+                ``model(**batch).loss``); remembered for this task's replay batches.
+
+        Returns:
+            the :class:`~mitigate.curvature.EigenResult` (all k pairs, before dropping
+            non-positive eigenvalues).
+
+        Raises:
+            ValueError: no batches, a non-finite loss, or no positive eigenvalue.
+            AttentionKernelError: SDPA/flash attention (load with ``attn_implementation="eager"``).
+        """
+        cfg = self.config
+        model = self._model
+        blist = as_batch_list(batches)
+        fn = loss_fn if loss_fn is not None else self.loss_fn
+        device = model_device(model)
+        with preserve_state(model, mode=False if cfg.eval_mode else None):
+            for b in blist:
+                loss = resolve_loss_fn(fn)(model, move_batch(b, device))
+                if not bool(torch.isfinite(loss).all()):
+                    raise ValueError(f"non-finite loss {float(loss)} on a consolidation batch")
+        with torch.enable_grad():
+            eig = hessian_eigenvalues(
+                model, blist, fn, k=cfg.k, params=cfg.params, method=cfg.method,
+                max_iter=cfg.max_iter, tol=cfg.tol, seed=cfg.seed + len(self._tasks),
+                eval_mode=cfg.eval_mode,
+            )
+        values = eig.values
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError(f"non-finite Hessian eigenvalues {values.tolist()}")
+        keep = [i for i, lam in enumerate(values.tolist()) if lam > 0]
+        if len(keep) < len(values):
+            dropped = [values[i].item() for i in range(len(values)) if i not in keep]
+            if not keep:
+                raise ValueError(
+                    f"no positive Hessian eigenvalue among the top {len(values)} ({values.tolist()}): "
+                    "the preservation term is defined for positive curvature only; consolidate at a "
+                    "(near-)minimum of the task's loss"
+                )
+            warnings.warn(
+                f"CurvatureRegularizer: dropping non-positive eigenvalues {dropped} (the "
+                "preservation term divides by λᵢ and is defined for positive curvature only)",
+                stacklevel=2,
+            )
+        names = eig.names
+        params = dict(model.named_parameters())
+        t = len(self._tasks)
+        dt = cfg.dtype
+        self.register_buffer(f"t{t}__eigenvalues", values[keep].to(device=device, dtype=torch.float64))
+        for n in names:
+            p = params[n]
+            self.register_buffer(buffer_key(f"t{t}__anchor__", n), p.detach().to(dt).clone())
+            self.register_buffer(
+                buffer_key(f"t{t}__vectors__", n),
+                torch.stack([eig.vectors[i][n] for i in keep]).to(device=p.device, dtype=dt).contiguous(),
+            )
+        replay = []
+        for j, b in enumerate(blist[: cfg.replay_batches]):
+            replay.append(self._store_replay(t, j, b))
+        self._tasks.append({"shapes": {n: list(params[n].shape) for n in names}, "k": len(keep), "replay": replay})
+        self._loss_fns.append(fn)
+        self._flat.pop(t, None)
+        return eig
+
+    def forward(self, step: int | None = None) -> Tensor:
+        """The penalty at the live parameters (see the module docstring).
+
+        Args:
+            step: the training step deciding whether the preservation term is computed
+                (``step % every == 0``); ``None`` uses (and advances) the internal call counter.
+
+        Returns:
+            0-d tensor on the model's device, differentiable w.r.t. the parameters; a zero that
+            supports ``.backward()`` before any :meth:`consolidate`.
+
+        Raises:
+            StateMismatchError: a stored parameter is missing or changed shape.
+        """
+        cfg = self.config
+        if step is None:
+            step = self._step
+            self._step += 1
+        if not self._tasks:
+            return torch.zeros((), device=model_device(self._model), requires_grad=True)
+        total: Tensor | None = None
+        preserve = cfg.preservation_weight > 0 and step % cfg.every == 0
+        for t in range(len(self._tasks)):
+            plist = live_parameters(self._model, self._tasks[t]["shapes"], f"curvature regularizer task {t}")
+            term = self._anchor_term(t, plist) * cfg.anchor_weight if cfg.anchor_weight > 0 else None
+            if preserve and self._tasks[t]["replay"]:
+                pres = self._preservation_term(t, plist) * (cfg.preservation_weight * cfg.every)
+                term = pres if term is None else term + pres
+            if term is not None:
+                total = term if total is None else total + term
+        if total is None:
+            return torch.zeros((), device=model_device(self._model), requires_grad=True)
+        return total * cfg.strength
+
+    def anchor_term(self) -> Tensor:
+        """``Σ_t ½ Σ_i λ_{t,i} ⟨v_{t,i}, θ − θ*_t⟩²`` alone (unweighted), differentiable."""
+        terms = [self._anchor_term(t, live_parameters(self._model, task["shapes"], f"task {t}"))
+                 for t, task in enumerate(self._tasks)]
+        return torch.stack(terms).sum() if terms else torch.zeros((), device=model_device(self._model), requires_grad=True)
+
+    def preservation_term(self, batches: Batch | Iterable[Batch] | None = None) -> Tensor:
+        """``Σ_t Σ_i ((v_iᵀ H_t(θ) v_i − λ_i)/λ_i)²`` alone (unweighted, not amortised),
+        differentiable; on the next replay slice of each task, or on ``batches`` (first batch)."""
+        terms = []
+        for t, task in enumerate(self._tasks):
+            plist = live_parameters(self._model, task["shapes"], f"task {t}")
+            batch = None if batches is None else as_batch_list(batches)[0]
+            terms.append(self._preservation_term(t, plist, batch))
+        return torch.stack(terms).sum() if terms else torch.zeros((), device=model_device(self._model), requires_grad=True)
+
+    @torch.no_grad()
+    def drift(self, batches: Batch | Iterable[Batch] | None = None, loss_fn: LossFn | None = None) -> list[CurvatureDrift]:
+        """Current Rayleigh quotients ``vᵢᵀ H(θ) vᵢ`` of every task against its stored ``λᵢ``.
+
+        Args:
+            batches: batches to measure ``H`` on (all tasks); ``None``: each task's replay memory.
+            loss_fn: loss for ``batches`` (``None``: each task's own).
+
+        Returns:
+            one :class:`CurvatureDrift` per task.
+
+        Raises:
+            ValueError: a task without replay memory and no ``batches``.
+            StateMismatchError: a stored parameter is missing or changed shape.
+        """
+        out = []
+        for t, task in enumerate(self._tasks):
+            live_parameters(self._model, task["shapes"], f"curvature regularizer task {t}")
+            blist = self._replay(t) if batches is None else as_batch_list(batches)
+            if not blist:
+                raise ValueError(f"task {t} has no replay memory (replay_batches=0): pass batches=")
+            fn = loss_fn if loss_fn is not None else self._task_loss_fn(t)
+            names = list(task["shapes"])
+            with torch.enable_grad(), preserve_state(self._model, mode=False if self.config.eval_mode else None):
+                op = HessianOperator(self._model, blist, fn, names)
+                qs = []
+                for v in self.eigenvectors(t):
+                    flat = op.from_dict(v).to(op.device)
+                    qs.append(torch.dot(flat, op.matvec(flat)))
+            lam = self.eigenvalues(t).double().cpu()
+            q = torch.stack(qs).double().cpu()
+            out.append(CurvatureDrift(task=t, eigenvalues=lam, rayleigh=q, ratio=q / lam))
+        return out
+
+    # ------------------------------------------------------------------ terms
+    def _flat_state(self, t: int) -> tuple[Tensor, Tensor]:
+        cached = self._flat.get(t)
+        if cached is None:
+            names = list(self._tasks[t]["shapes"])
+            anchor = torch.cat([self._buffers[buffer_key(f"t{t}__anchor__", n)].reshape(-1) for n in names])
+            k = self._tasks[t]["k"]
+            vecs = torch.cat([self._buffers[buffer_key(f"t{t}__vectors__", n)].reshape(k, -1) for n in names], dim=1)
+            cached = self._flat[t] = (anchor, vecs)
+        return cached
+
+    def _anchor_term(self, t: int, plist: list[nn.Parameter]) -> Tensor:
+        anchor, vecs = self._flat_state(t)  # (n,), (k, n)
+        theta = torch.cat([p.reshape(-1) for p in plist]).to(device=anchor.device, dtype=anchor.dtype)
+        c = vecs @ (theta - anchor)  # (k,) ⟨vᵢ, θ − θ*⟩
+        lam = self._buffers[f"t{t}__eigenvalues"].to(device=c.device, dtype=c.dtype)
+        return 0.5 * torch.dot(lam, c * c).to(plist[0].device)
+
+    def _preservation_term(self, t: int, plist: list[nn.Parameter], batch: Batch | None = None) -> Tensor:
+        cfg = self.config
+        if batch is None:
+            batch = self._replay_slice(t)
+        batch = move_batch(batch, plist[0].device)
+        lam = self._buffers[f"t{t}__eigenvalues"].to(plist[0].device)
+        vecs = [[v[n].to(p.device) for n, p in zip(self._tasks[t]["shapes"], plist)] for v in self.eigenvectors(t)]
+        model = self._model
+        training = [(m, m.training) for m in model.modules()]
+        try:
+            if cfg.eval_mode:
+                model.eval()
+            q = rayleigh_quotients(model, batch, vecs, self._task_loss_fn(t), plist)
+        finally:
+            for m, flag in training:
+                m.training = flag
+        rel = (q.to(lam.dtype) - lam) / lam
+        return (rel * rel).sum().to(plist[0].dtype if plist[0].dtype.is_floating_point else torch.float32)
+
+    # ------------------------------------------------------------------ replay memory
+    def _store_replay(self, t: int, j: int, batch: Batch) -> dict[str, Any]:
+        if isinstance(batch, Mapping):
+            kind, items = "dict", list(batch.items())
+        elif isinstance(batch, (tuple, list)):
+            kind, items = "tuple", [(str(i), v) for i, v in enumerate(batch)]
+        else:
+            kind, items = "tensor", [("0", batch)]
+        keys, plain = [], {}
+        for key, v in items:
+            if isinstance(v, Tensor):
+                self.register_buffer(f"t{t}__replay{j}__{key}", v.detach().cpu().clone())
+                keys.append(key)
+            elif v is None or isinstance(v, (bool, int, float, str)):
+                plain[key] = v
+            else:
+                raise ValueError(f"replay batch entry {key!r} of type {type(v).__name__} cannot be stored")
+        return {"kind": kind, "keys": keys, "plain": plain, "order": [k for k, _ in items]}
+
+    def _replay(self, t: int) -> list[Batch]:
+        out = []
+        for j, spec in enumerate(self._tasks[t]["replay"]):
+            vals = {k: self._buffers[f"t{t}__replay{j}__{k}"] for k in spec["keys"]} | spec["plain"]
+            ordered = [(k, vals[k]) for k in spec["order"]]
+            if spec["kind"] == "dict":
+                out.append(dict(ordered))
+            elif spec["kind"] == "tuple":
+                out.append(tuple(v for _, v in ordered))
+            else:
+                out.append(ordered[0][1])
+        return out
+
+    def _replay_slice(self, t: int) -> Batch:
+        """Next ``replay_batch_size`` samples of task ``t``'s replay memory (rotating)."""
+        batches = self._replay(t)
+        size_cfg = self.config.replay_batch_size
+        j = self._replay_cursor % len(batches)
+        batch = batches[j]
+        size = batch_size_of(batch)
+        if size_cfg is None or size_cfg >= size:
+            self._replay_cursor += 1
+            return batch
+        start = (self._replay_cursor // len(batches)) * size_cfg % size
+        idx = torch.arange(start, start + size_cfg) % size
+        self._replay_cursor += 1
+
+        def cut(v: Any) -> Any:
+            return v[idx] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == size else v
+
+        if isinstance(batch, Mapping):
+            return {k: cut(v) for k, v in batch.items()}
+        if isinstance(batch, tuple):
+            return tuple(cut(v) for v in batch)
+        return cut(batch)
+
+    # ------------------------------------------------------------------ state
+    def _index(self, task: int) -> int:
+        if not self._tasks:
+            raise ValueError("nothing consolidated yet: call consolidate(batches) first")
+        return range(len(self._tasks))[task]
+
+    def _task_loss_fn(self, t: int) -> LossFn | None:
+        fn = self._loss_fns[t] if t < len(self._loss_fns) else None
+        return fn if fn is not None else self.loss_fn
+
+    def _apply(self, fn: Any, recurse: bool = True) -> CurvatureRegularizer:  # .to(), .cuda(), .double()
+        self._flat.clear()
+        return super()._apply(fn, recurse)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"version": 1, "tasks": [dict(t) for t in self._tasks], "step": self._step,
+                "replay_cursor": self._replay_cursor}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._tasks = [dict(t) for t in state["tasks"]]
+        self._step = int(state["step"])
+        self._replay_cursor = int(state["replay_cursor"])
+        n = len(self._tasks)  # callables are not saved: keep ours, else the constructor's loss_fn
+        self._loss_fns = (self._loss_fns + [None] * n)[:n]
+        self._flat.clear()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[no-untyped-def]
+        if prefix + "_extra_state" in state_dict:
+            device = next(iter(self._buffers.values())).device if self._buffers else None
+            adopt_state_dict_buffers(self, state_dict, prefix, device)
+            self._flat.clear()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"strength={c.strength}, k={c.k}, every={c.every}, tasks={self.num_tasks}"

@@ -1,0 +1,510 @@
+"""Elastic Weight Consolidation (Kirkpatrick et al. 2017, "Overcoming catastrophic forgetting in
+neural networks"), with the online variant of Schwarz et al. 2018 ("Progress & Compress").
+
+After task ``t`` the diagonal Fisher ``F_t`` is estimated at ``θ*_t`` and the penalty
+
+    ewc(θ) = (λ/2) Σ_t Σ_i F_{t,i} (θ_i − θ*_{t,i})²                (λ = ``strength``)
+
+is added to the loss of later tasks. Online mode keeps one pair, ``F ← γ F_old + F_new`` and
+``θ* ← θ*_new``.
+
+Usage (three lines in a training loop)::
+
+    ewc = mitigate.EWC(model, strength=100.0)
+    ...                                   # train task 0
+    ewc.consolidate(task0_batches)        # F and θ* for task 0
+    loss = model(**batch).loss + ewc()    # while training task 1
+
+Fisher estimators (``fisher=``):
+
+* ``"empirical"`` (default): ``F = (1/N) Σ_n (∇ℓ_n(θ))²`` over *samples* ``n``, where ``ℓ_n`` is
+  the loss of sample ``n`` alone (for a Hugging Face causal LM: the model's token-mean
+  cross-entropy over that sample's non-ignored labels). Per-sample gradients are vectorised with
+  ``torch.func.vmap(grad(...))`` over the batch dimension; a loop of ``autograd.grad`` per
+  sample is the fallback when vmap fails (ops without batching rules, data-dependent control flow).
+* ``"true"``: as above, but each sample's labels are *drawn from the model's own predictive
+  distribution* ``y ~ softmax(logits)`` (the Fisher information proper). The loss is rebuilt from
+  logits, so ``loss_fn`` is not used: pass ``logits_fn(model, batch) -> logits`` to the
+  constructor if ``model(**batch_without_labels).logits`` does not fit. Logits ``(B, T, V)`` are
+  a causal LM: the label at position ``t+1`` is drawn from the logits at ``t`` for every position
+  whose original label is not ``-100`` (or, without ``labels``, whose ``attention_mask`` is 1),
+  and ``ℓ_n`` is the token-mean cross-entropy of sample ``n`` over those positions. Logits
+  ``(B, C)`` are a classifier: one label per sample.
+* ``"batch"``: ``F = Σ_b n_b (∇L_b(θ))² / Σ_b n_b`` with ``L_b`` the minibatch-mean loss: the
+  common, biased shortcut (it squares a mean of gradients, so it shrinks with batch size); kept
+  for comparison.
+
+State lives in registered buffers (``t{task}__fisher__{param}`` and ``t{task}__anchor__{param}``,
+dots replaced by ``__``) plus a plain-Python ``_extra_state`` (names, shapes, task count), so
+``state_dict()`` round-trips through ``torch.load(weights_only=True)`` and ``.to(device)`` moves
+it. The model is *not* a submodule. PEFT models store their trainable (adapter) parameters only.
+Under DDP the Fisher sums and sample counts are summed over ranks, so every rank stores the same
+``F``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import grad, vmap
+
+from mitigate._utils import (
+    Batch,
+    LossFn,
+    ParamSelector,
+    adopt_state_dict_buffers,
+    all_reduce_sum_,
+    batch_size_of,
+    buffer_key,
+    live_parameters,
+    model_device,
+    move_batch,
+    preserve_state,
+    resolve_loss_fn,
+    select_parameters,
+)
+from mitigate.curvature import as_batch_list, functional_loss, unwrap_model
+
+__all__ = ["EWC", "EWCConfig"]
+
+logger = logging.getLogger(__name__)
+
+FisherKind = Literal["empirical", "true", "batch"]
+LogitsFn = Callable[[nn.Module, Batch], Tensor]
+
+
+@dataclass
+class EWCConfig:
+    """Settings of :class:`EWC` (validated on construction).
+
+    Attributes:
+        strength: λ in ``(λ/2) Σ F (θ − θ*)²``; must be ≥ 0.
+        fisher: ``"empirical"`` (per-sample squared gradients), ``"true"`` (labels sampled from
+            the model), or ``"batch"`` (squared minibatch gradients, biased).
+        online_decay: ``None`` keeps one ``(F, θ*)`` per task; a γ in ``(0, 1]`` keeps one pair,
+            ``F ← γ F_old + F_new`` (online EWC, Schwarz et al. 2018).
+        params: which parameters (``None``: all trainable, i.e. only adapters on PEFT models).
+        dtype: storage dtype of ``F`` and ``θ*`` (float32 keeps small Fisher entries; the
+            penalty is computed in it).
+        device: storage device (``None``: the parameters' device).
+        eval_mode: estimate the Fisher with dropout off (train/eval flags are restored).
+        chunk_size: samples per vmap chunk for per-sample gradients (``None``: whole batch).
+        seed: seed of the label sampling for ``fisher="true"``.
+    """
+
+    strength: float = 1.0
+    fisher: FisherKind = "empirical"
+    online_decay: float | None = None
+    params: ParamSelector = None
+    dtype: torch.dtype = torch.float32
+    device: str | torch.device | None = None
+    eval_mode: bool = True
+    chunk_size: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.strength, (int, float)) and math.isfinite(self.strength) and self.strength >= 0):
+            raise ValueError(f"strength={self.strength!r} must be a finite float >= 0")
+        if self.fisher not in ("empirical", "true", "batch"):
+            raise ValueError(f"fisher={self.fisher!r} must be 'empirical', 'true' or 'batch'")
+        if self.online_decay is not None and not (
+            isinstance(self.online_decay, (int, float)) and 0 < self.online_decay <= 1
+        ):
+            raise ValueError(
+                f"online_decay={self.online_decay!r} must be None (one Fisher per task) or in (0, 1]"
+            )
+        if not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
+            raise ValueError(f"dtype={self.dtype!r} must be a floating torch.dtype, e.g. torch.float32")
+        if self.chunk_size is not None and not (isinstance(self.chunk_size, int) and self.chunk_size >= 1):
+            raise ValueError(f"chunk_size={self.chunk_size!r} must be None or a positive int")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed={self.seed!r} must be an int")
+
+
+class _DiagonalQuadratic(torch.autograd.Function):
+    """``½ Σ_j Σ F_j ⊙ (θ_j − θ*_j)²`` with gradient ``F_j ⊙ (θ_j − θ*_j)``, on lists of tensors
+    with ``torch._foreach`` ops (no concatenation, one saved tensor per parameter)."""
+
+    @staticmethod
+    def forward(ctx: Any, fisher: list[Tensor], anchor: list[Tensor], *params: Tensor) -> Tensor:  # type: ignore[override]
+        dtype = anchor[0].dtype
+        theta = [p.detach().to(device=a.device, dtype=dtype) for p, a in zip(params, anchor)]
+        diff = torch._foreach_sub(theta, anchor)
+        fd = torch._foreach_mul(diff, fisher)
+        # F ≥ 0, so F d² ≥ 0 and its L1 norm is its sum (one fused call)
+        sums = torch._foreach_norm(torch._foreach_mul(fd, diff), 1)
+        ctx.save_for_backward(*fd)
+        ctx.param_meta = [(p.dtype, p.device) for p in params]
+        return torch.stack(sums).sum().mul(0.5).to(params[0].device)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        fd = ctx.saved_tensors
+        grads = torch._foreach_mul(list(fd), grad_out.to(fd[0].device))
+        out = [g.to(device=dev, dtype=dt) for g, (dt, dev) in zip(grads, ctx.param_meta)]
+        return (None, None, *out)
+
+
+def _default_logits(model: nn.Module, batch: Batch) -> Tensor:
+    if isinstance(batch, Mapping):
+        out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    else:
+        out = model(*batch)
+    logits = getattr(out, "logits", out)
+    if not isinstance(logits, Tensor):
+        raise ValueError("fisher='true' needs logits: pass logits_fn=lambda model, batch: ... to EWC")
+    return logits
+
+
+def _split_sample_dims(batch: Batch, size: int) -> Any:
+    """vmap ``in_dims`` for a batch: 0 for tensors whose leading size is the batch size."""
+    def dim(v: Any) -> int | None:
+        return 0 if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == size else None
+
+    if isinstance(batch, Mapping):
+        return {k: dim(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(dim(v) for v in batch)
+    return dim(batch)
+
+
+def _sample(batch: Batch, i: int, size: int) -> Batch:
+    """Sample ``i`` of a batch, keeping a batch dimension of 1."""
+    def cut(v: Any) -> Any:
+        return v[i : i + 1] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == size else v
+
+    if isinstance(batch, Mapping):
+        return {k: cut(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(cut(v) for v in batch)
+    return cut(batch)
+
+
+def _unsqueeze_sample(sample: Batch, dims: Any) -> Batch:
+    """Inside vmap: give the per-sample tensors their batch dimension of 1 back."""
+    if isinstance(sample, Mapping):
+        return {k: v.unsqueeze(0) if dims[k] == 0 else v for k, v in sample.items()}
+    if isinstance(sample, (list, tuple)):
+        return type(sample)(v.unsqueeze(0) if d == 0 else v for v, d in zip(sample, dims))
+    return sample.unsqueeze(0) if dims == 0 else sample
+
+
+_SAMPLED = "__mitigate_sampled_labels__"
+
+
+def _true_fisher_loss(logits_fn: LogitsFn) -> LossFn:
+    """Loss of a batch carrying sampled labels under ``_SAMPLED``: token-mean (causal LM, shifted)
+    or per-sample (classifier) cross-entropy, computed from ``logits_fn``."""
+
+    def loss(model: nn.Module, batch: Batch) -> Tensor:
+        labels = batch[_SAMPLED]
+        inputs = {k: v for k, v in batch.items() if k != _SAMPLED}
+        logits = logits_fn(model, inputs).float()
+        if logits.dim() == 3:
+            lg, y = logits[:, :-1], labels[:, 1:]
+            nll = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), y.reshape(-1), ignore_index=-100, reduction="sum")
+            return nll / (y != -100).sum().clamp_min(1)
+        return F.cross_entropy(logits, labels)
+
+    return loss
+
+
+def _sample_labels(logits: Tensor, batch: Mapping[str, Any], gen: torch.Generator) -> Tensor:
+    """Labels drawn from ``softmax(logits)`` (on CPU, from ``gen``), shaped like the targets."""
+    probs = torch.softmax(logits.detach().double().cpu(), dim=-1)
+    draws = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=gen).reshape(probs.shape[:-1])
+    if logits.dim() == 2:
+        return draws.to(logits.device)
+    # causal LM: position t's logits predict token t+1
+    b, t = draws.shape
+    if "labels" in batch and isinstance(batch["labels"], Tensor):
+        valid = batch["labels"].cpu() != -100
+    elif "attention_mask" in batch and isinstance(batch["attention_mask"], Tensor):
+        valid = batch["attention_mask"].cpu().bool()
+    else:
+        valid = torch.ones(b, t, dtype=torch.bool)
+    labels = torch.full((b, t), -100, dtype=torch.long)
+    labels[:, 1:] = torch.where(valid[:, 1:], draws[:, :-1], torch.tensor(-100))
+    return labels.to(logits.device)
+
+
+class EWC(nn.Module):
+    """Elastic Weight Consolidation penalty, an ``nn.Module``: ``ewc()`` returns
+    ``(strength/2) Σ_t Σ_i F_{t,i} (θ_i − θ*_{t,i})²`` (differentiable w.r.t. the live parameters).
+
+    Args:
+        model: the model being fine-tuned (DDP is unwrapped; PEFT: trainable parameters only).
+            Kept as a plain reference, not a submodule: ``state_dict()`` holds only EWC's state.
+        strength: λ, see :class:`EWCConfig` (as are the other keyword arguments).
+        logits_fn: ``logits_fn(model, batch) -> logits`` for ``fisher="true"``; default
+            ``model(**batch_without_labels).logits``.
+        config: a ready :class:`EWCConfig` instead of the keyword arguments.
+
+    Raises:
+        ValueError: invalid settings (see :class:`EWCConfig`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        strength: float = 1.0,
+        fisher: FisherKind = "empirical",
+        online_decay: float | None = None,
+        params: ParamSelector = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+        eval_mode: bool = True,
+        chunk_size: int | None = None,
+        seed: int = 0,
+        logits_fn: LogitsFn | None = None,
+        config: EWCConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config or EWCConfig(
+            strength=strength, fisher=fisher, online_decay=online_decay, params=params, dtype=dtype,
+            device=device, eval_mode=eval_mode, chunk_size=chunk_size, seed=seed,
+        )
+        object.__setattr__(self, "_model", unwrap_model(model))  # not a submodule
+        self.logits_fn: LogitsFn = logits_fn or _default_logits
+        self._tasks: list[dict[str, Any]] = []  # per stored pair: {"shapes": {name: shape}}
+        self._consolidations = 0
+        self._vmap_failed = False
+
+    # ------------------------------------------------------------------ public
+    @property
+    def model(self) -> nn.Module:
+        """The model the penalty anchors (not a submodule)."""
+        return self._model
+
+    @property
+    def num_tasks(self) -> int:
+        """Number of consolidations so far (in online mode the stored pairs stay at one)."""
+        return self._consolidations
+
+    def fisher(self, task: int = -1) -> dict[str, Tensor]:
+        """Stored diagonal Fisher of pair ``task`` (online mode: the only one), name -> tensor."""
+        return self._task_tensors(task, "fisher")
+
+    def anchor(self, task: int = -1) -> dict[str, Tensor]:
+        """Stored anchor ``θ*`` of pair ``task``, name -> tensor."""
+        return self._task_tensors(task, "anchor")
+
+    @torch.no_grad()
+    def estimate_fisher(self, batches: Batch | Iterable[Batch], loss_fn: LossFn | None = None) -> dict[str, Tensor]:
+        """The diagonal Fisher at the current parameters (nothing stored); see the module doc
+        for the three estimators.
+
+        Args:
+            batches: one batch (dict) or an iterable of batches.
+            loss_fn: ``loss_fn(model, batch) -> scalar`` (``None``: ``model(**batch).loss``);
+                for ``"empirical"`` it is applied to one sample at a time (batch dimension 1).
+                Not used by ``fisher="true"`` (pass ``logits_fn`` to the constructor).
+
+        Returns:
+            name -> Fisher tensor (storage dtype/device).
+
+        Raises:
+            ValueError: no batches, a non-finite loss, ``loss_fn`` with ``fisher="true"``.
+        """
+        cfg = self.config
+        if cfg.fisher == "true" and loss_fn is not None:
+            raise ValueError(
+                "fisher='true' draws labels from the model's logits and rebuilds the loss from them, "
+                "so loss_fn is not used; pass logits_fn=... to EWC(...) instead"
+            )
+        model = self._model
+        blist = as_batch_list(batches)
+        device = model_device(model)
+        with preserve_state(model, mode=False if cfg.eval_mode else None):
+            named = select_parameters(model, cfg.params)
+            sums = {n: torch.zeros(p.shape, dtype=torch.float64 if cfg.dtype == torch.float64 else torch.float32,
+                                   device=p.device) for n, p in named.items()}
+            count = 0.0
+            gen = torch.Generator().manual_seed(cfg.seed + self._consolidations)
+            for batch in blist:
+                batch = move_batch(batch, device)
+                if cfg.fisher == "batch":
+                    count += self._accumulate_batch(named, batch, resolve_loss_fn(loss_fn), sums)
+                    continue
+                fn = resolve_loss_fn(loss_fn)
+                if cfg.fisher == "true":
+                    logits = self.logits_fn(model, batch)
+                    batch = {**batch, _SAMPLED: _sample_labels(logits, batch, gen)}
+                    fn = _true_fisher_loss(self.logits_fn)
+                count += self._accumulate_per_sample(named, batch, fn, sums)
+            flat = torch.cat([s.reshape(-1) for s in sums.values()] + [torch.tensor([count], dtype=next(iter(sums.values())).dtype, device=next(iter(sums.values())).device)])
+            all_reduce_sum_(flat)
+            total = float(flat[-1])
+            out, i = {}, 0
+            for n, s in sums.items():
+                out[n] = (flat[i : i + s.numel()].view_as(s) / total).to(
+                    dtype=cfg.dtype, device=cfg.device if cfg.device is not None else s.device
+                )
+                i += s.numel()
+        return out
+
+    @torch.no_grad()
+    def consolidate(self, batches: Batch | Iterable[Batch], loss_fn: LossFn | None = None) -> dict[str, Tensor]:
+        """End of a task: estimate the Fisher at the current parameters and anchor ``θ*`` there.
+
+        Accumulating mode appends a pair ``(F_t, θ*_t)``; online mode replaces the pair with
+        ``(γ F_old + F_new, θ*_new)``.
+
+        Args:
+            batches / loss_fn: as :meth:`estimate_fisher`.
+
+        Returns:
+            the new task's Fisher estimate (before online decay), name -> tensor.
+
+        Raises:
+            ValueError: no batches or a non-finite loss.
+            StateMismatchError: online mode, when parameters changed shape since the last pair.
+        """
+        cfg = self.config
+        fisher = self.estimate_fisher(batches, loss_fn)
+        named = select_parameters(self._model, cfg.params)
+        anchor = {n: named[n].detach().to(dtype=cfg.dtype, device=fisher[n].device).clone() for n in fisher}
+        if cfg.online_decay is not None and self._tasks:
+            old = self._tasks[0]["shapes"]
+            live_parameters(self._model, old, "the online EWC Fisher")
+            merged = dict(fisher)
+            old_f = self.fisher(0)
+            for n, f_old in old_f.items():
+                merged[n] = f_old.to(fisher[n].device) * cfg.online_decay + fisher[n] if n in fisher else f_old * cfg.online_decay
+                if n not in anchor:
+                    anchor[n] = self.anchor(0)[n].clone()
+            self._drop_task_buffers(0)
+            self._tasks = []
+            self._store(merged, anchor)
+        else:
+            self._store(fisher, anchor)
+        self._consolidations += 1
+        return fisher
+
+    def forward(self) -> Tensor:
+        """The penalty ``(strength/2) Σ_t Σ_i F_{t,i} (θ_i − θ*_{t,i})²`` at the live parameters.
+
+        Returns:
+            0-d tensor on the model's device, differentiable w.r.t. the parameters (a zero that
+            supports ``.backward()`` before any :meth:`consolidate`).
+
+        Raises:
+            StateMismatchError: a stored parameter is missing or changed shape.
+        """
+        if not self._tasks:
+            return torch.zeros((), device=model_device(self._model), requires_grad=True)
+        total: Tensor | None = None
+        for t, task in enumerate(self._tasks):
+            params = live_parameters(self._model, task["shapes"], f"EWC task {t}")
+            names = list(task["shapes"])
+            fisher = [self._buffers[buffer_key(f"t{t}__fisher__", n)] for n in names]
+            anchor = [self._buffers[buffer_key(f"t{t}__anchor__", n)] for n in names]
+            val = _DiagonalQuadratic.apply(fisher, anchor, *params)
+            total = val if total is None else total + val
+        assert total is not None
+        return total * self.config.strength
+
+    # ------------------------------------------------------------------ estimation
+    def _accumulate_batch(self, named: dict[str, nn.Parameter], batch: Batch, fn: LossFn, sums: dict[str, Tensor]) -> float:
+        n_b = float(batch_size_of(batch))
+        with torch.enable_grad():
+            loss = fn(self._model, batch)
+            _check_finite(loss)
+            grads = torch.autograd.grad(loss, list(named.values()), allow_unused=True)
+        for (n, s), g in zip(sums.items(), grads):
+            if g is not None:
+                s.add_(g.to(s.dtype).square(), alpha=n_b)
+        return n_b
+
+    def _accumulate_per_sample(self, named: dict[str, nn.Parameter], batch: Batch, fn: LossFn, sums: dict[str, Tensor]) -> float:
+        size = batch_size_of(batch)
+        if not self._vmap_failed:
+            try:
+                self._per_sample_vmap(named, batch, fn, sums, size)
+                return float(size)
+            except ValueError:
+                raise
+            except Exception as err:  # ops without batching rules, data-dependent control flow
+                self._vmap_failed = True
+                logger.info("vmap per-sample gradients failed (%s: %s); looping over samples",
+                            type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        plist = list(named.values())
+        with torch.enable_grad():
+            for i in range(size):
+                loss = fn(self._model, _sample(batch, i, size))
+                _check_finite(loss)
+                grads = torch.autograd.grad(loss, plist, allow_unused=True)
+                for s, g in zip(sums.values(), grads):
+                    if g is not None:
+                        s.add_(g.to(s.dtype).square())
+        return float(size)
+
+    def _per_sample_vmap(self, named: dict[str, nn.Parameter], batch: Batch, fn: LossFn, sums: dict[str, Tensor], size: int) -> None:
+        g = functional_loss(self._model, fn)
+        dims = _split_sample_dims(batch, size)
+        primals = {n: p.detach() for n, p in named.items()}
+
+        def one(params: dict[str, Tensor], sample: Batch) -> tuple[Tensor, Tensor]:
+            loss = g(params, _unsqueeze_sample(sample, dims))
+            return loss, loss.detach()
+
+        per_sample = vmap(grad(one, has_aux=True), in_dims=(None, dims), chunk_size=self.config.chunk_size)
+        with torch.enable_grad():
+            grads, losses = per_sample(primals, batch)
+        _check_finite(losses)
+        for n, s in sums.items():  # Σ_n g_n² over the batch
+            s.add_(grads[n].to(s.dtype).square().sum(0))
+
+    # ------------------------------------------------------------------ storage
+    def _store(self, fisher: dict[str, Tensor], anchor: dict[str, Tensor]) -> None:
+        t = len(self._tasks)
+        for n in fisher:
+            self.register_buffer(buffer_key(f"t{t}__fisher__", n), fisher[n].contiguous())
+            self.register_buffer(buffer_key(f"t{t}__anchor__", n), anchor[n].contiguous())
+        self._tasks.append({"shapes": {n: list(f.shape) for n, f in fisher.items()}})
+
+    def _drop_task_buffers(self, t: int) -> None:
+        for n in self._tasks[t]["shapes"]:
+            del self._buffers[buffer_key(f"t{t}__fisher__", n)]
+            del self._buffers[buffer_key(f"t{t}__anchor__", n)]
+
+    def _task_tensors(self, task: int, kind: str) -> dict[str, Tensor]:
+        if not self._tasks:
+            raise ValueError("nothing consolidated yet: call consolidate(batches) first")
+        t = range(len(self._tasks))[task]
+        return {n: self._buffers[buffer_key(f"t{t}__{kind}__", n)] for n in self._tasks[t]["shapes"]}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"version": 1, "tasks": [{"shapes": dict(t["shapes"])} for t in self._tasks],
+                "consolidations": self._consolidations}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._tasks = [{"shapes": {n: list(s) for n, s in t["shapes"].items()}} for t in state["tasks"]]
+        self._consolidations = int(state["consolidations"])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[no-untyped-def]
+        if prefix + "_extra_state" in state_dict:
+            device = next(iter(self._buffers.values())).device if self._buffers else None
+            adopt_state_dict_buffers(self, state_dict, prefix, device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"strength={c.strength}, fisher={c.fisher!r}, online_decay={c.online_decay}, "
+                f"tasks={self.num_tasks}")
+
+
+def _check_finite(loss: Tensor) -> None:
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise ValueError(
+            f"non-finite loss ({loss.detach().flatten()[:8].tolist()}) while estimating the Fisher: "
+            "check the batch (a sample with no non-ignored labels gives 0/0) and the model's parameters"
+        )

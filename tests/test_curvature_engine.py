@@ -1,0 +1,311 @@
+"""Curvature engine (mitigate.curvature): HVPs, Lanczos / power eigenpairs and Hutchinson traces
+against explicit Hessians of tiny models (float64), determinism, side effects, kernel errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from mitigate.curvature import (
+    EigenResult,
+    TraceResult,
+    differentiable_hvp,
+    hessian_eigenvalues,
+    hutchinson_trace,
+    hvp,
+    make_loss_of_params,
+)
+from mitigate.errors import AttentionKernelError
+
+transformers = pytest.importorskip("transformers")
+
+
+# ------------------------------------------------------------------ tiny models
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def mlp_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    return F.cross_entropy(model(batch["x"]), batch["y"])
+
+
+def mlp_batches() -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(14, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (14,), generator=g)
+    return [{"x": x[:9], "y": y[:9]}, {"x": x[9:], "y": y[9:]}]  # unequal sizes: weighted mean
+
+
+def tiny_llama(attn: str = "eager", tie: bool = True) -> nn.Module:
+    cfg = transformers.AutoConfig.for_model(
+        "llama", hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=16, max_position_embeddings=16, tie_word_embeddings=tie,
+    )
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).double()
+
+
+# Llama's RMSNorm computes in float32 even for float64 inputs, so two exact differentiation paths
+# agree to ~1e-6 relative only
+LLAMA_RTOL, LLAMA_ATOL = 1e-4, 1e-6
+
+
+def lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    # float64 end to end (HF's own loss upcasts logits to float32 only)
+    logits = model(input_ids=batch["input_ids"]).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1))
+
+
+def lm_batches() -> list[dict]:
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 16, (5, 6), generator=g)
+    return [{"input_ids": ids[:3]}, {"input_ids": ids[3:]}]
+
+
+def explicit_hessian(model: nn.Module, batches: list[dict], loss_fn, names: list[str]) -> torch.Tensor:
+    """Σ n_b H_b / Σ n_b over the flattened selected parameters (autograd.functional.hessian)."""
+    params = dict(model.named_parameters())
+    shapes = [params[n].shape for n in names]
+    flat0 = torch.cat([params[n].detach().reshape(-1) for n in names])
+
+    def f(flat: torch.Tensor) -> torch.Tensor:
+        d, i = {}, 0
+        for n, s in zip(names, shapes):
+            k = s.numel()
+            d[n] = flat[i : i + k].view(s)
+            i += k
+        total = sum(b[next(iter(b))].shape[0] for b in batches)
+        return sum(
+            loss_fn(_Reparam(model, d), b) * b[next(iter(b))].shape[0] for b in batches
+        ) / total
+
+    return torch.autograd.functional.hessian(f, flat0)
+
+
+class _Reparam(nn.Module):
+    """Calls ``model`` with some parameters replaced (for the explicit Hessian)."""
+
+    def __init__(self, model: nn.Module, params: dict) -> None:
+        super().__init__()
+        self.model, self.params = model, params
+
+    def forward(self, *args, **kwargs):
+        return functional_call(self.model, self.params, args, kwargs)
+
+
+def names_of(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+# ------------------------------------------------------------------ HVP
+
+
+def test_hvp_matches_explicit_hessian_mlp_all_vector_forms():
+    model, batches = mlp(), mlp_batches()
+    names = names_of(model)
+    H = explicit_hessian(model, batches, mlp_loss, names)
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    expected = H @ v
+    flat = hvp(model, batches, v, mlp_loss)
+    torch.testing.assert_close(flat, expected, rtol=1e-10, atol=1e-12)
+    parts = list(torch.split(v, [p.numel() for p in model.parameters()]))
+    as_list = [t.view_as(p) for t, p in zip(parts, model.parameters())]
+    out_list = hvp(model, batches, as_list, mlp_loss)
+    out_dict = hvp(model, batches, dict(zip(names, as_list)), mlp_loss)
+    torch.testing.assert_close(torch.cat([t.reshape(-1) for t in out_list]), expected)
+    torch.testing.assert_close(torch.cat([out_dict[n].reshape(-1) for n in names]), expected)
+
+
+def test_hvp_tiny_llama_tied_weights_matches_double_backward_and_explicit():
+    model, batches = tiny_llama(tie=True), lm_batches()
+    names = names_of(model)
+    assert "lm_head.weight" not in names  # tied: listed once
+    g = torch.Generator().manual_seed(4)
+    v = {n: torch.randn(p.shape, dtype=p.dtype, generator=g) for n, p in model.named_parameters()}
+    out = hvp(model, batches, v, lm_loss)
+    # independent path: double backward on the live (really tied) parameters
+    ps = list(model.parameters())
+    total = 5
+    ref = [torch.zeros_like(p) for p in ps]
+    for b in batches:
+        loss = lm_loss(model, b)
+        grads = torch.autograd.grad(loss, ps, create_graph=True)
+        hv = torch.autograd.grad(sum((gg * v[n]).sum() for gg, n in zip(grads, names)), ps)
+        for r, h in zip(ref, hv):
+            r.add_(h * b["input_ids"].shape[0] / total)
+    for n, r in zip(names, ref):
+        torch.testing.assert_close(out[n], r, rtol=LLAMA_RTOL, atol=LLAMA_ATOL)
+    # and the explicit Hessian restricted to attention parameters
+    sub = [n for n in names if "self_attn" in n]
+    H = explicit_hessian(model, batches, lm_loss, sub)
+    vs = torch.cat([v[n].reshape(-1) for n in sub])
+    out_sub = hvp(model, batches, {n: v[n] for n in sub}, lm_loss, params=r".*self_attn\..*")
+    torch.testing.assert_close(
+        torch.cat([out_sub[n].reshape(-1) for n in sub]), H @ vs, rtol=LLAMA_RTOL, atol=LLAMA_ATOL
+    )
+
+
+def test_make_loss_of_params_is_pure_function():
+    model, batches = mlp(), mlp_batches()
+    f = make_loss_of_params(model, batches[0], mlp_loss, names_of(model))
+    params = {n: p.detach() * 0 for n, p in model.named_parameters()}
+    assert float(f(params)) == pytest.approx(float(torch.log(torch.tensor(3.0))))
+    with pytest.raises(ValueError, match="differ"):
+        f({"0.weight": params["0.weight"]})
+
+
+# ------------------------------------------------------------------ eigenpairs
+
+
+def test_lanczos_top_k_matches_explicit_eigen_decomposition():
+    model, batches = mlp(), mlp_batches()
+    H = explicit_hessian(model, batches, mlp_loss, names_of(model))
+    evals, evecs = torch.linalg.eigh(H)
+    res = hessian_eigenvalues(model, batches, mlp_loss, k=3, tol=1e-10)
+    assert isinstance(res, EigenResult) and res.converged
+    torch.testing.assert_close(res.values, evals.flip(0)[:3], rtol=1e-8, atol=1e-10)
+    assert torch.all(res.values[:-1] >= res.values[1:])
+    V = res.flat_vectors()
+    assert V.shape == (3, H.shape[0])
+    torch.testing.assert_close(V.norm(dim=1), torch.ones(3, dtype=torch.float64))
+    for i in range(3):  # eigenvector property, up to sign
+        torch.testing.assert_close(H @ V[i], res.values[i] * V[i], rtol=1e-6, atol=1e-7)
+    assert res.residual_norms.shape == (3,) and float(res.residual_norms.max()) < 1e-8
+    assert res.iterations <= H.shape[0]
+
+
+def test_lanczos_on_tiny_llama_matches_explicit_and_power_iteration():
+    model, batches = tiny_llama(), lm_batches()
+    sel = r".*self_attn\..*"
+    names = [n for n in names_of(model) if "self_attn" in n]
+    H = explicit_hessian(model, batches, lm_loss, names)
+    top = torch.linalg.eigvalsh(H).flip(0)[:2]
+    lz = hessian_eigenvalues(model, batches, lm_loss, k=2, params=sel, tol=1e-9)
+    torch.testing.assert_close(lz.values, top, rtol=LLAMA_RTOL, atol=LLAMA_ATOL)
+    pw = hessian_eigenvalues(model, batches, lm_loss, k=1, params=sel, method="power", tol=1e-10, max_iter=3000)
+    assert pw.values[0].item() == pytest.approx(top[0].item(), rel=1e-5)
+    assert pw.iterations > lz.iterations  # Lanczos needs fewer products
+    cos = torch.dot(pw.flat_vectors()[0], lz.flat_vectors()[0]).abs()
+    assert cos.item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_lanczos_and_power_agree_mlp():
+    model, batches = mlp(), mlp_batches()
+    lz = hessian_eigenvalues(model, batches, mlp_loss, k=2, tol=1e-10)
+    pw = hessian_eigenvalues(model, batches, mlp_loss, k=2, method="power", tol=1e-12, max_iter=5000)
+    torch.testing.assert_close(pw.values, lz.values, rtol=1e-5, atol=1e-8)
+
+
+def test_deterministic_under_seed_and_generator():
+    model, batches = mlp(), mlp_batches()
+    a = hessian_eigenvalues(model, batches, mlp_loss, k=2, seed=7)
+    b = hessian_eigenvalues(model, batches, mlp_loss, k=2, seed=7)
+    c = hessian_eigenvalues(model, batches, mlp_loss, k=2, generator=torch.Generator().manual_seed(7))
+    for r in (b, c):
+        assert torch.equal(a.values, r.values) and a.iterations == r.iterations
+        for va, vr in zip(a.vectors, r.vectors):
+            assert all(torch.equal(va[n], vr[n]) for n in va)
+    t1 = hutchinson_trace(model, batches, mlp_loss, samples=5, seed=3)
+    t2 = hutchinson_trace(model, batches, mlp_loss, samples=5, seed=3)
+    t3 = hutchinson_trace(model, batches, mlp_loss, samples=5, seed=4)
+    assert t1 == t2 and t1.value != t3.value
+
+
+def test_hutchinson_trace_close_to_exact():
+    model, batches = mlp(), mlp_batches()
+    exact = torch.trace(explicit_hessian(model, batches, mlp_loss, names_of(model))).item()
+    res = hutchinson_trace(model, batches, mlp_loss, samples=3000, seed=0)
+    assert isinstance(res, TraceResult) and res.samples == 3000
+    assert res.std_error > 0
+    assert abs(res.value - exact) < max(4 * res.std_error, 0.02 * abs(exact))
+
+
+# ------------------------------------------------------------------ side effects
+
+
+def test_grad_and_train_mode_untouched_and_dropout_off():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.Tanh(), nn.Linear(6, 3)).double()
+    model.train()
+    model[3].eval()  # a mixed state must come back as it was
+    grads = [torch.full_like(p, 0.5) for p in model.parameters()]
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g
+    batches = mlp_batches()
+    a = hessian_eigenvalues(model, batches, mlp_loss, k=1, tol=1e-8)
+    b = hessian_eigenvalues(model, batches, mlp_loss, k=1, tol=1e-8)
+    assert torch.equal(a.values, b.values)  # eval mode: dropout off, deterministic
+    hutchinson_trace(model, batches, mlp_loss, samples=2)
+    hvp(model, batches, [torch.ones_like(p) for p in model.parameters()], mlp_loss)
+    assert [m.training for m in model.modules()] == [True, True, True, True, False]
+    for p, g in zip(model.parameters(), grads):
+        assert p.grad is g and bool((g == 0.5).all())
+
+
+def test_differentiable_hvp_carries_graph():
+    model, batches = mlp(), mlp_batches()
+    ps = list(model.parameters())
+    v = [torch.randn_like(p) for p in ps]
+    (hv,) = differentiable_hvp(model, batches[0], [v], mlp_loss, ps)
+    assert all(t.requires_grad for t in hv)
+    ref = hvp(model, batches[0], v, mlp_loss)
+    for a, b in zip(hv, ref):
+        torch.testing.assert_close(a.detach(), b)
+
+
+# ------------------------------------------------------------------ kernels and errors
+
+
+def test_sdpa_model_raises_attention_kernel_error():
+    model = tiny_llama(attn="sdpa")
+    with pytest.raises(AttentionKernelError, match="eager"):
+        hessian_eigenvalues(model, lm_batches(), lm_loss)
+
+
+def test_sdpa_behind_peft_raises():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        tiny_llama(attn="sdpa"), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    )
+    with pytest.raises(AttentionKernelError, match="attn_implementation"):
+        hvp(model, lm_batches(), [torch.ones_like(p) for p in model.parameters() if p.requires_grad], lm_loss)
+
+
+class _RawSDPA(nn.Module):
+    """No HF config: the failure only shows up as a double-backward RuntimeError."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.proj(x).view(x.shape[0], x.shape[1], 3, 2, 4).unbind(2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.sum()
+
+
+def test_double_backward_failure_reraised_as_attention_kernel_error():
+    model = _RawSDPA()
+    batch = {"x": torch.randn(2, 5, 8)}
+    with pytest.raises(AttentionKernelError, match="eager"):
+        hessian_eigenvalues(model, batch, lambda m, b: m(b["x"]) ** 2, k=1)
+
+
+def test_bad_arguments():
+    model, batches = mlp(), mlp_batches()
+    with pytest.raises(ValueError, match="no batches"):
+        hessian_eigenvalues(model, [], mlp_loss)
+    with pytest.raises(ValueError, match="k=0"):
+        hessian_eigenvalues(model, batches, mlp_loss, k=0)
+    with pytest.raises(ValueError, match="method="):
+        hessian_eigenvalues(model, batches, mlp_loss, method="arnoldi")
+    with pytest.raises(ValueError, match="matches no trainable"):
+        hessian_eigenvalues(model, batches, mlp_loss, params="nothing")
+    with pytest.raises(ValueError, match="shape"):
+        hvp(model, batches, torch.ones(3, dtype=torch.float64), mlp_loss)
