@@ -658,9 +658,12 @@ def _method_hp(method: M.Method, overrides: dict[str, Any]) -> dict[str, Any]:
     hp = dict(method.defaults)
     hp.setdefault("consolidate_batches", 8)
     prefix = method.name + "."
+    parts = method.name.split("+")
     for key, value in overrides.items():
         if key.startswith(prefix):
             hp[key[len(prefix):]] = value
+        elif len(parts) > 1 and key.split(".", 1)[0] in parts:
+            hp[key] = value  # ``--hp ewc.strength=...`` also reaches the ewc part of a combination
     return hp
 
 

@@ -248,7 +248,7 @@ def _curvature() -> dict:
         ctx.state["curvature"].consolidate(ctx.task_batches(t))
 
     def loss_extra(model, batch, ctx):
-        return ctx.state["curvature"].reg()
+        return ctx.state["curvature"]()
 
     return {"setup": setup, "after_task": after_task, "loss_extra": loss_extra}
 

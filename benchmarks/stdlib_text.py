@@ -49,9 +49,7 @@ def _docstrings(module_name: str) -> Iterator[tuple[str, str]]:
     """``(qualified name, docstring)`` of a module, its classes, functions and methods, in
     sorted name order; only objects defined in the module itself."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            module = importlib.import_module(module_name)
+        module = importlib.import_module(module_name)
     except Exception:  # noqa: BLE001 - a platform may lack a module; the rest still count
         return
     if module.__doc__:
@@ -110,7 +108,8 @@ def stdlib_passages(n: int | None = None, *, min_chars: int = 200,
     """A deterministic set of English passages from standard-library docstrings.
 
     Every docstring of ``modules`` is reduced to its prose (:func:`prose_of`); passages shorter
-    than ``min_chars`` and duplicates are dropped; the rest are ordered by the SHA-256 of their
+    than ``min_chars``, passages that fail :func:`is_english_prose` as a whole, and duplicates
+    are dropped; the rest are ordered by the SHA-256 of their
     text (a fixed pseudo-random order that does not depend on import order or dict layout) and
     the first ``n`` are returned.
 
@@ -130,11 +129,13 @@ def stdlib_passages(n: int | None = None, *, min_chars: int = 200,
     if min_chars < 1:
         raise ValueError(f"min_chars={min_chars} must be >= 1")
     seen: set[str] = set()
-    for module_name in modules:
-        for _, doc in _docstrings(module_name):
-            prose = prose_of(doc)
-            if len(prose) >= min_chars:
-                seen.add(prose)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated aliases (typing.io, ...) warn when read
+        for module_name in modules:
+            for _, doc in _docstrings(module_name):
+                prose = prose_of(doc)
+                if len(prose) >= min_chars and is_english_prose(prose):
+                    seen.add(prose)
     ordered = sorted(seen, key=lambda s: hashlib.sha256(s.encode()).hexdigest())
     return ordered if n is None else ordered[:n]
 

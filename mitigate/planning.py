@@ -31,11 +31,29 @@ The rules, in order (``L`` blocks, ``H`` heads per block):
 * **freeze_heads** (mechanism 1) — above the frozen layers, heads that are *disrupted*
   (entropy increase ``> entropy_increase_bits`` or weight z ``> weight_z``) or *conflicting*
   (Q/K gradient cosine ``< head_conflict_cosine`` and weight z ``> conflict_z``); at most
-  ``max_frozen_head_fraction`` of those heads, most severe first.
+  ``max_frozen_head_fraction`` of those heads, most severe first. When bottom blocks are frozen,
+  the weight z-scores are recomputed among the heads that will still train (the frozen blocks'
+  motion in the probe no longer dilutes them).
 * **lrcp_targets** (mechanism 2) — the FFN linears of every unfrozen block whose CKA drop
   ``1 − CKA`` on old-task inputs is ``≥ cka_drop_lrcp``; plus that block's attention
   projections when the global cosine is ``< global_conflict_cosine`` (strong interference).
 * **curvature** (mechanism 3) — when ``λ_max(after) / λ_max(before) < lambda_ratio``.
+
+With ``PlanPolicy.verify`` (default) the rules only *propose*: for every bottom depth from
+``min_freeze_bottom`` to the cap, a freeze-only candidate and one with the rules' head freezing
+and LRCP are each probed on a copy (``MitigationPlan.apply`` on the copy, then the same
+``probe_steps`` AdamW steps); the plan keeps the candidate with the smallest old-task loss
+increase among those that keep ``min_plasticity`` of the unmitigated new-task loss decrease
+(:func:`select_candidate`). The curvature decision is not probed (it costs Lanczos runs).
+
+Usage::
+
+    p = mitigate.plan(model, old_batches, new_batches, probe_steps=20, lr=1e-4)
+    print(p)                                  # table: actions, per-block numbers, reasons
+    applied = p.apply(model, optimizer)       # freezes, wraps, consolidates on old_batches
+    for batch in new_task:
+        loss = model(**batch).loss + applied.penalty()
+        loss.backward(); applied.optimizer.step(); applied.optimizer.zero_grad()
 """
 
 from __future__ import annotations
@@ -98,6 +116,7 @@ class PlanPolicy:
         curvature_strength, curvature_k: :class:`~mitigate.CurvatureRegularizer` settings.
         compute_curvature: measure λ_max at all (two Lanczos runs; needs eager attention).
         lambda_max_iter, lambda_tol: Lanczos budget and relative tolerance for λ_max.
+        lambda_batches: old-task batches λ_max is measured on (the dominant cost on CPU).
         verify: probe each candidate plan (every bottom-freeze depth from ``min_freeze_bottom``
             to the cap, each with and without the head/LRCP protections) on a copy and keep the
             one that loses the least old-task loss while keeping at least ``min_plasticity`` of
@@ -130,12 +149,13 @@ class PlanPolicy:
     curvature_strength: float = 1.0
     curvature_k: int = 1
     compute_curvature: bool = True
-    lambda_max_iter: int = 30
-    lambda_tol: float = 1e-2
+    lambda_max_iter: int = 20
+    lambda_tol: float = 2e-2
+    lambda_batches: int = 2
     diagnostic_batches: int | None = 4
     verify: bool = True
     min_plasticity: float = 0.9
-    verify_tolerance: float = 0.05
+    verify_tolerance: float = 0.02
 
     def __post_init__(self) -> None:
         for name in ("entropy_increase_bits", "weight_z", "conflict_z", "curvature_strength"):
@@ -151,7 +171,7 @@ class PlanPolicy:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}={v!r} must be a non-negative int")
-        for name in ("lambda_max_iter", "diagnostic_batches"):
+        for name in ("lambda_max_iter", "lambda_batches", "diagnostic_batches"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name}={v!r} must be a positive int" + (" or None" if name == "diagnostic_batches" else ""))
@@ -495,7 +515,7 @@ def _lambda_max(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn | No
     from mitigate.errors import AttentionKernelError
 
     try:
-        res = hessian_eigenvalues(model, list(batches), loss_fn, k=1, seed=seed, max_iter=policy.lambda_max_iter, tol=policy.lambda_tol)
+        res = hessian_eigenvalues(model, list(batches)[: policy.lambda_batches], loss_fn, k=1, seed=seed, max_iter=policy.lambda_max_iter, tol=policy.lambda_tol)
         return float(res.values[0])
     except (AttentionKernelError, RuntimeError, ValueError) as e:
         notes.append(f"λ_max skipped: {type(e).__name__}: {e}")
@@ -600,12 +620,10 @@ class MitigationPlan:
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python (JSON-able) form, without the stored batches and loss function."""
         d = self.diagnosis
-        clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
         diag = asdict(d)
-        diag["layer_cosine"] = [clean(v) for v in d.layer_cosine]
-        diag["head_cosine"] = [[clean(v) for v in row] for row in d.head_cosine]
-        diag["cka"] = [clean(v) for v in d.cka]
         diag["probe_loss"] = list(d.probe_loss) if d.probe_loss else None
+        diag["old_loss"] = list(d.old_loss) if d.old_loss else None
+        diag["new_loss"] = list(d.new_loss) if d.new_loss else None
         diag["lambda_ratio"] = d.lambda_ratio
         out = {
             "freeze_bottom": self.freeze_bottom,
@@ -620,7 +638,8 @@ class MitigationPlan:
             "policy": asdict(self.policy),
             "candidates": [asdict(c) for c in self.candidates],
         }
-        json.dumps(out)  # fail here, not in the user's json.dump
+        out = _json_clean(out)
+        json.dumps(out, allow_nan=False)  # fail here, not in the user's json.dump
         return out
 
     def __str__(self) -> str:
@@ -712,6 +731,17 @@ class MitigationPlan:
             reg.consolidate(self.old_batches, self.loss_fn)
             regs.append(reg)
         return AppliedPlan(optimizer=opt, penalty=_Penalty(regs, model_device(model)), freeze_reports=reports, regularizers=regs)
+
+
+def _json_clean(v: Any) -> Any:
+    """Non-finite floats become ``None`` (strict JSON); containers are recursed."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _json_clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_clean(x) for x in v]
+    return v
 
 
 def _layer_of(name: str, layer: int) -> bool:
@@ -913,6 +943,7 @@ def plan(
     if policy.verify:
         dec, candidates = _verify(model, diag, dec, old_batches, new_batches, loss_fn, policy, probe_steps, lr, weight_decay, seed)
     forecast = forecast_forgetting(diag.global_cosine if math.isfinite(diag.global_cosine) else 0.0, calibration, seed=seed)
+    logger.info("mitigate.plan: %s%s", _candidate_name(dec), " + curvature" if dec["curvature"] else "")
     return MitigationPlan(
         forecast=forecast, diagnosis=diag, policy=policy, candidates=candidates, old_batches=old_batches,
         loss_fn=loss_fn, **dec,
@@ -972,7 +1003,8 @@ def _verify(
             key = (dec["freeze_bottom"], dec["freeze_embeddings"], json.dumps(dec["freeze_heads"], sort_keys=True), tuple(dec["lrcp_targets"]))
             if all(key != (d["freeze_bottom"], d["freeze_embeddings"], json.dumps(d["freeze_heads"], sort_keys=True), tuple(d["lrcp_targets"])) for d in decs):
                 decs.append(dec)
-    assert diag.old_loss is not None and diag.new_loss is not None
+    if diag.old_loss is None or diag.new_loss is None:
+        raise ValueError("verification needs the old/new losses measured by diagnose()")
     base_old = diag.old_loss[1] - diag.old_loss[0]
     base_new = diag.new_loss[0] - diag.new_loss[1]
     cands: list[Candidate] = []

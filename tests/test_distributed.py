@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -23,8 +25,26 @@ from ddp_workers._common import torchrun
 pytestmark = pytest.mark.distributed
 
 WORKERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_workers")
-DDP_MITIGATIONS = ("none", "agem", "ogd", "pcgrad", "ewc", "curvature", "clip")
+DDP_MITIGATIONS = ("none", "agem", "ogd", "pcgrad", "ewc", "curvature", "curvature_preserve", "clip")
 FSDP_MITIGATIONS = ("none", "agem", "ogd", "ewc")
+
+# Known gaps (reported to the lead; strict: the test fails loudly once they are fixed, so the mark
+# gets removed). See docs/INTEGRATIONS.md, "Distributed".
+_KNOWN = {
+    ("ddp", "curvature_preserve"): "CurvatureRegularizer's preservation term squares each rank's own "
+    "Rayleigh quotient; the quotients must be averaged over ranks (differentiable all-reduce) first",
+    ("fsdp", "agem"): "GradientProjection under FSDP2: autograd.grad w.r.t. sharded DTensor parameters "
+    "returns None (forward runs on all-gathered tensors); the reference gradient mixes Tensor and DTensor",
+    ("fsdp", "ogd"): "GradientProjection under FSDP2: remember() gets None gradients for sharded "
+    "parameters (treated as zeros), so the OGD basis is empty and the projection silently does nothing",
+    ("fsdp", "ewc"): "EWC under FSDP2: per-sample gradients w.r.t. sharded DTensor parameters are not "
+    "available through autograd.grad/vmap (forward runs on all-gathered tensors)",
+}
+
+
+def _params(kind: str, names: tuple[str, ...]) -> list:
+    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=_KNOWN[(kind, n)]))
+            if (kind, n) in _KNOWN else n for n in names]
 
 
 def _launch(script: str, tmp_path_factory: pytest.TempPathFactory, only: tuple[str, ...]) -> dict:
@@ -56,27 +76,25 @@ def test_replica_checker_sees_a_difference(ddp_results):
     _verdict(ddp_results, "_checker")
 
 
-@pytest.mark.parametrize("name", DDP_MITIGATIONS)
+@pytest.mark.parametrize("name", _params("ddp", DDP_MITIGATIONS))
 def test_ddp_identical_ranks_and_matches_single_process(ddp_results, name):
     _verdict(ddp_results, name)
 
 
-@pytest.mark.parametrize("name", FSDP_MITIGATIONS)
+@pytest.mark.parametrize("name", _params("fsdp", FSDP_MITIGATIONS))
 def test_fsdp2_sharded_matches_single_process(fsdp_results, name):
     _verdict(fsdp_results, name)
 
 
-def test_worker_exit_code_reports_failures(ddp_results):
-    all_ok = all(v["ok"] for k, v in ddp_results.items() if k != "_returncode")
-    assert (ddp_results["_returncode"] == 0) == all_ok
+def test_worker_exit_code_reports_failures(ddp_results, fsdp_results):
+    for results in (ddp_results, fsdp_results):
+        all_ok = all(v["ok"] for k, v in results.items() if k != "_returncode")
+        assert (results["_returncode"] == 0) == all_ok
 
 
 def test_trainer_ddp_matches_single_process(tmp_path):
     script = os.path.join(WORKERS, "trainer_worker.py")
     ref = tmp_path / "ref.pt"
-    import subprocess
-    import sys
-
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     single = subprocess.run([sys.executable, script, "--save", str(ref), "--mitigations", "agem,clip,ewc"],
                             capture_output=True, text=True, timeout=240, env=env)

@@ -89,7 +89,7 @@ def max_rel_change(before: dict, after: dict) -> float:
 
 def test_outputs_on_prior_subspace_unchanged_after_adamw_all_linear():
     """Task A uses 6 tokens in 2×2 sequences of 4, so every module's inputs span ≤ 16 of its
-    32/64 dims; after 8 AdamW steps on task B every protected Linear maps them as before.
+    32/64 dims; after 5 AdamW steps on task B every protected Linear maps them as before.
     Weight decay 0 here; the decay case is the next test."""
     model = tiny_llama()
     a, b = lm_batches(1, vocab=(0, 6)), lm_batches(2)
@@ -103,7 +103,7 @@ def test_outputs_on_prior_subspace_unchanged_after_adamw_all_linear():
     xs = capture_inputs(model, opt.targets, a)
     before = module_outputs(model, xs)
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train(model, opt, b, 8)
+    train(model, opt, b, 5)
     after = module_outputs(model, xs)
     assert max_rel_change(before, after) < 1e-5
     # and the weights did move, substantially, in the complement
@@ -255,8 +255,8 @@ def test_lora_only_adapters_projected_and_outputs_unchanged():
     assert mod.base_layer.weight.grad is None
     opt.zero_grad()
     b0 = mod.lora_B["default"].weight.detach().clone()
-    train(model, opt, b, 8)
-    assert float((mod.lora_B["default"].weight - b0).abs().max()) > 1e-3  # the adapter learned
+    train(model, opt, b, 5)
+    assert float((mod.lora_B["default"].weight - b0).detach().abs().max()) > 1e-3  # the adapter learned
     assert float((mod.lora_A["default"].weight @ U).abs().max()) < 1e-5
     assert max_rel_change(before, module_outputs(model, xs)) < 1e-5
 

@@ -156,6 +156,24 @@ def test_apply_builds_and_consolidates_the_curvature_regularizer(monkeypatch):
 
 
 @pytest.mark.slow
+def test_apply_with_the_real_curvature_regularizer():
+    reg_mod = pytest.importorskip("mitigate.regularizers.curvature")
+    model = tiny_llama(layers=1)
+    d = _diag(1, lam=(10.0, 4.0))
+    pol = PlanPolicy(min_freeze_bottom=0)
+    dec = decide(d, model, pol)
+    p = MitigationPlan(forecast=forecast_forgetting(0.0), diagnosis=d, policy=pol, old_batches=batches(1, n=1), **dec)
+    applied = p.apply(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    (reg,) = applied.regularizers
+    assert isinstance(reg, reg_mod.CurvatureRegularizer) and reg.num_tasks == 1
+    with torch.no_grad():  # move away from the anchor: the penalty becomes positive
+        for q in model.parameters():
+            q.add_(0.01)
+    pen = applied.penalty()
+    assert pen.ndim == 0 and pen.requires_grad and float(pen) > 0
+
+
+@pytest.mark.slow
 def test_plan_measures_lambda_max_before_and_after_the_probe():
     model = tiny_llama(layers=1)
     policy = PlanPolicy(lambda_max_iter=8, lambda_tol=0.1, diagnostic_batches=1, verify=False)

@@ -16,7 +16,13 @@ from torch import nn
 
 import mitigate
 from mitigate.errors import StateMismatchError
-from mitigate.optim.projection import ProjectionConfig, agem_project, ogd_project, pcgrad_combine
+from mitigate.optim.projection import (
+    ProjectionConfig,
+    agem_project,
+    ogd_project,
+    ogd_project_,
+    pcgrad_combine,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -111,6 +117,19 @@ def test_agem_per_tensor_granularity():
     torch.testing.assert_close(flat_grad(model), torch.tensor([0.0, 2.0, 0.0]))
 
 
+@pytest.mark.parametrize("mode", ["agem", "ogd", "pcgrad"])
+def test_bfloat16_model_gradients_written_back_in_their_dtype(mode):
+    model = linear_model().to(torch.bfloat16)
+    proj = wrap(model, mode)
+    proj.remember(model, [{k: v.bfloat16() for k, v in grad_batch([-1.0, 0.0, 1.0]).items()}])
+    set_grad(model, [1.0, 2.0, 0.0])
+    proj.step()
+    assert model.weight.grad.dtype == torch.bfloat16
+    # agem/ogd: g + ½ g_ref; pcgrad: (g + ½ g_ref) + (g_ref + ⅕ g) = (-0.3, 2.4, 1.5)
+    expected = {"agem": [0.5, 2.0, 0.5], "ogd": [0.5, 2.0, 0.5], "pcgrad": [-0.3, 2.4, 1.5]}[mode]
+    torch.testing.assert_close(flat_grad(model).float(), torch.tensor(expected), rtol=1e-2, atol=1e-2)
+
+
 def test_params_subset_projects_only_selected():
     # only the weight: g_w=(1,2), r_w=(-1,0) -> (0,2); the bias gradient 5 stays untouched
     model = linear_model()
@@ -203,6 +222,10 @@ def test_pcgrad_backward_hand_computation():
         proj.step()
     torch.testing.assert_close(flat_grad(model), torch.tensor([-0.5, 1.5, 0.0]))  # not re-projected
     assert proj.stats()["projected_fraction"] == 1.0
+    # accumulates like backward(): a second micro-batch adds its combined gradient
+    losses = [lin_loss(model, grad_batch([1.0, 1.0, 0.0])), lin_loss(model, grad_batch([-1.0, 0.0, 0.0]))]
+    proj.pcgrad_backward(losses)
+    torch.testing.assert_close(flat_grad(model), torch.tensor([-1.0, 3.0, 0.0]))
 
 
 def test_pcgrad_replay_at_step_hand_computation():
@@ -261,6 +284,21 @@ def test_ogd_result_is_orthogonal_to_basis(seed, k):
     out = ogd_project(g, u).grad
     assert (u @ out).abs().max() <= 1e-5 * g.norm()
     assert out.norm() <= g.norm() * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_ogd_in_place_path_matches_flat_formula(per_tensor):
+    gen = torch.Generator().manual_seed(0)
+    sizes = [6, 3, 4]
+    u = torch.linalg.qr(torch.randn(13, 4, generator=gen)).Q.T.contiguous()  # (4, 13)
+    grads = [torch.randn(n, generator=gen) for n in sizes]
+    g = torch.cat(grads)
+    expected = ogd_project(g, u, sizes if per_tensor else None)
+    res = ogd_project_(grads, u, sizes, per_tensor=per_tensor)
+    torch.testing.assert_close(torch.cat(grads), expected.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(res.removed, expected.removed)
+    if not per_tensor:
+        torch.testing.assert_close(torch.cat(grads), g - u.T @ (u @ g), atol=1e-6, rtol=1e-5)
 
 
 @settings(max_examples=40, deadline=None)

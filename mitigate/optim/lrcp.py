@@ -59,6 +59,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from mitigate._utils import LossFn, all_reduce_sum_
+from mitigate.architectures import _is_linear
 from mitigate.errors import StateMismatchError, UnsupportedArchitectureError
 from mitigate.optim._base import OptimizerWrapper
 
@@ -199,10 +200,6 @@ class _Unit:
     sigma: Tensor | None = None  # (r,) eigenvalues of C / n (float64)
     tokens: int = 0
     tasks: int = 0
-
-
-def _is_linear(mod: nn.Module) -> bool:
-    return isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
 
 
 def _is_lora(mod: nn.Module) -> bool:

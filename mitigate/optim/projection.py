@@ -35,14 +35,28 @@ Faults: a non-finite gradient (fp16 overflow) is passed to the base optimizer un
 counted; ``step()`` with nothing remembered is a no-op (one warning); a memory/basis recorded for
 other parameter names or shapes raises :class:`~mitigate.errors.StateMismatchError`.
 
+Modes and side effects: memory gradients (agem/pcgrad, at step time) are taken in the model's
+current train/eval mode; OGD directions (at ``remember()``) in eval mode. Neither changes the
+model's mode or any ``.grad`` (gradients come from ``torch.autograd.grad`` under
+:func:`~mitigate._utils.preserve_state`).
+
+Checkpoints: ``state_dict()`` holds the base optimizer's state and the wrapper's memory (CPU
+tensors), basis, cached reference gradient, generator state and counters — plain tensors and
+Python, loadable with ``torch.load(weights_only=True)``. To resume, build the wrapper again with
+``model=`` (and ``loss_fn=``), then ``load_state_dict``: the next step is bit-identical.
+
 Distributed (DDP): ``step()`` sees already all-reduced gradients. ``remember()`` averages the
 OGD directions over ranks (each rank passes its shard of the same batches); A-GEM/PCGrad
-average the memory gradient over ranks at step time, so every rank takes the same step.
+average the memory gradient over ranks at step time, so every rank takes the same step (ranks
+keep their own shard's batches in memory; same number of ``remember()`` batches per rank).
+``pcgrad_backward`` averages the per-objective gradients itself: run its forward under
+``model.no_sync()``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import warnings
 from collections.abc import Iterable, Sequence
@@ -195,10 +209,14 @@ def _segment_dots(a: Tensor, b: Tensor, sizes: Sequence[int]) -> Tensor:
     return torch.stack([torch.dot(x, y) for x, y in zip(a.split(sizes), b.split(sizes))])
 
 
+@functools.lru_cache(maxsize=32)
+def _counts(sizes: tuple[int, ...], device: torch.device) -> Tensor:
+    return torch.tensor(sizes, device=device)
+
+
 def _expand(coef: Tensor, sizes: Sequence[int], total: int) -> Tensor:
     """Repeat per-segment values over their segments, shape ``(total,)`` (no host sync)."""
-    counts = torch.tensor(list(sizes), device=coef.device)
-    return torch.repeat_interleave(coef, counts, output_size=total)
+    return torch.repeat_interleave(coef, _counts(tuple(sizes), coef.device), output_size=total)
 
 
 @dataclass
@@ -206,14 +224,14 @@ class ProjectionResult:
     """One projected gradient with its bookkeeping (all tensors, on the gradient's device).
 
     Attributes:
-        grad: the projected flat gradient ``g̃``, shape ``(D,)``.
+        grad: the projected flat gradient ``g̃``, shape ``(D,)`` (``None`` when projected in place).
         projected: bool scalar, whether anything was removed.
         cosine: scalar; agem: cos(g, g_ref); ogd: ‖Uᵀg‖/‖g‖; pcgrad: mean pairwise cosine.
         removed: scalar ‖g − g̃‖ (for pcgrad ‖Σgᵢ − g̃‖).
         finite: bool scalar; ``False`` means the input was non-finite and ``grad`` is the input.
     """
 
-    grad: Tensor
+    grad: Tensor | None
     projected: Tensor
     cosine: Tensor
     removed: Tensor
@@ -288,6 +306,45 @@ def ogd_project(g: Tensor, basis: Tensor, sizes: Sequence[int] | None = None) ->
     cosine = captured / gg.sqrt().clamp_min(_TINY)
     projected = finite if basis.shape[0] > 0 else torch.zeros_like(finite)
     return ProjectionResult(out, projected, cosine, captured, finite)
+
+
+def ogd_project_(
+    grads: Sequence[Tensor], basis: Tensor, sizes: Sequence[int], per_tensor: bool = False
+) -> ProjectionResult:
+    """:func:`ogd_project` in place on a list of float32 gradient tensors (no flat copy).
+
+    ``g̃ = g − Uᵀ(U g)`` with ``U g = Σₚ Uₚ gₚ`` accumulated over column blocks ``Uₚ`` of the
+    basis (strided views, one ``addmv`` each), then ``gₚ ← gₚ − Uₚᵀ c`` in place.
+
+    Args:
+        grads: contiguous float32 gradients, same device as ``basis``; ``sizes[i] = numel``.
+        basis: ``U``, shape ``(k, Σ sizes)``, float32.
+        sizes: element counts of ``grads``.
+        per_tensor: project each tensor on its own block (``granularity="tensor"``).
+
+    Returns:
+        :class:`ProjectionResult` with ``grad=None`` (the gradients were updated in place).
+    """
+    blocks = basis.split(list(sizes), dim=1)
+    flat = [x.view(-1) for x in grads]
+    gg = torch.stack(torch._foreach_norm(flat)).square().sum()
+    finite = torch.isfinite(gg)
+    zero = torch.zeros((), dtype=basis.dtype, device=basis.device)
+    if per_tensor:
+        cs = [torch.where(finite, u @ x, zero) for u, x in zip(blocks, flat)]
+        for u, x, c in zip(blocks, flat, cs):
+            x.addmv_(u.t(), c, alpha=-1)
+        captured = torch.stack([torch.dot(c, c) for c in cs]).sum().sqrt()
+    else:
+        c = torch.zeros(basis.shape[0], dtype=basis.dtype, device=basis.device)
+        for u, x in zip(blocks, flat):
+            c.addmv_(u, x)  # c = U g, block by block
+        c = torch.where(finite, c, zero)
+        for u, x in zip(blocks, flat):
+            x.addmv_(u.t(), c, alpha=-1)
+        captured = c.norm()
+    projected = finite if basis.shape[0] > 0 else torch.zeros_like(finite)
+    return ProjectionResult(None, projected, captured / gg.sqrt().clamp_min(_TINY), captured, finite)
 
 
 def pcgrad_combine(
@@ -737,18 +794,27 @@ class GradientProjection(OptimizerWrapper):
         if all(p.grad is None for _, p in named):
             return
         params = [p for _, p in named]
-        g = _flat([p.grad for p in params], params)
         sizes = self._sizes(named) if self.config.granularity == "tensor" else None
         mode = self.config.mode
         if mode == "ogd":
             assert self._basis is not None
-            if self._basis.shape[1] != g.numel():
+            total = sum(p.numel() for p in params)
+            if self._basis.shape[1] != total:
                 raise StateMismatchError(
                     f"OGD basis has {self._basis.shape[1]} columns but the selected parameters "
-                    f"have {g.numel()} elements"
+                    f"have {total} elements"
                 )
-            res = ogd_project(g, self._basis.to(g.device, g.dtype, non_blocking=True), sizes)
+            grads = [p.grad for p in params]
+            basis = self._basis
+            if all(x is not None and x.dtype == basis.dtype == torch.float32 and x.device == basis.device
+                   and x.is_contiguous() for x in grads):
+                # fast path: no flat copy, projected in place tensor by tensor
+                self._record(ogd_project_(grads, basis, self._sizes(named), per_tensor=sizes is not None))
+                return
+            g = _flat(grads, params)
+            res = ogd_project(g, basis.to(g.device, g.dtype, non_blocking=True), sizes)
         else:
+            g = _flat([p.grad for p in params], params)
             ref = self._reference(named, g)
             if mode == "agem":
                 res = agem_project(g, ref, sizes)
@@ -786,7 +852,7 @@ class GradientProjection(OptimizerWrapper):
     def _record(self, res: ProjectionResult) -> None:
         with torch.no_grad():
             fin = res.finite
-            zero = torch.zeros((), device=res.grad.device)
+            zero = torch.zeros((), device=res.finite.device)
             upd = {
                 "active": fin.float(),
                 "projected": (res.projected & fin).float(),
@@ -855,7 +921,7 @@ class GradientProjection(OptimizerWrapper):
             raise ValueError(f"state was saved with mode={saved_mode!r}, this wrapper has mode={self.config.mode!r}")
         sig = state["signature"]
         self._signature = None if sig is None else {n: tuple(s) for n, s in zip(sig["names"], sig["shapes"])}
-        self._memory = list(state["memory"])
+        self._memory = [_to_cpu(b) for b in state["memory"]]  # even if a loader moved them
         self._seen, self._tasks = int(state["seen"]), int(state["tasks"])
         basis = state["basis"]
         if basis is not None:
@@ -865,7 +931,7 @@ class GradientProjection(OptimizerWrapper):
         ref = state["ref"]
         self._ref = None if ref is None else ref.to(_param_device(self))
         self._ref_age = int(state["ref_age"])
-        self._generator.set_state(state["generator"])
+        self._generator.set_state(state["generator"].cpu())
         self._steps = int(state["steps"])
         self._acc = {k: v.to(_param_device(self)) for k, v in state["acc"].items()}
         self._pcgrad_pending = bool(state["pcgrad_pending"])

@@ -1,0 +1,266 @@
+"""The benchmark harness: method registry, metrics, outputs and the micro protocol end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import compare as C
+from benchmarks import methods as M
+from benchmarks.report import summary_markdown, target_text
+
+OUTPUT_FILES = ("results.json", "results.csv", "summary.csv", "summary.md", "task0_curve.png",
+                "acc_matrix.png", "retention_vs_cost.png")
+E2E_METHODS = ("seq", "freeze-bottom", "replay", "clip", "freeze-bottom+clip")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: one thread is faster and keeps timings sane on a shared machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    argv = ["--preset", "micro", "--methods", ",".join(E2E_METHODS), "--out", str(root),
+            "--cache-dir", str(root / "cache"), "--ref-every", "2", "--strict"]
+    torch.set_num_threads(1)
+    results = C.main([*argv, "--run", "r1"])
+    again = C.main([*argv, "--run", "r2", "--no-plots"])
+    return root, results, again
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_every_default_method_is_registered_and_documented():
+    doc = M.__doc__
+    for name in M.DEFAULT_METHODS:
+        method = M.get(name)
+        assert method.name == name
+        for part in name.split("+"):
+            assert part in doc, f"{part} missing from the methods docstring table"
+
+
+def test_unknown_method_names_the_registered_ones():
+    with pytest.raises(ValueError, match="registered: seq"):
+        M.get("nope")
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        C.BenchConfig(methods=["seq+nope"])
+
+
+def test_combination_runs_every_part_in_order_with_its_own_hyperparameters():
+    calls = []
+
+    def part(tag):
+        def setup(model, opt, ctx):
+            calls.append((tag, "setup", dict(ctx.hp)))
+            return opt
+
+        def after(ctx, t):
+            calls.append((tag, "after", t))
+
+        def extra(model, batch, ctx):
+            return torch.tensor(1.0 if tag == "a" else 2.0)
+
+        return {"setup": setup, "after_task": after, "loss_extra": extra}
+
+    M.register("_test-a", "a", x=1)(lambda: part("a"))
+    M.register("_test-b", "b", x=2)(lambda: part("b"))
+    try:
+        combo = M.get("_test-a+_test-b")
+        assert combo.defaults == {"_test-a.x": 1, "_test-b.x": 2}
+        hp = C._method_hp(combo, {"_test-b.x": 5})
+        ctx = M.RunContext(model=torch.nn.Linear(1, 1), scenario=None, device=torch.device("cpu"),
+                           seed=0, hp=hp)
+        opt = torch.optim.SGD(ctx.model.parameters(), lr=0.1)
+        assert combo.setup(ctx.model, opt, ctx) is opt
+        combo.after_task(ctx, 0)
+        assert float(combo.loss_extra(ctx.model, {}, ctx)) == 3.0
+        assert [c[:2] for c in calls] == [("a", "setup"), ("b", "setup"), ("a", "after"),
+                                          ("b", "after")]
+        assert calls[0][2]["x"] == 1 and calls[1][2]["x"] == 5
+    finally:
+        M.METHODS.pop("_test-a")
+        M.METHODS.pop("_test-b")
+
+
+def test_mix_rows_replaces_the_last_rows_and_pads():
+    new = {"input_ids": torch.arange(12).reshape(4, 3), "attention_mask": torch.ones(4, 3, dtype=torch.long),
+           "labels": torch.arange(12).reshape(4, 3)}
+    old = {"input_ids": torch.full((1, 5), 7), "attention_mask": torch.ones(1, 5, dtype=torch.long),
+           "labels": torch.full((1, 5), 7)}
+    mixed = M.mix_rows(new, old)
+    assert mixed["input_ids"].shape == (4, 5)
+    assert torch.equal(mixed["input_ids"][:3, :3], new["input_ids"][:3])
+    assert (mixed["input_ids"][:3, 3:] == 0).all() and (mixed["labels"][:3, 3:] == -100).all()
+    assert (mixed["attention_mask"][:3, 3:] == 0).all()
+    assert torch.equal(mixed["input_ids"][3], old["input_ids"][0])
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _record(R, curve, step_ms=10.0, ref_ms=10.0):
+    return {"acc_matrix": R, "first_token_matrix": R, "task0_curve": curve,
+            "raw": {"step_time_ms": step_ms, "ref_step_time_ms": ref_ms, "peak_memory_mb": 1.0,
+                    "consolidation_s": 0.0, "wall_s": 1.0, "lambda_max_task0": 5.0,
+                    "recovery": {"after": 0.7, "recovered_gain": 0.5},
+                    "cka_per_layer": [1.0, 0.9, 0.6, 0.8, 0.7], "disrupted_heads_fraction": 0.25}}
+
+
+def test_metrics_follow_their_formulas():
+    base = C.BaseDiagnostics(row0=[0.8, 0.1, 0.0], row0_first=[0.9, 0.2, 0.0], lambda_max=10.0,
+                             extra={})
+    seq = _record([[0.8, 0.1, 0.0], [0.2, 0.6, 0.1], [0.1, 0.3, 0.5]], [(0, 0.8), (5, 0.1)])
+    meth = _record([[0.8, 0.1, 0.0], [0.75, 0.6, 0.1], [0.74, 0.55, 0.48]],
+                   [(0, 0.8), (5, 0.7)], step_ms=11.0, ref_ms=10.0)
+    m = C.compute_metrics(meth, base, seq)
+    assert set(m) == set(C.METRIC_KEYS)
+    assert m["task0_final"] == 0.74 and m["task0_after_task0"] == 0.8
+    assert m["task0_retention"] == pytest.approx(0.74 / 0.8)
+    assert m["task0_curve_min"] == 0.7
+    assert m["average_accuracy"] == pytest.approx((0.74 + 0.55 + 0.48) / 3)
+    assert m["backward_transfer"] == pytest.approx(((0.74 - 0.8) + (0.55 - 0.6)) / 2)
+    f_m = ((0.8 - 0.74) + (0.6 - 0.55)) / 2
+    f_seq = ((0.8 - 0.1) + (0.6 - 0.3)) / 2
+    assert m["forgetting"] == pytest.approx(f_m)
+    assert m["mitigation_pct"] == pytest.approx(100 * (f_seq - f_m) / f_seq)
+    assert m["new_task_accuracy"] == pytest.approx((0.6 + 0.48) / 2)
+    assert m["plasticity_vs_seq"] == pytest.approx(((0.6 + 0.48) / 2) / ((0.6 + 0.5) / 2))
+    assert m["lambda_max_ratio"] == pytest.approx(0.5)
+    assert m["cka_mid_layer"] == 0.6 and m["cka_drift_mid"] == pytest.approx(0.4)
+    assert m["time_per_step_vs_seq"] == pytest.approx(1.1)
+    assert m["recovery_accuracy"] == 0.7 and m["disrupted_heads_fraction"] == 0.25
+    assert m["retention_gap"] == pytest.approx(0.9 - 0.74 / 0.8)
+    assert m["meets_target"] is True
+    s = C.compute_metrics(seq, base, seq)
+    assert s["mitigation_pct"] == pytest.approx(0.0) and s["plasticity_vs_seq"] == pytest.approx(1.0)
+    assert s["meets_target"] is False
+    agg = C.aggregate([{"metrics": m}, {"metrics": s}])
+    assert agg["task0_final"]["mean"] == pytest.approx((0.74 + 0.1) / 2)
+    assert agg["task0_final"]["std"] == pytest.approx(math.sqrt(2) * (0.74 - 0.1) / 2)
+    assert target_text(C.aggregate([{"metrics": m}])) == "meets"
+    assert "retention −" in target_text(C.aggregate([{"metrics": s}]))
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_micro_run_writes_every_output(micro_run):
+    root, results, _ = micro_run
+    out = root / "r1"
+    for name in OUTPUT_FILES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert results["output_dir"] == str(out)
+    md = (out / "summary.md").read_text()
+    for name in E2E_METHODS:
+        assert f"| {name} |" in md
+    assert "distance to target" in md
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["method"] for r in rows] == list(E2E_METHODS)
+    assert set(C.METRIC_KEYS) <= set(rows[0])
+
+
+def test_results_schema(micro_run):
+    root, _, _ = micro_run
+    res = json.loads((root / "r1" / "results.json").read_text())
+    assert res["schema_version"] == 1
+    assert res["config"]["preset"] == "micro" and res["config"]["methods"] == list(E2E_METHODS)
+    assert {"python", "torch", "transformers", "device", "cpu_count"} <= set(res["machine"])
+    assert res["scenario"]["name"] == "biography"
+    n_tasks = len(res["scenario"]["tasks"])
+    assert n_tasks == 2
+    assert len(res["baseline"]) == 1 and len(res["baseline"][0]["acc_row"]) == n_tasks
+    for name in E2E_METHODS:
+        entry = res["methods"][name]
+        assert entry["status"] == "ok", entry["message"]
+        assert isinstance(entry["hyperparameters"], dict)
+        assert set(entry["aggregate"]) == set(C.METRIC_KEYS)
+        (seed,) = entry["seeds"]
+        assert seed["seed"] == 0
+        assert set(seed["metrics"]) == set(C.METRIC_KEYS)
+        R = seed["acc_matrix"]
+        assert len(R) == n_tasks and all(len(r) == n_tasks for r in R)
+        assert all(0.0 <= v <= 1.0 for r in R for v in r)
+        assert R[0] == res["baseline"][0]["acc_row"]
+        steps = [s for s, _ in seed["task0_curve"]]
+        assert steps[0] == 0 and steps == sorted(steps) and seed["task0_curve"][0][1] == R[0][0]
+        assert steps[-1] == res["scenario"]["config"]["curve_steps"]
+        m = seed["metrics"]
+        for key in ("task0_final", "task0_retention", "average_accuracy", "new_task_accuracy",
+                    "step_time_ms", "ref_step_time_ms", "time_per_step_vs_seq",
+                    "peak_memory_mb", "recovery_accuracy", "lambda_max_task0",
+                    "lambda_max_ratio", "cka_drift_mid", "disrupted_heads_fraction"):
+            assert m[key] is not None, (name, key)
+        assert m["task0_final"] == R[-1][0]
+
+
+def test_freezing_leaves_the_frozen_weights_untouched_and_seq_moves_them(micro_run, tmp_path):
+    # same seeded protocol: the bottom layer's weights only move under seq
+    root, res, _ = micro_run
+    from benchmarks import biography
+
+    sc = biography.build_scenario("micro", root / "cache", 0)
+    base = C.task0_model(sc, str(root / "cache"), 0, torch.device("cpu"))
+    hp = C._method_hp(M.get("freeze-bottom"), {})
+    cfg = C.BenchConfig(preset="micro", methods=["freeze-bottom"], ref_every=0)
+    diag = C.BaseDiagnostics([0.0, 0.0], [0.0, 0.0], None, {})
+    captured = {}
+    orig = M.get("freeze-bottom").after_task
+
+    def spy(ctx, t):
+        captured[t] = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
+        return orig(ctx, t)
+
+    method = M.Method(**{**M.get("freeze-bottom").__dict__, "after_task": spy})
+    C.run_method(method, hp, sc, base, diag, cfg, 0, torch.device("cpu"), None)
+    frozen = [k for k in captured[0] if "embed_tokens" in k or "layers.0." in k]
+    assert frozen
+    for k in frozen:
+        assert torch.equal(captured[0][k], captured[1][k]), k
+    assert not torch.equal(captured[0]["lm_head.weight"], captured[1]["lm_head.weight"])
+
+
+def test_runs_are_reproducible(micro_run):
+    _, a, b = micro_run
+    for name in E2E_METHODS:
+        sa, sb = a["methods"][name]["seeds"][0], b["methods"][name]["seeds"][0]
+        assert sa["acc_matrix"] == sb["acc_matrix"], name
+        assert sa["task0_curve"] == sb["task0_curve"], name
+        assert sa["metrics"]["lambda_max_task0"] == sb["metrics"]["lambda_max_task0"], name
+
+
+def test_unavailable_method_is_skipped_not_fatal(tmp_path, capsys):
+    def setup(model, opt, ctx):
+        raise M.MethodUnavailable("mitigate.Nothing is not available")
+
+    M.METHODS["_test-missing"] = M.Method("_test-missing", "missing", setup=setup)
+    try:
+        res = C.main(["--preset", "micro", "--methods", "seq,_test-missing", "--out",
+                      str(tmp_path), "--run", "x", "--cache-dir", str(tmp_path / "c"),
+                      "--no-plots", "--ref-every", "0"])
+    finally:
+        M.METHODS.pop("_test-missing")
+    entry = res["methods"]["_test-missing"]
+    assert entry["status"] == "skipped" and "Nothing" in entry["message"]
+    assert set(entry["aggregate"]) == set(C.METRIC_KEYS)
+    assert "[skip] _test-missing" in capsys.readouterr().out
+    assert "skipped" in summary_markdown(res)
+
+
+def test_bad_config_values_raise():
+    with pytest.raises(ValueError, match="preset='huge'"):
+        C.BenchConfig(preset="huge")
+    with pytest.raises(ValueError, match="seeds=0"):
+        C.BenchConfig(seeds=0)
+    with pytest.raises(ValueError, match="device='tpu'"):
+        C.BenchConfig(device="tpu")

@@ -1,0 +1,238 @@
+"""EWC: Fisher estimators against hand-computed per-sample gradients, penalty value and gradient
+against the formula, online decay, task accumulation, state round trip, errors."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mitigate.errors import StateMismatchError
+from mitigate.regularizers.ewc import EWC, EWCConfig
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    cfg = transformers.AutoConfig.for_model(
+        "llama", hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=16, max_position_embeddings=16,
+    )
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").double()
+
+
+def lm_batches() -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 16, (5, 6), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100  # ignored positions: per-sample token mean over the rest
+    labels[3, 4:] = -100
+    mask = torch.ones_like(ids)
+    return [
+        {"input_ids": ids[:3], "labels": labels[:3], "attention_mask": mask[:3]},
+        {"input_ids": ids[3:], "labels": labels[3:], "attention_mask": mask[3:]},
+    ]
+
+
+def hand_empirical_fisher(model: nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    acc = {n: torch.zeros_like(p) for n, p in named.items()}
+    count = 0
+    for b in batches:
+        for i in range(b["input_ids"].shape[0]):
+            loss = model(**{k: v[i : i + 1] for k, v in b.items()}).loss
+            grads = torch.autograd.grad(loss, list(named.values()))
+            for n, g in zip(named, grads):
+                acc[n] += g**2
+            count += 1
+    return {n: a / count for n, a in acc.items()}
+
+
+def perturb(model: nn.Module, scale: float = 0.01, seed: int = 5) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+# ------------------------------------------------------------------ Fisher estimators
+
+
+@pytest.mark.parametrize("force_loop", [False, True])
+def test_empirical_fisher_matches_per_sample_loop(force_loop):
+    model, batches = tiny_llama(), lm_batches()
+    ewc = EWC(model, strength=1.0, fisher="empirical", dtype=torch.float64)
+    ewc._vmap_failed = force_loop  # exercise the loop fallback too
+    fisher = ewc.consolidate(batches)
+    ref = hand_empirical_fisher(model, batches)
+    assert set(fisher) == set(ref)
+    for n in ref:
+        torch.testing.assert_close(fisher[n], ref[n], rtol=1e-6, atol=1e-12)
+
+
+def test_batch_fisher_is_size_weighted_mean_of_squared_minibatch_gradients():
+    model, batches = tiny_llama(), lm_batches()
+    fisher = EWC(model, fisher="batch", dtype=torch.float64).consolidate(batches)
+    named = dict(model.named_parameters())
+    ref = {n: torch.zeros_like(p) for n, p in named.items()}
+    for b in batches:
+        grads = torch.autograd.grad(model(**b).loss, list(named.values()))
+        for n, g in zip(named, grads):
+            ref[n] += g**2 * b["input_ids"].shape[0] / 5
+    for n in ref:
+        torch.testing.assert_close(fisher[n], ref[n], rtol=1e-8, atol=1e-14)
+    emp = EWC(model, fisher="empirical", dtype=torch.float64).estimate_fisher(batches)
+    assert not torch.allclose(emp["model.embed_tokens.weight"], fisher["model.embed_tokens.weight"])
+
+
+def test_true_fisher_matches_expectation_on_a_classifier():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4).double()
+    x = torch.randn(1, 3, dtype=torch.float64)
+    batch = {"x": x.repeat(6000, 1)}
+    ewc = EWC(model, fisher="true", dtype=torch.float64, seed=1, logits_fn=lambda m, b: m(b["x"]))
+    fisher = ewc.estimate_fisher(batch)
+    # exact: Σ_y p(y) (∇ -log p(y))²
+    probs = torch.softmax(model(x), -1).detach()[0]
+    exact = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for y in range(4):
+        loss = F.cross_entropy(model(x), torch.tensor([y]))
+        for (n, p), g in zip(model.named_parameters(), torch.autograd.grad(loss, list(model.parameters()))):
+            exact[n] += probs[y] * g**2
+    for n in exact:
+        torch.testing.assert_close(fisher[n], exact[n], rtol=0.1, atol=2e-3)
+    again = EWC(model, fisher="true", dtype=torch.float64, seed=1, logits_fn=lambda m, b: m(b["x"])).estimate_fisher(batch)
+    assert all(torch.equal(fisher[n], again[n]) for n in fisher)  # seeded
+
+
+def test_true_fisher_causal_lm_runs_and_is_seeded():
+    model, batches = tiny_llama(), lm_batches()
+    f1 = EWC(model, fisher="true", seed=3).estimate_fisher(batches)
+    f2 = EWC(model, fisher="true", seed=3).estimate_fisher(batches)
+    f3 = EWC(model, fisher="true", seed=4).estimate_fisher(batches)
+    assert all(torch.equal(f1[n], f2[n]) for n in f1)
+    assert not all(torch.equal(f1[n], f3[n]) for n in f1)
+    assert all(bool((f >= 0).all()) and bool(torch.isfinite(f).all()) for f in f1.values())
+    with pytest.raises(ValueError, match="logits_fn"):
+        EWC(model, fisher="true").estimate_fisher(batches, loss_fn=lambda m, b: m(**b).loss)
+
+
+# ------------------------------------------------------------------ penalty
+
+
+def test_penalty_value_and_gradient_match_formula():
+    model, batches = tiny_llama(), lm_batches()
+    ewc = EWC(model, strength=3.0, dtype=torch.float64)
+    ewc.consolidate(batches)
+    fisher, anchor = ewc.fisher(), ewc.anchor()
+    perturb(model)
+    named = dict(model.named_parameters())
+    pen = ewc()
+    ref = 1.5 * sum((fisher[n] * (named[n] - anchor[n]) ** 2).sum() for n in fisher)
+    torch.testing.assert_close(pen, ref)
+    grads = torch.autograd.grad(pen, list(named.values()))
+    for (n, p), g in zip(named.items(), grads):
+        torch.testing.assert_close(g, 3.0 * fisher[n] * (p.detach() - anchor[n]))
+
+
+def test_tasks_accumulate_and_online_decay():
+    model, batches = tiny_llama(), lm_batches()
+    acc = EWC(model, strength=1.0, dtype=torch.float64)
+    online = EWC(model, strength=1.0, dtype=torch.float64, online_decay=0.5)
+    f0 = acc.consolidate(batches[:1])
+    online.consolidate(batches[:1])
+    perturb(model, seed=1)
+    theta1 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    f1 = acc.consolidate(batches[1:])
+    online.consolidate(batches[1:])
+    assert acc.num_tasks == 2 and online.num_tasks == 2
+    assert len([k for k in online.state_dict() if "__fisher__" in k]) == len(f0)  # one pair
+    for n in f0:
+        torch.testing.assert_close(online.fisher()[n], 0.5 * f0[n] + f1[n])
+        assert torch.equal(online.anchor()[n], theta1[n])
+        assert torch.equal(acc.fisher(0)[n], f0[n]) and torch.equal(acc.fisher(1)[n], f1[n])
+    perturb(model, seed=2)
+    named = dict(model.named_parameters())
+    ref = sum(
+        0.5 * (acc.fisher(t)[n] * (named[n] - acc.anchor(t)[n]) ** 2).sum() for t in (0, 1) for n in f0
+    )
+    torch.testing.assert_close(acc(), ref)
+
+
+def test_zero_before_consolidate_supports_backward():
+    model = tiny_llama()
+    pen = EWC(model, strength=1.0)()
+    assert pen.item() == 0.0 and pen.device == next(model.parameters()).device
+    pen.backward()
+    (pen + model(**lm_batches()[0]).loss).backward()
+
+
+def test_state_dict_round_trip_and_model_not_a_submodule():
+    model, batches = tiny_llama(), lm_batches()
+    ewc = EWC(model, strength=2.0, dtype=torch.float64)
+    ewc.consolidate(batches[:1])
+    ewc.consolidate(batches[1:])
+    sd = ewc.state_dict()
+    assert not any(k.startswith("model.") or k.startswith("_model") for k in sd)
+    assert all("." not in k for k in sd)
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    fresh = EWC(model, strength=2.0, dtype=torch.float64)
+    fresh.load_state_dict(loaded)
+    perturb(model)
+    assert fresh.num_tasks == 2
+    assert torch.equal(fresh(), ewc())
+    assert list(dict(ewc.named_modules())) == [""]  # no submodules at all
+
+
+def test_consolidate_leaves_grad_and_mode():
+    model, batches = tiny_llama(), lm_batches()
+    model.train()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    grads = [p.grad for p in model.parameters()]
+    for kind in ("empirical", "true", "batch"):
+        EWC(model, fisher=kind).consolidate(batches)
+    assert all(m.training for m in model.modules())
+    assert all(p.grad is g and bool((g == 1).all()) for p, g in zip(model.parameters(), grads))
+
+
+def test_peft_stores_trainable_parameters_only():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    ewc = EWC(model, strength=1.0)
+    fisher = ewc.consolidate(lm_batches())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(fisher) == trainable and all("lora_" in n for n in fisher)
+    ewc().backward()
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_errors():
+    model, batches = tiny_llama(), lm_batches()
+    ewc = EWC(model, strength=1.0)
+    with pytest.raises(ValueError, match="no batches"):
+        ewc.consolidate([])
+    with pytest.raises(ValueError, match="non-finite"):
+        ewc.consolidate(batches, loss_fn=lambda m, b: m(**b).loss * float("nan"))
+    ewc.consolidate(batches)
+    model.resize_token_embeddings(20)
+    with pytest.raises(StateMismatchError, match="embed_tokens"):
+        ewc()
+    for bad, match in [
+        (dict(strength=-1.0), "strength=-1.0"),
+        (dict(fisher="diag"), "fisher='diag'"),
+        (dict(online_decay=1.5), "online_decay=1.5"),
+        (dict(dtype=torch.int32), "dtype="),
+        (dict(chunk_size=0), "chunk_size=0"),
+    ]:
+        with pytest.raises(ValueError, match=match.replace("(", r"\(")):
+            EWCConfig(**bad)
