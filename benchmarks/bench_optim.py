@@ -12,7 +12,9 @@ different order each round. The reported ratio is the median over rounds of the 
 t_method / t_adamw (same round), so background load hits both sides alike. "State" is the bytes of
 tensors the wrapper adds to ``state_dict()`` (replay memory, basis, cached reference, counters).
 
-Targets (issue 3): agem ≤ 1.15×, ogd ≤ 1.10×, clipping ≤ 1.03×.
+Targets (issue 3): agem ≤ 1.15×, ogd ≤ 1.10×, clipping ≤ 1.03×. OGD streams its k×D basis twice
+per step (``c = U g``, then ``g −= Uᵀ c`` in place), so its overhead grows linearly with the basis
+size: compare ``--ogd-directions 8`` / ``16`` / ``32``.
 """
 
 from __future__ import annotations

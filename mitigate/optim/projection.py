@@ -642,7 +642,9 @@ class GradientProjection(OptimizerWrapper):
                 added += 1
         return added
 
-    def _remember_directions(self, named: list[tuple[str, nn.Parameter]], batches) -> int:
+    def _remember_directions(
+        self, named: list[tuple[str, nn.Parameter]], batches: Iterable[Batch]
+    ) -> int:
         cfg = self.config
         model = self._model
         assert model is not None
