@@ -7,7 +7,8 @@ Exact commands (from the repository root)::
     python benchmarks/compare.py --preset micro --methods seq,freeze-bottom   # seconds (tests)
     python benchmarks/compare.py --seeds 3 --run bio3         # mean ± std over 3 seeds
     python benchmarks/compare.py --methods seq,ewc --hp ewc.strength=1000
-    python benchmarks/compare.py --scenario smollm2 --device cuda
+    python benchmarks/compare.py --scenario smollm2 --device cuda   # needs mitigate[smollm2]
+    python benchmarks/compare.py --scenario smollm2 --lora --quick
     python benchmarks/compare.py --list                       # registered methods and defaults
 
 Protocol (per seed): build the scenario (``benchmarks/biography.py`` by default; cached under
@@ -110,6 +111,7 @@ class BenchConfig:
     strict: bool = False
     plots: bool = True
     threads: int | None = None
+    lora: bool = False
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
@@ -120,6 +122,8 @@ class BenchConfig:
             raise ValueError(f"seeds={self.seeds} must be >= 1")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device={self.device!r}: use auto, cpu or cuda")
+        if self.lora and self.scenario != "smollm2":
+            raise ValueError("lora=True is only for --scenario smollm2 (biography trains every weight)")
         if self.ref_every < 0:
             raise ValueError(f"ref_every={self.ref_every} must be >= 0 (0 disables)")
         for name in self.methods:
@@ -164,6 +168,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig | None:
     p.add_argument("--strict", action="store_true", help="re-raise a method's error")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--lora", action="store_true", help="smollm2: fine-tune with LoRA adapters")
     p.add_argument("--list", action="store_true", help="list the methods and exit")
     a = p.parse_args(argv)
     if a.list:
@@ -182,7 +187,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig | None:
         seeds=a.seeds, seed_base=a.seed_base, device=a.device, run=a.run, out=a.out,
         cache_dir=a.cache_dir, hp=hp, recovery_steps=a.recovery_steps,
         hessian_iters=a.hessian_iters, ref_every=a.ref_every, strict=a.strict,
-        plots=not a.no_plots, threads=a.threads,
+        plots=not a.no_plots, threads=a.threads, lora=a.lora,
     )
 
 
@@ -197,7 +202,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_scenario(name: str, preset: str, cache_dir: str, seed: int) -> Scenario:
+def load_scenario(name: str, preset: str, cache_dir: str, seed: int, lora: bool = False
+                  ) -> Scenario:
     """Build a scenario; :class:`ScenarioUnavailable` when its optional dependencies are missing."""
     if name == "biography":
         from benchmarks import biography
@@ -207,6 +213,8 @@ def load_scenario(name: str, preset: str, cache_dir: str, seed: int) -> Scenario
         from benchmarks import smollm2
     except ImportError as err:
         raise ScenarioUnavailable(f"the smollm2 scenario could not be imported: {err}") from err
+    if lora:
+        return smollm2.build_scenario(preset, cache_dir, seed, lora=True)
     return smollm2.build_scenario(preset, cache_dir, seed)
 
 
@@ -221,7 +229,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     }
     try:
         info["affinity_cpus"] = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
+        info["load_average_1m"] = os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - not on Linux
         pass
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -686,7 +695,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     for s in range(cfg.seeds):
         seed = cfg.seed_base + s
         t0 = time.perf_counter()
-        scenario = load_scenario(cfg.scenario, cfg.preset, cfg.cache_dir, seed)
+        scenario = load_scenario(cfg.scenario, cfg.preset, cfg.cache_dir, seed, cfg.lora)
         base = task0_model(scenario, cfg.cache_dir, seed, device)
         print(f"[seed {seed}] scenario {scenario.name} ready in {time.perf_counter() - t0:.1f}s"
               f" ({scenario.notes})", flush=True)

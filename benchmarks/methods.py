@@ -28,12 +28,14 @@ freeze-bottom         ``layers=0.5`` (fraction, or an int count, of the bottom b
 freeze-qk             every layer's Q/K projections frozen after Task 0 (arXiv 2601.18699 §2.3)
 agem                  ``memory_size=64`` remembered batches, ``ref_every=1``, ``ref_batches=1``
                       (A-GEM, Chaudhry et al. 2019)
-ogd                   ``directions_per_task=16`` (one per batch), ``max_basis=256``
+ogd                   ``directions_per_task=16`` (one per batch: at most
+                      ``consolidate_batches``), ``max_basis=256``
                       (OGD, Farajtabar et al. 2020)
-curvature             ``strength=1.0``, ``k=8`` top Hessian eigenpairs of each finished task
-                      (arXiv 2601.18699 §2.6: keep λ_max of old tasks)
+curvature             ``strength=1.0``, ``k=4`` top Hessian eigenpairs of each finished task
+                      (Lanczos ``max_iter=20``, ``tol=1e-2``) on ``consolidate_batches=2``
+                      batches (arXiv 2601.18699 §2.6: keep λ_max of old tasks)
 ewc                   ``strength=100.0``, ``fisher="empirical"`` (per-sample squared grads;
-                      Kirkpatrick et al. 2017)
+                      Kirkpatrick et al. 2017) on ``consolidate_batches=4`` batches
 clip                  ``max_norm=0.5`` (global gradient-norm clipping; arXiv 2601.18699)
 replay                ``fraction=0.25`` of each batch's rows replaced by rows of earlier
                       tasks' batches (same compute as seq)
@@ -174,6 +176,12 @@ def _mitigate(attr: str) -> Any:
         raise MethodUnavailable(f"mitigate.{attr} is not available ({err})") from err
 
 
+def _lib_kwargs(ctx: RunContext) -> dict[str, Any]:
+    """The method's hyperparameters that go to the library constructor (all but the harness's
+    ``consolidate_batches``)."""
+    return {k: v for k, v in ctx.hp.items() if k != "consolidate_batches"}
+
+
 def _bottom_layers(model: nn.Module, spec: float | int) -> int:
     n_layers = model.config.num_hidden_layers
     if isinstance(spec, float):
@@ -212,9 +220,8 @@ def _freeze_qk() -> dict:
 
 def _projection(mode: str) -> dict:
     def setup(model, optimizer, ctx):
-        opts = {k: v for k, v in ctx.hp.items() if k != "consolidate_batches"}
         proj = _mitigate("GradientProjection")(optimizer, mode=mode, model=model, seed=ctx.seed,
-                                               **opts)
+                                               **_lib_kwargs(ctx))
         ctx.state["projection"] = proj
         return proj
 
@@ -237,11 +244,10 @@ def _ogd() -> dict:
 
 
 @register("curvature", "curvature regularizer on earlier tasks' top Hessian eigenspace",
-          strength=1.0, k=8)
+          strength=1.0, k=4, max_iter=20, tol=1e-2, consolidate_batches=2)
 def _curvature() -> dict:
     def setup(model, optimizer, ctx):
-        ctx.state["curvature"] = _mitigate("CurvatureRegularizer")(
-            model, strength=ctx.hp["strength"], k=ctx.hp["k"])
+        ctx.state["curvature"] = _mitigate("CurvatureRegularizer")(model, **_lib_kwargs(ctx))
         return optimizer
 
     def after_task(ctx, t):
@@ -254,11 +260,10 @@ def _curvature() -> dict:
 
 
 @register("ewc", "EWC with the empirical Fisher (Kirkpatrick et al. 2017)",
-          strength=100.0, fisher="empirical")
+          strength=100.0, fisher="empirical", consolidate_batches=4)
 def _ewc() -> dict:
     def setup(model, optimizer, ctx):
-        ctx.state["ewc"] = _mitigate("EWC")(model, strength=ctx.hp["strength"],
-                                            fisher=ctx.hp["fisher"])
+        ctx.state["ewc"] = _mitigate("EWC")(model, **_lib_kwargs(ctx))
         return optimizer
 
     def after_task(ctx, t):
@@ -317,8 +322,7 @@ def mix_rows(new: Batch, old: Batch) -> Batch:
 @register("lrcp", "Low-Rank Circuit Projection (optimizer wrapper; remember after each task)")
 def _lrcp() -> dict:
     def setup(model, optimizer, ctx):
-        opts = {k: v for k, v in ctx.hp.items() if k != "consolidate_batches"}
-        lrcp = _mitigate("LowRankCircuitProjection")(optimizer, model, **opts)
+        lrcp = _mitigate("LowRankCircuitProjection")(optimizer, model, **_lib_kwargs(ctx))
         ctx.state["lrcp"] = lrcp
         return lrcp
 
@@ -333,7 +337,7 @@ def _planned() -> dict:
     def setup(model, optimizer, ctx):
         old = ctx.task_batches(0)
         new = ctx.task_batches(1)
-        opts = {k: v for k, v in ctx.hp.items() if k != "consolidate_batches"}
+        opts = _lib_kwargs(ctx)
         opts.setdefault("probe_steps", min(20, ctx.scenario.steps_per_task))
         p = _mitigate("plan")(model, old, new, lr=ctx.scenario.lr, seed=ctx.seed, **opts)
         ctx.state["plan"] = p

@@ -111,7 +111,9 @@ def summary_markdown(results: dict[str, Any]) -> str:
         "",
         "Target: keep ≥ 90% of the Task-0 accuracy it had right after Task 0, reach ≥ 95% of "
         "seq's new-task accuracy, at ≤ 1.15× seq's time per step. The last column says how far "
-        "each method is from it.",
+        "each method is from it. Time per step is the median training step over the median "
+        "plain-AdamW reference step taken interleaved with it (same load); on a shared machine "
+        "it is still noisy.",
         "",
     ]
     base = results.get("baseline") or []
