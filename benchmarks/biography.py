@@ -629,8 +629,13 @@ def build_scenario(preset: str | BiographyConfig = "quick", cache_dir: str | Pat
         bios = [codec.lm_example(b) for b in data.bios[0]]
         batches = codec.batches(bios, cfg.pretrain_batch, random.Random(seed))
         log.info("pretraining biography model (%d steps), cached at %s", cfg.pretrain_steps, cache)
-        train_steps(model, batches, cfg.pretrain_steps, cfg.pretrain_lr, seed, desc="pretrain",
-                    warmup=min(100, cfg.pretrain_steps // 10), cosine=True)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # a tiny model: threads only add synchronisation
+        try:
+            train_steps(model, batches, cfg.pretrain_steps, cfg.pretrain_lr, seed,
+                        desc="pretrain", warmup=min(100, cfg.pretrain_steps // 10), cosine=True)
+        finally:
+            torch.set_num_threads(threads)
         pretrained = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
         save_file(pretrained, str(ckpt_path))
 
@@ -681,6 +686,7 @@ def build_scenario(preset: str | BiographyConfig = "quick", cache_dir: str | Pat
         task0_steps=cfg.task0_steps,
         task0_curve_every=cfg.curve_every,
         task0_curve_steps=cfg.curve_steps,
+        cpu_threads=1,
         config={"scenario": "biography", "seed": seed, "key": cfg.key(seed),
                 "task0_steps": cfg.task0_steps, **asdict(cfg)},
     )

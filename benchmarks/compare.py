@@ -167,7 +167,9 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig | None:
                    help="one interleaved AdamW reference step every N steps (0: off)")
     p.add_argument("--strict", action="store_true", help="re-raise a method's error")
     p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: the scenario's choice on CPU, "
+                        "1 for biography)")
     p.add_argument("--lora", action="store_true", help="smollm2: fine-tune with LoRA adapters")
     p.add_argument("--list", action="store_true", help="list the methods and exit")
     a = p.parse_args(argv)
@@ -696,6 +698,8 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
         seed = cfg.seed_base + s
         t0 = time.perf_counter()
         scenario = load_scenario(cfg.scenario, cfg.preset, cfg.cache_dir, seed, cfg.lora)
+        if device.type == "cpu" and not cfg.threads and scenario.cpu_threads:
+            torch.set_num_threads(scenario.cpu_threads)
         base = task0_model(scenario, cfg.cache_dir, seed, device)
         print(f"[seed {seed}] scenario {scenario.name} ready in {time.perf_counter() - t0:.1f}s"
               f" ({scenario.notes})", flush=True)

@@ -60,8 +60,9 @@ class Scenario:
         task0_curve_every: evaluate Task 0 every this many steps during Task 1 (0 disables).
         task0_curve_steps: how many first steps of Task 1 the curve covers (``None``: all).
         weight_decay: AdamW weight decay.
-        warmup_steps: linear warm-up steps at the start of each task (0: constant lr).
         config: plain-Python description of the scenario (saved in results.json).
+        cpu_threads: ``torch.set_num_threads`` on CPU when the user gives none (tiny models run
+            fastest single-threaded; ``None`` keeps torch's default).
     """
 
     name: str
@@ -77,5 +78,5 @@ class Scenario:
     task0_curve_every: int = 10
     task0_curve_steps: int | None = 150
     weight_decay: float = 0.0
-    warmup_steps: int = 0
     config: dict = field(default_factory=dict)
+    cpu_threads: int | None = None

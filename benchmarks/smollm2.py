@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from benchmarks.biography import answer_accuracy
+from mitigate._utils import model_device
 from benchmarks.scenario import Scenario, ScenarioUnavailable, Task
 from benchmarks.stdlib_text import passage_set_id, stdlib_passages
 
@@ -451,6 +452,21 @@ def resolve_config(preset: str | SmolConfig, **overrides) -> SmolConfig:
 # ============================================================================ tokenization
 
 
+def pad_batch(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: ``input_ids`` (B, L) padded with ``pad_id``, ``attention_mask`` 0 and
+    ``labels`` -100 on padding, L the longest example."""
+    length = max(len(ids) for ids, _ in examples)
+    n = len(examples)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, length), dtype=torch.long)
+    labels = torch.full((n, length), -100, dtype=torch.long)
+    for i, (ids, lab) in enumerate(examples):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+        labels[i, : len(lab)] = torch.tensor(lab)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
 class ChatCodec:
     """Turn ``(prompt, answer)`` pairs into token ids and padded batches.
 
@@ -517,17 +533,8 @@ class ChatCodec:
         return ids, [-100] * len(p) + a + [self.end_id]
 
     def collate(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        """Right-padded batch (``pad_id``, ``attention_mask`` 0 and ``labels`` -100 on padding)."""
-        length = max(len(ids) for ids, _ in examples)
-        n = len(examples)
-        input_ids = torch.full((n, length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, length), dtype=torch.long)
-        labels = torch.full((n, length), -100, dtype=torch.long)
-        for i, (ids, lab) in enumerate(examples):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            mask[i, : len(ids)] = 1
-            labels[i, : len(lab)] = torch.tensor(lab)
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        """Right-padded batch (:func:`pad_batch` with ``pad_id``)."""
+        return pad_batch(examples, self.pad_id)
 
     def batches(self, pairs: Sequence[QA], batch_size: int, rng: random.Random | None = None
                 ) -> list[dict[str, torch.Tensor]]:
@@ -604,10 +611,6 @@ FACTS: tuple[QA, ...] = (
 """Completions a small pretrained LM knows; only the first token of the answer is checked."""
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def first_token_hits(model: nn.Module, tokenizer, facts: Sequence[QA], batch_size: int = 32
                      ) -> list[bool]:
@@ -627,20 +630,16 @@ def first_token_hits(model: nn.Module, tokenizer, facts: Sequence[QA], batch_siz
     """
     was_training = model.training
     model.eval()
-    device = _model_device(model)
+    device = model_device(model)
     hits: list[bool] = []
     try:
         for i in range(0, len(facts), batch_size):
             chunk = facts[i : i + batch_size]
             prompts = [tokenizer.encode(p, add_special_tokens=False) for p, _ in chunk]
             targets = [tokenizer.encode(a, add_special_tokens=False)[0] for _, a in chunk]
-            length = max(map(len, prompts))
-            ids = torch.zeros((len(chunk), length), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, p in enumerate(prompts):
-                ids[r, : len(p)] = torch.tensor(p)
-                mask[r, : len(p)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            batch = pad_batch([(p, p) for p in prompts], 0)
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits  # (B, L, V)
             last = torch.tensor([len(p) - 1 for p in prompts], device=device)
             pred = logits[torch.arange(len(chunk), device=device), last].argmax(-1)  # (B,)
             hits += [int(p) == t for p, t in zip(pred.tolist(), targets)]
@@ -693,7 +692,7 @@ class TextRetention:
             return dict(self._last[1])
         was_training = model.training
         model.eval()
-        device = _model_device(model)
+        device = model_device(model)
         nll = hits = count = 0.0
         try:
             for batch in self.batches:
@@ -721,20 +720,8 @@ def text_batches(tokenizer, passages: Sequence[str], tokens: int, batch_size: in
     for text in passages:
         ids = tokenizer.encode(text, add_special_tokens=False)[:tokens]
         examples.append((ids, list(ids)))
-    out = []
     pad = getattr(tokenizer, "pad_token_id", None) or 0
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
-        length = max(len(x) for x, _ in chunk)
-        input_ids = torch.full((len(chunk), length), pad, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        labels = torch.full_like(input_ids, -100)
-        for r, (x, y) in enumerate(chunk):
-            input_ids[r, : len(x)] = torch.tensor(x)
-            mask[r, : len(x)] = 1
-            labels[r, : len(y)] = torch.tensor(y)
-        out.append({"input_ids": input_ids, "attention_mask": mask, "labels": labels})
-    return out
+    return [pad_batch(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size)]
 
 
 # ============================================================================ scenario

@@ -20,18 +20,31 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
+    "AppliedPlan": "mitigate.planning",
     "AttentionKernelError": "mitigate.errors",
+    "Candidate": "mitigate.planning",
+    "ClippingConfig": "mitigate.optim.clipping",
+    "CurvatureConfig": "mitigate.regularizers.curvature",
+    "CurvatureDrift": "mitigate.regularizers.curvature",
     "CurvatureRegularizer": "mitigate.regularizers.curvature",
+    "Diagnosis": "mitigate.planning",
     "EWC": "mitigate.regularizers.ewc",
+    "EWCConfig": "mitigate.regularizers.ewc",
+    "Forecast": "mitigate.planning",
     "FreezeReport": "mitigate.freezing",
     "GradientClipping": "mitigate.optim.clipping",
     "GradientProjection": "mitigate.optim.projection",
+    "LRCPConfig": "mitigate.optim.lrcp",
+    "LRCPModuleStats": "mitigate.optim.lrcp",
     "LowRankCircuitProjection": "mitigate.optim.lrcp",
     "MitigationPlan": "mitigate.planning",
     "ModelMap": "mitigate.architectures",
     "OptimizerWrapper": "mitigate.optim._base",
+    "PlanPolicy": "mitigate.planning",
+    "ProjectionConfig": "mitigate.optim.projection",
     "StateMismatchError": "mitigate.errors",
     "UnsupportedArchitectureError": "mitigate.errors",
+    "forecast_forgetting": "mitigate.planning",
     "freeze_attention_qk": "mitigate.freezing",
     "freeze_bottom_layers": "mitigate.freezing",
     "model_map": "mitigate.architectures",
@@ -61,9 +74,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from mitigate.errors import AttentionKernelError, StateMismatchError, UnsupportedArchitectureError
     from mitigate.freezing import FreezeReport, freeze_attention_qk, freeze_bottom_layers
     from mitigate.optim._base import OptimizerWrapper
-    from mitigate.optim.clipping import GradientClipping
-    from mitigate.optim.lrcp import LowRankCircuitProjection
-    from mitigate.optim.projection import GradientProjection
-    from mitigate.planning import MitigationPlan, plan
-    from mitigate.regularizers.curvature import CurvatureRegularizer
-    from mitigate.regularizers.ewc import EWC
+    from mitigate.optim.clipping import ClippingConfig, GradientClipping
+    from mitigate.optim.lrcp import LRCPConfig, LRCPModuleStats, LowRankCircuitProjection
+    from mitigate.optim.projection import GradientProjection, ProjectionConfig
+    from mitigate.planning import AppliedPlan, Candidate, Diagnosis, Forecast, MitigationPlan, PlanPolicy, forecast_forgetting, plan
+    from mitigate.regularizers.curvature import CurvatureConfig, CurvatureDrift, CurvatureRegularizer
+    from mitigate.regularizers.ewc import EWC, EWCConfig

@@ -490,7 +490,10 @@ class ModelMap:
         out = []
         for prefix in self.mlp_module_names(block):
             for name, mod in self._modules[prefix].named_modules(prefix=prefix):
-                if _is_linear(mod) and ".lora_" not in name and not name.endswith(".base_layer"):
+                if ".lora_" in name or name.endswith(".base_layer"):
+                    continue
+                base = getattr(mod, "base_layer", None)  # a PEFT wrapper counts under its own name
+                if is_linear(mod) or (isinstance(base, nn.Module) and is_linear(base)):
                     out.append(name)
         return out
 
@@ -577,7 +580,8 @@ def fused_qkv_index(layout: Layout, n_heads: int, n_kv: int, head_dim: int) -> t
 # ----------------------------------------------------------------------------- resolution
 
 
-def _is_linear(mod: nn.Module) -> bool:
+def is_linear(mod: nn.Module) -> bool:
+    """``nn.Linear`` or Hugging Face ``Conv1D`` (whose weight is stored ``(in, out)``)."""
     return isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
 
 
@@ -652,7 +656,7 @@ def _generic_spec(model: nn.Module, modules: dict[str, nn.Module]) -> ArchSpec |
             for n, m in rel.items():
                 leaf = n.rsplit(".", 1)[-1]
                 par = n.rsplit(".", 1)[0] if "." in n else ""
-                if leaf in cands and _is_linear(m) and (parent is None or par == parent):
+                if leaf in cands and is_linear(m) and (parent is None or par == parent):
                     return n
             return None
         q = pick(_Q_NAMES)
@@ -662,7 +666,7 @@ def _generic_spec(model: nn.Module, modules: dict[str, nn.Module]) -> ArchSpec |
         k, v = pick(_K_NAMES, parent), pick(_V_NAMES, parent)
         o = pick(_O_NAMES, parent)
         if o is None:  # BERT-style: output projection in a sibling module
-            o = next((n for n in rel if n.rsplit(".", 1)[-1] in _O_NAMES and _is_linear(rel[n])
+            o = next((n for n in rel if n.rsplit(".", 1)[-1] in _O_NAMES and is_linear(rel[n])
                       and n.startswith(parent.rsplit(".", 1)[0])), None)
         if k is None or v is None or o is None:
             continue

@@ -23,6 +23,16 @@ MICRO = S.PRESETS["micro"]
 # ---------------------------------------------------------------------------- fixtures
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded machine the thread
+    hand-offs cost more than the work; restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     """A ~200-token BPE tokenizer trained on the tasks' own text, with the ChatML tokens."""

@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from mitigate._utils import LossFn, all_reduce_sum_
-from mitigate.architectures import _is_linear
+from mitigate.architectures import is_linear
 from mitigate.errors import StateMismatchError, UnsupportedArchitectureError
 from mitigate.optim._base import OptimizerWrapper
 
@@ -223,10 +223,10 @@ def _candidates(model: nn.Module) -> dict[str, nn.Module]:
     for name, mod in model.named_modules():
         if any(name.startswith(p + ".") for p in lora_prefixes):
             continue
-        if _is_lora(mod) and _is_linear(_base_linear(mod)):
+        if _is_lora(mod) and is_linear(_base_linear(mod)):
             out[name] = mod
             lora_prefixes.append(name)
-        elif _is_linear(mod):
+        elif is_linear(mod):
             out[name] = mod
     return out
 
