@@ -22,7 +22,8 @@ Task 0 every few steps of Task 1. Then the metrics:
   forgetting_metrics``) and ``mitigation_pct`` = ``(F_seq − F) / F_seq``;
 * ``new_task_accuracy`` = mean ``R[j, j]`` for j ≥ 1 and ``plasticity_vs_seq`` (ratio to seq);
 * ``recovery_accuracy``: Task-0 accuracy after fine-tuning a copy on K≈10 Task-0 examples
-  (Zheng et al. 2025: a large recovery means the forgetting was spurious);
+  (10 AdamW steps at ``--recovery-lr-scale`` × lr; Zheng et al. 2025: a large recovery means
+  the forgetting was spurious, the knowledge is still there);
 * ``lambda_max_ratio``: top Hessian eigenvalue of the Task-0 loss at the end over its value
   right after Task 0; ``cka_drift_mid``: 1 − linear CKA of the middle layer's hidden states
   (after-Task-0 model vs final model) on Task-0 probe batches; ``disrupted_heads_fraction``
@@ -106,6 +107,7 @@ class BenchConfig:
     cache_dir: str = ".cache/mitigate-bench"
     hp: dict[str, Any] = field(default_factory=dict)  # "method.key" -> value
     recovery_steps: int | None = None
+    recovery_lr_scale: float = 0.1
     hessian_iters: int | None = None
     ref_every: int = 5
     strict: bool = False
@@ -124,6 +126,8 @@ class BenchConfig:
             raise ValueError(f"device={self.device!r}: use auto, cpu or cuda")
         if self.lora and self.scenario != "smollm2":
             raise ValueError("lora=True is only for --scenario smollm2 (biography trains every weight)")
+        if not self.recovery_lr_scale > 0:
+            raise ValueError(f"recovery_lr_scale={self.recovery_lr_scale} must be > 0")
         if self.ref_every < 0:
             raise ValueError(f"ref_every={self.ref_every} must be >= 0 (0 disables)")
         for name in self.methods:
@@ -132,7 +136,7 @@ class BenchConfig:
     @property
     def diag(self) -> dict[str, int]:
         """Diagnostic effort: recovery steps and Lanczos iterations per preset."""
-        rec = {"micro": 3, "quick": 5, "default": 10}[self.preset]
+        rec = {"micro": 3, "quick": 10, "default": 10}[self.preset]
         it = {"micro": 4, "quick": 12, "default": 30}[self.preset]
         return {"recovery_steps": self.recovery_steps or rec, "hessian_iters": self.hessian_iters or it}
 
@@ -162,6 +166,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig | None:
     p.add_argument("--hp", action="append", default=[],
                    help="method hyperparameter, e.g. ewc.strength=1000 (repeatable)")
     p.add_argument("--recovery-steps", type=int, default=None)
+    p.add_argument("--recovery-lr-scale", type=float, default=0.1,
+                   help="recovery-probe lr as a multiple of the scenario's lr")
     p.add_argument("--hessian-iters", type=int, default=None)
     p.add_argument("--ref-every", type=int, default=5,
                    help="one interleaved AdamW reference step every N steps (0: off)")
@@ -188,6 +194,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig | None:
         scenario=a.scenario, preset=preset, methods=[m for m in a.methods.split(",") if m],
         seeds=a.seeds, seed_base=a.seed_base, device=a.device, run=a.run, out=a.out,
         cache_dir=a.cache_dir, hp=hp, recovery_steps=a.recovery_steps,
+        recovery_lr_scale=a.recovery_lr_scale,
         hessian_iters=a.hessian_iters, ref_every=a.ref_every, strict=a.strict,
         plots=not a.no_plots, threads=a.threads, lora=a.lora,
     )
@@ -258,6 +265,20 @@ def _rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _release_heap() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``) so an
+    RSS baseline is not inflated by what the previous method freed."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
 class PeakMemory:
     """Peak memory above the level at entry, in MiB (CUDA allocator, or sampled RSS on CPU)."""
 
@@ -272,6 +293,7 @@ class PeakMemory:
             self._base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            _release_heap()
             self._base = _rss_mb()
             self._max = self._base
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -544,7 +566,8 @@ def run_method(method: M.Method, hp: dict[str, Any], scenario: Scenario, base: n
     lam = lambda_max(final, tasks[0], diag["hessian_iters"], seed)
     if D is not None:
         rec = _optional("recovery_probe", D.recovery_probe, final, tasks[0].recovery,
-                        tasks[0].evaluate, steps=diag["recovery_steps"], lr=scenario.lr,
+                        tasks[0].evaluate, steps=diag["recovery_steps"],
+                        lr=scenario.lr * cfg.recovery_lr_scale,
                         seed=seed, reference=rows[0][0])
         base_plain = plain_copy(base)
         cka = _optional("layerwise_cka", D.layerwise_cka, base_plain, final, tasks[0].probe)

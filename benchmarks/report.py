@@ -223,7 +223,7 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
     cols = min(4, n)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
-    for ax, (name, e) in zip(axes.flat, ok.items()):
+    for idx, (ax, (name, e)) in enumerate(zip(axes.flat, ok.items())):
         mat = _mean_matrix(e["seeds"])
         im = ax.imshow([[100 * v for v in r] for r in mat], vmin=0, vmax=100, cmap="viridis")
         for i, r in enumerate(mat):
@@ -231,8 +231,10 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
                 ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=8,
                         color="white" if v < 0.5 else "black")
         ax.set_title(name, fontsize=9)
-        ax.set_xlabel("task evaluated")
-        ax.set_ylabel("after task")
+        if idx // cols == rows - 1 or idx + cols >= n:
+            ax.set_xlabel("task evaluated")
+        if idx % cols == 0:
+            ax.set_ylabel("after task")
         ax.set_xticks(range(len(mat)))
         ax.set_yticks(range(len(mat)))
     for ax in list(axes.flat)[n:]:

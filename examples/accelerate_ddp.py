@@ -26,6 +26,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -90,15 +91,19 @@ def main() -> int:
         accelerator.print(f"task {task}: held-out loss {task_loss:.3f}, "
                           f"projected fraction {optimizer.optimizer.stats()['projected_fraction']:.2f}")
 
+    status = 0
     try:
-        assert_replicas_identical(inner)
+        assert_replicas_identical(inner)  # collective: every rank reaches the same verdict
+        accelerator.print(f"{accelerator.num_processes} process(es): replicas identical; "
+                          f"done in {time.perf_counter() - t0:.1f}s")
     except RuntimeError as err:
         print(f"[rank {accelerator.process_index}] {err}", file=sys.stderr, flush=True)
-        return 1
-    accelerator.print(f"{accelerator.num_processes} process(es): replicas identical; "
-                      f"done in {time.perf_counter() - t0:.1f}s")
-    accelerator.end_training()
-    return 0
+        status = 1
+    finally:
+        accelerator.wait_for_everyone()
+        if dist.is_initialized():  # an explicit teardown: gloo can hang in the exit-time destructor
+            dist.destroy_process_group()
+    return status
 
 
 if __name__ == "__main__":

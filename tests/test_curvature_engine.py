@@ -188,18 +188,18 @@ def test_lanczos_on_tiny_llama_matches_explicit_and_power_iteration():
     top = torch.linalg.eigvalsh(H).flip(0)[:2]
     lz = hessian_eigenvalues(model, batches, lm_loss, k=2, params=sel, tol=1e-9)
     torch.testing.assert_close(lz.values, top, rtol=LLAMA_RTOL, atol=LLAMA_ATOL)
-    pw = hessian_eigenvalues(model, batches, lm_loss, k=1, params=sel, method="power", tol=1e-10, max_iter=3000)
-    assert pw.values[0].item() == pytest.approx(top[0].item(), rel=1e-5)
+    pw = hessian_eigenvalues(model, batches, lm_loss, k=1, params=sel, method="power", tol=1e-8, max_iter=500)
+    assert pw.values[0].item() == pytest.approx(top[0].item(), rel=1e-4)
     assert pw.iterations > lz.iterations  # Lanczos needs fewer products
     cos = torch.dot(pw.flat_vectors()[0], lz.flat_vectors()[0]).abs()
-    assert cos.item() == pytest.approx(1.0, abs=1e-4)
+    assert cos.item() == pytest.approx(1.0, abs=1e-3)
 
 
 def test_lanczos_and_power_agree_mlp():
     model, batches = mlp(), mlp_batches()
     lz = hessian_eigenvalues(model, batches, mlp_loss, k=2, tol=1e-10)
-    pw = hessian_eigenvalues(model, batches, mlp_loss, k=2, method="power", tol=1e-12, max_iter=5000)
-    torch.testing.assert_close(pw.values, lz.values, rtol=1e-5, atol=1e-8)
+    pw = hessian_eigenvalues(model, batches, mlp_loss, k=2, method="power", tol=1e-9, max_iter=1000)
+    torch.testing.assert_close(pw.values, lz.values, rtol=1e-4, atol=1e-8)
 
 
 def test_deterministic_under_seed_and_generator():
@@ -220,10 +220,10 @@ def test_deterministic_under_seed_and_generator():
 def test_hutchinson_trace_close_to_exact():
     model, batches = mlp(), mlp_batches()
     exact = torch.trace(explicit_hessian(model, batches, mlp_loss, names_of(model))).item()
-    res = hutchinson_trace(model, batches, mlp_loss, samples=3000, seed=0)
-    assert isinstance(res, TraceResult) and res.samples == 3000
-    assert res.std_error > 0
-    assert abs(res.value - exact) < max(4 * res.std_error, 0.02 * abs(exact))
+    res = hutchinson_trace(model, batches, mlp_loss, samples=300, seed=0)
+    assert isinstance(res, TraceResult) and res.samples == 300
+    assert 0 < res.std_error < 0.1 * abs(exact)
+    assert abs(res.value - exact) < 4 * res.std_error
 
 
 # ------------------------------------------------------------------ side effects

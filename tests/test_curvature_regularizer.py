@@ -1,0 +1,313 @@
+"""CurvatureRegularizer: anchor and preservation terms against their formulas and finite
+differences, amortisation, the two-task toy where it keeps task 0's λ_max, state, errors."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mitigate.curvature import hessian_eigenvalues
+from mitigate.errors import StateMismatchError
+from mitigate.regularizers.curvature import CurvatureConfig, CurvatureRegularizer
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def mlp_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    return F.cross_entropy(model(batch["x"]), batch["y"])
+
+
+def mlp_batches(seed: int = 1) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=g)
+    return [{"x": x[:6], "y": y[:6]}, {"x": x[6:], "y": y[6:]}]
+
+
+def perturb(model: nn.Module, scale: float = 0.05, seed: int = 5) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def rayleigh(model: nn.Module, batch: dict, v: dict) -> torch.Tensor:
+    """vᵀ H v by double backward (reference)."""
+    ps = dict(model.named_parameters())
+    g = torch.autograd.grad(mlp_loss(model, batch), list(ps.values()), create_graph=True)
+    hv = torch.autograd.grad(sum((gg * v[n]).sum() for gg, n in zip(g, ps)), list(ps.values()), create_graph=True)
+    return sum((h * v[n]).sum() for h, n in zip(hv, ps))
+
+
+def make(model: nn.Module, **kw) -> CurvatureRegularizer:
+    base = dict(strength=1.0, k=2, tol=1e-10, dtype=torch.float64, loss_fn=mlp_loss, replay_batch_size=None)
+    base.update(kw)
+    return CurvatureRegularizer(model, **base)
+
+
+# ------------------------------------------------------------------ terms vs formulas
+
+
+def test_consolidate_stores_top_eigenpairs_and_anchor():
+    model, batches = mlp(), mlp_batches()
+    curv = make(model, k=3)
+    eig = curv.consolidate(batches)
+    ref = hessian_eigenvalues(model, batches, mlp_loss, k=3, tol=1e-10)
+    torch.testing.assert_close(curv.eigenvalues(), ref.values)
+    torch.testing.assert_close(eig.values, ref.values)
+    for n, p in model.named_parameters():
+        assert torch.equal(curv.anchor()[n], p.detach())
+    drift = curv.drift()  # at θ*, on the replay batch (the first consolidation batch)
+    assert drift[0].ratio.shape == (3,)
+    torch.testing.assert_close(
+        drift[0].rayleigh,
+        torch.stack([rayleigh(model, batches[0], v).detach() for v in curv.eigenvectors()]),
+    )
+
+
+def test_anchor_term_value_and_gradient():
+    model, batches = mlp(), mlp_batches()
+    curv = make(model, strength=2.5, preservation_weight=0.0, anchor_weight=0.7)
+    curv.consolidate(batches)
+    theta_star = {n: t.clone() for n, t in curv.anchor().items()}
+    perturb(model)
+    lam, vecs = curv.eigenvalues(), curv.eigenvectors()
+    named = dict(model.named_parameters())
+    c = [sum((v[n] * (named[n] - theta_star[n])).sum() for n in named) for v in vecs]
+    ref = 2.5 * 0.7 * 0.5 * sum(lam[i] * c[i] ** 2 for i in range(2))
+    pen = curv()
+    torch.testing.assert_close(pen, ref)
+    g = torch.autograd.grad(pen, list(named.values()))
+    g_ref = torch.autograd.grad(ref, list(named.values()))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_preservation_term_value_and_gradient_against_finite_differences():
+    model, batches = mlp(), mlp_batches()
+    curv = make(model)
+    curv.consolidate(batches)
+    perturb(model)
+    lam, vecs = curv.eigenvalues(), curv.eigenvectors()
+    val = curv.preservation_term(batches[1])
+    ref = sum(((rayleigh(model, batches[1], v) - lam[i]) / lam[i]) ** 2 for i, v in enumerate(vecs))
+    torch.testing.assert_close(val, ref)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(val, params)
+    u = [torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(9)) for p in params]
+    directional = sum((g * d).sum() for g, d in zip(grads, u))
+    h = 1e-5
+
+    def at(scale: float) -> float:
+        with torch.no_grad():
+            for p, d in zip(params, u):
+                p.add_(d, alpha=scale)
+        out = float(curv.preservation_term(batches[1]))
+        with torch.no_grad():
+            for p, d in zip(params, u):
+                p.sub_(d, alpha=scale)
+        return out
+
+    fd = (at(h) - at(-h)) / (2 * h)
+    assert float(directional) == pytest.approx(fd, rel=1e-5, abs=1e-8)
+
+
+def test_preservation_gradient_through_layernorm_is_exact():
+    # the fused LayerNorm has a wrong third derivative in PyTorch; the engine routes around it
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        model[1].weight.add_(torch.randn(6, dtype=torch.float64))
+    batches = mlp_batches()
+    curv = make(model, k=1)
+    curv.consolidate(batches)
+    perturb(model)
+    params = list(model.parameters())
+    val = curv.preservation_term(batches[0])
+    grads = torch.autograd.grad(val, params)
+    u = [torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(3)) for p in params]
+
+    def at(scale: float) -> float:
+        with torch.no_grad():
+            for p, d in zip(params, u):
+                p.add_(d, alpha=scale)
+        out = float(curv.preservation_term(batches[0]))
+        with torch.no_grad():
+            for p, d in zip(params, u):
+                p.sub_(d, alpha=scale)
+        return out
+
+    fd = (at(1e-5) - at(-1e-5)) / 2e-5
+    assert float(sum((g * d).sum() for g, d in zip(grads, u))) == pytest.approx(fd, rel=1e-5, abs=1e-8)
+
+
+def test_amortised_preservation_every_steps():
+    model, batches = mlp(), mlp_batches()
+    curv = make(model, every=3, strength=2.0)
+    curv.consolidate(batches)
+    perturb(model)
+    anchor = curv.anchor_term().detach()
+    pres = curv.preservation_term(batches[0]).detach()
+    vals = [curv().detach() for _ in range(4)]  # steps 0, 1, 2, 3
+    torch.testing.assert_close(vals[0], 2.0 * (anchor + 3 * pres))
+    torch.testing.assert_close(vals[1], 2.0 * anchor)
+    torch.testing.assert_close(vals[2], 2.0 * anchor)
+    torch.testing.assert_close(vals[3], 2.0 * (anchor + 3 * pres))
+    torch.testing.assert_close(curv(step=7).detach(), 2.0 * anchor)
+
+
+def test_replay_batch_size_rotates_through_samples():
+    model, batches = mlp(), mlp_batches()
+    curv = make(model, replay_batch_size=4, every=1)
+    curv.consolidate(batches)
+    first = curv._replay_slice(0)
+    second = curv._replay_slice(0)
+    assert first["x"].shape[0] == 4
+    assert torch.equal(first["x"], batches[0]["x"][:4])
+    assert torch.equal(second["x"], batches[0]["x"][[4, 5, 0, 1]])
+
+
+# ------------------------------------------------------------------ the toy two-task run
+
+
+class TwoScalars(nn.Module):
+    """prediction = a·b·x: task 0's curvature λ_max = 2E[x²](a² + b²) depends on a, b."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+        self.b = nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+
+
+def task0_loss(m: nn.Module, batch: dict) -> torch.Tensor:
+    return ((m.a * m.b * batch["x"] - batch["y"]) ** 2).mean()
+
+
+def task1_loss(m: nn.Module, batch: dict) -> torch.Tensor:  # wants a = 0.2
+    return ((m.a * batch["x"] - batch["y"]) ** 2).mean()
+
+
+def run_two_tasks(regularize: bool) -> tuple[float, float]:
+    x = torch.linspace(-1, 1, 16, dtype=torch.float64)
+    t0, t1 = {"x": x, "y": 1.0 * x}, {"x": x, "y": 0.2 * x}
+    model = TwoScalars()  # already at task 0's minimum (ab = 1)
+    lam0 = hessian_eigenvalues(model, t0, task0_loss, k=1, tol=1e-10).values[0].item()
+    curv = CurvatureRegularizer(model, strength=1.0, k=1, every=1, anchor_weight=0.0,
+                                preservation_weight=10.0, replay_batch_size=None, tol=1e-10,
+                                dtype=torch.float64)
+    curv.consolidate(t0, loss_fn=task0_loss)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(150):
+        opt.zero_grad()
+        loss = task1_loss(model, t1) + (curv() if regularize else 0.0)
+        loss.backward()
+        opt.step()
+    lam = hessian_eigenvalues(model, t0, task0_loss, k=1, tol=1e-10).values[0].item()
+    assert curv.drift()[0].rayleigh.item() <= lam * (1 + 1e-9)  # Rayleigh quotient ≤ λ_max
+    return lam0, lam
+
+
+def test_regularizer_keeps_task0_curvature_plain_training_flattens_it():
+    lam0, lam_plain = run_two_tasks(regularize=False)
+    _, lam_reg = run_two_tasks(regularize=True)
+    assert lam_plain < 0.7 * lam0  # plain training flattens task 0's landscape
+    assert abs(lam_reg - lam0) <= 0.2 * lam0  # the regularizer keeps it within 20%
+
+
+# ------------------------------------------------------------------ state and errors
+
+
+def test_state_dict_round_trip_and_multiple_tasks():
+    model = mlp()
+    curv = make(model, replay_batch_size=3)
+    curv.consolidate(mlp_batches(1))
+    perturb(model, seed=1)
+    curv.consolidate(mlp_batches(2))
+    assert curv.num_tasks == 2
+    perturb(model, seed=2)
+    curv()  # advance the step counter and replay cursor
+    buf = io.BytesIO()
+    torch.save(curv.state_dict(), buf)
+    buf.seek(0)
+    fresh = make(mlp(), replay_batch_size=3)
+    object.__setattr__(fresh, "_model", model)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert not any(k.startswith("_model") for k in curv.state_dict())
+    for step in range(3):
+        assert torch.equal(fresh().detach(), curv().detach()), step
+    total = curv.anchor_term()
+    assert torch.allclose(total, sum(curv._anchor_term(t, list(model.parameters())) for t in (0, 1)))
+
+
+def test_zero_before_consolidate_supports_backward():
+    pen = make(mlp())()
+    assert pen.item() == 0.0
+    pen.backward()
+
+
+def test_non_positive_eigenvalues_dropped_or_rejected():
+    model, batches = mlp(), mlp_batches()
+    curv = make(model, k=3)
+
+    def concave(m: nn.Module, b: dict) -> torch.Tensor:  # H = -2 I
+        return -sum((p**2).sum() for p in m.parameters())
+
+    with pytest.raises(ValueError, match="no positive Hessian eigenvalue"):
+        curv.consolidate(batches, loss_fn=concave)
+    assert curv.num_tasks == 0
+
+    def mixed(m: nn.Module, b: dict) -> torch.Tensor:  # eigenvalues 100, 0 (many), -10 (many)
+        return -5.0 * (m[2].weight ** 2).sum() + 50.0 * (m[2].bias[0] ** 2)
+
+    with pytest.warns(UserWarning, match="dropping non-positive"):
+        curv.consolidate(batches, loss_fn=mixed)
+    assert curv.eigenvalues().tolist() == pytest.approx([100.0])
+    assert curv.eigenvectors()[0]["2.bias"].abs()[0].item() == pytest.approx(1.0)
+
+
+def test_errors():
+    model, batches = mlp(), mlp_batches()
+    curv = make(model)
+    with pytest.raises(ValueError, match="no batches"):
+        curv.consolidate([])
+    with pytest.raises(ValueError, match="non-finite"):
+        curv.consolidate(batches, loss_fn=lambda m, b: mlp_loss(m, b) * float("inf"))
+    curv.consolidate(batches)
+    model[2] = nn.Linear(6, 5).double()
+    with pytest.raises(StateMismatchError, match=r"2\.weight"):
+        curv()
+    for bad, match in [
+        (dict(k=0), "k=0"),
+        (dict(every=0), "every=0"),
+        (dict(strength=-1.0), "strength=-1.0"),
+        (dict(replay_batches=-1), "replay_batches=-1"),
+        (dict(replay_batch_size=0), "replay_batch_size=0"),
+        (dict(method="qr"), "method='qr'"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            CurvatureConfig(**bad)
+
+
+def test_consolidate_and_penalty_leave_grad_and_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.3), nn.Tanh(), nn.Linear(6, 3)).double()
+    model.train()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 2.0)
+    grads = [p.grad for p in model.parameters()]
+    curv = make(model)
+    curv.consolidate(mlp_batches())
+    curv.drift()
+    assert all(m.training for m in model.modules())
+    assert all(p.grad is g and bool((g == 2).all()) for p, g in zip(model.parameters(), grads))
+    pen = curv()  # computes the preservation term in eval mode, restores train mode
+    assert all(m.training for m in model.modules())
+    pen.backward()
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads))  # accumulated in place
