@@ -42,7 +42,7 @@ import json
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -557,18 +557,6 @@ def train_steps(model: nn.Module, batches: list[dict[str, torch.Tensor]], steps:
 # --------------------------------------------------------------------------------------------
 # Scenario
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class BiographyParts:
-    """Everything :func:`build_scenario` assembles (handy for tests and notebooks)."""
-
-    cfg: BiographyConfig
-    seed: int
-    data: BiographyData
-    codec: WordCodec
-    cache: Path
-    extras: dict = field(default_factory=dict)
 
 
 def resolve_config(preset: str | BiographyConfig, **overrides) -> BiographyConfig:

@@ -10,6 +10,7 @@ Exact commands (from the repository root)::
     python benchmarks/compare.py --scenario smollm2 --device cuda   # needs mitigate[smollm2]
     python benchmarks/compare.py --scenario smollm2 --lora --quick
     python benchmarks/compare.py --list                       # registered methods and defaults
+    python benchmarks/compare.py --recompute results/<run>    # redo metrics/outputs, no training
 
 Protocol (per seed): build the scenario (``benchmarks/biography.py`` by default; cached under
 ``--cache-dir``), train Task 0 once with plain AdamW (cached, shared by every method), then for
@@ -28,9 +29,10 @@ Task 0 every few steps of Task 1. Then the metrics:
   right after Task 0; ``cka_drift_mid``: 1 − linear CKA of the middle layer's hidden states
   (after-Task-0 model vs final model) on Task-0 probe batches; ``disrupted_heads_fraction``
   (entropy increase > 1.8 bits or Q/K weight z-score > 2.5; arXiv 2601.18699);
-* ``time_per_step_vs_seq``: median time of a training step over the median time of a plain
-  AdamW reference step taken *interleaved* with the method's steps (one every
-  ``--ref-every`` steps, on a scratch copy), so load changes hit both alike;
+* ``time_per_step_vs_seq``: ``r_method / r_seq`` where ``r`` is the median time of a training
+  step over the median time of a plain AdamW reference step taken *interleaved* with the
+  method's steps (one every ``--ref-every`` steps, on a scratch copy), so load changes hit
+  both alike (seq is 1 by construction; without seq in the run, ``r`` itself);
 * ``peak_memory_mb``: peak memory of the method's run above the memory before it (CUDA:
   ``torch.cuda.max_memory_allocated``; CPU: sampled resident set size).
 
@@ -606,6 +608,12 @@ def _nan_to_none(x: Any) -> Any:
     return x
 
 
+def _ref_ratio(raw: dict[str, Any]) -> float | None:
+    if raw.get("step_time_ms") and raw.get("ref_step_time_ms"):
+        return raw["step_time_ms"] / raw["ref_step_time_ms"]
+    return None
+
+
 def compute_metrics(record: dict[str, Any], base: BaseDiagnostics, seq: dict[str, Any] | None
                     ) -> dict[str, Any]:
     """Per-seed metrics of one method (``seq``: the seq record of the same seed, if run)."""
@@ -645,10 +653,16 @@ def compute_metrics(record: dict[str, Any], base: BaseDiagnostics, seq: dict[str
     m["peak_memory_mb"] = raw["peak_memory_mb"]
     m["consolidation_s"] = raw["consolidation_s"]
     m["wall_s"] = raw["wall_s"]
-    # ratios to seq
-    if m["step_time_ms"] and m["ref_step_time_ms"]:
-        m["time_per_step_vs_seq"] = m["step_time_ms"] / m["ref_step_time_ms"]
-    elif seq is not None and seq["raw"]["step_time_ms"]:
+    # ratios to seq. r = step / interleaved reference step; dividing by seq's own r cancels what
+    # the interleaving itself costs the reference (its model's caches are cold after the
+    # method's step), so seq is exactly 1.
+    ratio = _ref_ratio(raw)
+    seq_ratio = _ref_ratio(seq["raw"]) if seq is not None else None
+    if ratio is not None and seq_ratio:
+        m["time_per_step_vs_seq"] = ratio / seq_ratio
+    elif ratio is not None:
+        m["time_per_step_vs_seq"] = ratio
+    elif seq is not None and seq["raw"]["step_time_ms"] and m["step_time_ms"]:
         m["time_per_step_vs_seq"] = m["step_time_ms"] / seq["raw"]["step_time_ms"]
     if seq is not None:
         seq_R = seq["acc_matrix"]
@@ -779,10 +793,36 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     return results
 
 
+def recompute(results: dict[str, Any]) -> dict[str, Any]:
+    """Recompute every metric and aggregate of a loaded ``results.json`` from its raw records
+    (after a change of metric definitions; no training)."""
+    bases = {b["seed"]: BaseDiagnostics(b["acc_row"], b["first_token_row"],
+                                        b["lambda_max_task0"], b.get("extra_evals") or {})
+             for b in results["baseline"]}
+    seqs = {s["seed"]: s for s in results["methods"].get("seq", {}).get("seeds", [])}
+    for entry in results["methods"].values():
+        for rec in entry["seeds"]:
+            rec["metrics"] = compute_metrics(rec, bases[rec["seed"]], seqs.get(rec["seed"]))
+        entry["aggregate"] = aggregate(entry["seeds"])
+        if entry["status"] != "ok":
+            entry["aggregate"] = {k: {"mean": None, "std": None, "n": 0} for k in METRIC_KEYS}
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Entry point: parse ``argv``, run, write the outputs; returns the results dict (with
     ``"output_dir"``), or ``None`` after ``--list`` / when the scenario is unavailable."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--recompute"]:
+        # python benchmarks/compare.py --recompute results/<run>  (metrics and outputs only)
+        from benchmarks import report
+
+        out_dir = Path(argv[1])
+        results = recompute(json.loads((out_dir / "results.json").read_text()))
+        report.write_outputs(results, out_dir, plots="--no-plots" not in argv)
+        print(report.summary_markdown(results), flush=True)
+        return {**results, "output_dir": str(out_dir)}
     cfg = parse_args(argv)
     if cfg is None:
         return None

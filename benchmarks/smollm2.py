@@ -13,15 +13,17 @@ Weights
     the tokenizer to ``cache_dir/smollm2-135m-instruct-fp32/``; later runs load that directory
     (eager attention, fp32) in seconds.
 
-Tasks (generated locally, seeded; every prompt is one ChatML user turn, the answer one
-assistant turn; the loss and the accuracy cover the answer tokens and the closing
-``<|im_end|>`` only)
-    * ``arithmetic``: one-step word problems ("Mia has 17 pencils and gets 25 more. How many
-      pencils does Mia have now?" -> ``42``); evaluated on held-out problems.
-    * ``people``: closed-book facts about invented people (city, job, pet, instrument: answers of
-      1-3 tokens); trained on one question template, ``accuracy`` on the trained questions (is
-      the injected knowledge still there?) and ``paraphrase`` on a second template.
-    * ``extraction``: a sentence about someone to a fixed record format
+Tasks (generated locally, seeded; in this order by default; every prompt is one ChatML user
+turn, the answer one assistant turn; the loss and the accuracy cover the answer tokens and the
+closing ``<|im_end|>`` only)
+    * Task 0 ``people``: closed-book facts about invented people (city, job, pet, instrument:
+      answers of 1-3 tokens), knowledge the model cannot have from pretraining; trained on one
+      question template, ``accuracy`` on the trained questions (is the injected knowledge still
+      there?) and ``paraphrase`` on a second template. Its recovery set (10 trained facts)
+      probes the Zheng et al. (2025) question: does relearning a few facts bring the rest back?
+    * Task 1 ``arithmetic``: one-step word problems ("Mia has 7 pencils and gets 5 more. How
+      many pencils does Mia have now?" -> ``12``); evaluated on held-out problems.
+    * Task 2 ``extraction``: a sentence about someone to a fixed record format
       ("name=Ada Berg; age=34; city=Oslo; job=baker"); evaluated on held-out sentences.
 
     ``accuracy`` is greedy exact match of the answer and ``first_token`` the accuracy of its
@@ -204,8 +206,8 @@ ARITHMETIC_TEMPLATES: tuple[tuple[str, str], ...] = (
 def arithmetic_problems(n: int, rng: random.Random, exclude: set[str] | None = None) -> list[QA]:
     """``n`` distinct word problems with a whole-number answer (digits only).
 
-    Sums use operands 2-60, differences a larger minus a smaller operand, products 2-9 times
-    2-9. Problems whose prompt is in ``exclude`` are skipped; ``exclude`` is updated in place
+    Sums use operands 2-20, differences a larger minus a smaller operand, products 2-9 times
+    2-9 (small enough for a 135M model to get right without a chain of thought). Problems whose prompt is in ``exclude`` are skipped; ``exclude`` is updated in place
     (pass the training prompts to draw disjoint evaluation problems).
 
     Raises:
@@ -220,7 +222,7 @@ def arithmetic_problems(n: int, rng: random.Random, exclude: set[str] | None = N
         if kind == "mul":
             a, b = rng.randint(2, 9), rng.randint(2, 9)
         else:
-            a, b = rng.randint(2, 60), rng.randint(2, 60)
+            a, b = rng.randint(2, 20), rng.randint(2, 20)
             if kind == "sub" and a <= b:  # keep the difference positive
                 a, b = b + 1, a
         prompt = template.format(name=rng.choice(FIRST_NAMES), item=rng.choice(ITEMS), a=a, b=b)
@@ -380,7 +382,7 @@ class SmolConfig:
         chat: wrap examples in the ChatML template (``False``: ``"Q: ...\\nA: ..."``).
     """
 
-    tasks: tuple[str, ...] = ("arithmetic", "people", "extraction")
+    tasks: tuple[str, ...] = ("people", "arithmetic", "extraction")
     train_examples: int = 512
     eval_examples: int = 128
     people: int = 64
@@ -420,10 +422,11 @@ PRESETS: dict[str, SmolConfig] = {
                         task0_steps=2, batch_size=4, eval_batch_size=8, max_length=256,
                         curve_every=1, curve_steps=2, probe_examples=4, recovery_examples=4,
                         stdlib_passages=4, stdlib_tokens=32),
-    # CPU, 2 cores: every harness method in about an hour (see the report for the timings)
-    "reduced": SmolConfig(train_examples=160, eval_examples=32, people=16, steps_per_task=40,
+    # CPU, 2 cores. One full fine-tuning step (batch 4, ~25-55 tokens) costs ~2-3.5 s of one
+    # core, a LoRA step ~60% of that; an evaluation of the three tasks ~10 s.
+    "reduced": SmolConfig(train_examples=80, eval_examples=16, people=8, steps_per_task=20,
                           task0_steps=40, batch_size=4, eval_batch_size=16, lr=1e-4,
-                          lora_lr=1e-3, curve_every=10, curve_steps=40, probe_examples=8,
+                          lora_lr=1e-3, curve_every=5, curve_steps=20, probe_examples=8,
                           stdlib_passages=32, stdlib_tokens=64),
     # GPU
     "full": SmolConfig(),

@@ -94,6 +94,9 @@ HVPMode = Literal["forward", "reverse"]
 # attention implementations whose kernels have no double backward / forward-mode AD
 _NO_SECOND_ORDER_KERNELS = ("sdpa", "flash", "flex", "paged")
 
+# HessianOperator(reuse_graph=None) keeps gradient graphs alive for at most this many batches
+_REUSE_GRAPH_MAX_BATCHES = 4
+
 # model -> "forward" | "reverse": the HVP mode that worked on this model (detected once)
 _HVP_MODE: weakref.WeakKeyDictionary[nn.Module, HVPMode] = weakref.WeakKeyDictionary()
 
@@ -337,6 +340,13 @@ class HessianOperator:
         loss_fn: ``loss_fn(model, batch) -> scalar``; ``None`` means ``model(**batch).loss``.
         params: which parameters (see :data:`mitigate._utils.ParamSelector`); ``None``: all
             trainable.
+        reuse_graph: ``True``: build each batch's gradient graph once (``∇L`` with
+            ``create_graph=True`` at the live parameters) and take every product as one
+            double-backward pass through it (``retain_graph``): the cheapest per product when
+            many products are taken (Lanczos, Hutchinson), at the memory of one training step's
+            activations per batch, held until the operator is freed. ``False``: recompute
+            forward-over-reverse ``jvp(grad(f))`` per product (least memory). ``None`` (default):
+            reuse for at most 4 batches.
 
     Raises:
         AttentionKernelError: model with an SDPA/flash attention kernel.
@@ -349,6 +359,8 @@ class HessianOperator:
         batches: Batch | Iterable[Batch],
         loss_fn: LossFn | None = None,
         params: ParamSelector = None,
+        *,
+        reuse_graph: bool | None = None,
     ) -> None:
         self.model = unwrap_model(model)
         check_attention_kernel(self.model)
@@ -368,7 +380,10 @@ class HessianOperator:
         total = all_reduce_sum_(sizes.sum().to(self.device)).item()
         self.weights = [float(s) / total for s in sizes.tolist()]
         fn = resolve_loss_fn(loss_fn)
+        self._loss_fn = fn
         self._fns = [make_loss_of_params(self.model, b, fn, self.names) for b in self.batches]
+        self.reuse_graph = len(self.batches) <= _REUSE_GRAPH_MAX_BATCHES if reuse_graph is None else reuse_graph
+        self._graphs: list[tuple[list[Tensor], list[int]]] | None = None
         self.products = 0
 
     # -- vector layout
@@ -414,13 +429,49 @@ class HessianOperator:
                 raise _kernel_error(err) from err
             raise
 
+    def _build_graphs(self) -> list[tuple[list[Tensor], list[int]]]:
+        """Per batch: the gradient (with graph) and the indices of the parameters it reaches."""
+        wanted = set(self.names)
+        params = select_parameters(self.model, lambda n, p: n in wanted)
+        plist = [params[n] for n in self.names]
+        graphs = []
+        with torch.enable_grad():
+            for b in self.batches:
+                loss = self._loss_fn(self.model, b)
+                grads = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True)
+                idx = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+                graphs.append(([grads[i] for i in idx], idx))
+        self._plist = plist
+        return graphs
+
+    def _hvp_retained(self, graph: tuple[list[Tensor], list[int]], v: list[Tensor]) -> list[Tensor]:
+        grads, idx = graph
+        out = [torch.zeros(s, dtype=self.param_dtype, device=self.device) for s in self.shapes]
+        if not idx:
+            return out
+        try:
+            with torch.enable_grad():
+                hv = torch.autograd.grad(grads, self._plist, grad_outputs=[v[i] for i in idx],
+                                         retain_graph=True, allow_unused=True)
+        except (RuntimeError, NotImplementedError) as err:
+            if _is_missing_derivative(err):
+                raise _kernel_error(err) from err
+            raise
+        return [h if h is not None else o for h, o in zip(hv, out)]
+
     def matvec(self, flat_v: Tensor) -> Tensor:
         """``H v`` for a flat ``(dim,)`` vector; returns a flat ``(dim,)`` tensor in :attr:`dtype`."""
         v = {n: t.to(self.param_dtype) for n, t in self.to_dict(flat_v).items()}
         acc: Tensor | None = None
-        for f, w in zip(self._fns, self.weights):
-            hv = self._hvp_one(f, v)
-            flat = torch.cat([hv[n].reshape(-1).to(self.dtype) for n in self.names])
+        if self.reuse_graph and self._graphs is None:
+            self._graphs = self._build_graphs()
+        for j, (f, w) in enumerate(zip(self._fns, self.weights)):
+            if self._graphs is not None:
+                hv_list = self._hvp_retained(self._graphs[j], [v[n] for n in self.names])
+                flat = torch.cat([h.reshape(-1).to(self.dtype) for h in hv_list])
+            else:
+                hv = self._hvp_one(f, v)
+                flat = torch.cat([hv[n].reshape(-1).to(self.dtype) for n in self.names])
             acc = flat.mul_(w) if acc is None else acc.add_(flat, alpha=w)
         assert acc is not None  # at least one batch (checked in as_batch_list)
         self.products += 1
@@ -483,7 +534,7 @@ def hvp(
         ValueError: no batches, empty selection, or a vector that does not fit the parameters.
     """
     with preserve_state(model, mode=False if eval_mode else None):
-        op = HessianOperator(model, batches, loss_fn, params)
+        op = HessianOperator(model, batches, loss_fn, params, reuse_graph=False)
         if isinstance(vector, Tensor):
             if vector.dim() != 1 or vector.numel() != op.dim:
                 raise ValueError(f"flat vector must have shape ({op.dim},), got {tuple(vector.shape)}")
@@ -507,6 +558,20 @@ def _tridiagonal(alphas: list[float], betas: list[float]) -> Tensor:
     return t
 
 
+def _ritz_converged(values: Tensor, all_ritz: Tensor, residuals: Tensor, tol: float) -> bool:
+    """Eigenvalue error bound per Ritz pair: ``|λ − θᵢ| ≤ min(rᵢ, rᵢ²/gapᵢ)`` (Bauer-Fike and the
+    gap theorem, Parlett, *The Symmetric Eigenvalue Problem* §11.7), with ``gapᵢ`` the distance
+    from ``θᵢ`` to the other Ritz values; converged when every bound is ≤ ``tol·|θᵢ|``."""
+    bounds = []
+    for theta, r in zip(values.tolist(), residuals.tolist()):
+        others = (all_ritz - theta).abs()
+        others = others[others > 0]
+        # no other Ritz value yet: the gap is unknown, only the residual bounds the error
+        bounds.append(min(r, r * r / float(others.min())) if others.numel() else r)
+    scale = values.abs().clamp_min(torch.finfo(torch.float64).tiny)
+    return bool((torch.tensor(bounds, dtype=torch.float64) <= tol * scale).all())
+
+
 def _lanczos(
     op: HessianOperator, k: int, max_iter: int, tol: float, gen: torch.Generator, progress: bool
 ) -> tuple[Tensor, Tensor, Tensor, int, bool]:
@@ -514,8 +579,9 @@ def _lanczos(
 
     Builds ``Q_m = [q_1 … q_m]`` with ``H Q_m = Q_m T_m + β_m q_{m+1} e_mᵀ``; the top-k Ritz
     pairs ``(θᵢ, Q_m sᵢ)`` of the tridiagonal ``T_m`` approximate the top-k eigenpairs with
-    residual ``‖H yᵢ − θᵢ yᵢ‖ = |β_m sᵢ[m]|``. Stops when every residual ≤ ``tol·|θᵢ|`` (or
-    the Krylov space became invariant). One scalar host sync per iteration.
+    residual ``‖H yᵢ − θᵢ yᵢ‖ = |β_m sᵢ[m]|``. Stops when every eigenvalue error bound
+    (:func:`_ritz_converged`) is ≤ ``tol·|θᵢ|`` (or the Krylov space became invariant). One
+    scalar host sync per iteration.
     """
     from tqdm.auto import tqdm
 
@@ -545,18 +611,23 @@ def _lanczos(
         alphas.append(a_b[0])
         betas.append(a_b[1])
         bar.update(1)
+        # breakdown: the Krylov space is invariant (β ≈ 0 relative to the spectrum seen so far)
+        invariant = a_b[1] <= 1e3 * torch.finfo(op.dtype).eps * max(abs(x) for x in alphas + betas)
+        if invariant:
+            betas[-1] = 0.0  # T_m is block diagonal from here on (exact)
         if j + 1 >= k or j + 1 == m_max:
             evals, evecs = torch.linalg.eigh(_tridiagonal(alphas, betas))
             top = torch.argsort(evals, descending=True)[: min(k, j + 1)]
             values, vecs_small = evals[top], evecs[:, top]
-            residuals = (a_b[1] * vecs_small[-1, :]).abs()
-            scale = values.abs().clamp_min(torch.finfo(torch.float64).tiny)
-            invariant = a_b[1] <= 1e3 * torch.finfo(op.dtype).eps * max(abs(x) for x in alphas + [1e-30])
-            if len(top) == k and (bool((residuals <= tol * scale).all()) or invariant):
+            residuals = (betas[-1] * vecs_small[-1, :]).abs()
+            if len(top) == k and (invariant or _ritz_converged(values, evals, residuals, tol)):
                 converged = True
                 break
-            if invariant:  # Krylov space exhausted before k pairs: cannot continue
-                break
+        if invariant:  # fewer than k pairs found: restart orthogonally to the basis
+            w = op.random_vector(gen, "gaussian")
+            for _ in range(2):
+                w.sub_(qj.T @ (qj @ w))
+            beta = w.norm()
         q = w / beta
     bar.close()
     assert values is not None and vecs_small is not None and residuals is not None
@@ -630,11 +701,15 @@ def hessian_eigenvalues(
     generator: torch.Generator | None = None,
     eval_mode: bool = True,
     progress: bool = False,
+    reuse_graph: bool | None = None,
 ) -> EigenResult:
     """Top-k eigenpairs of the loss Hessian ``H = Σ_b n_b ∇²L_b / Σ_b n_b``.
 
     ``method="lanczos"`` (default): Lanczos with full re-orthogonalisation; the ``k`` largest
-    (algebraic) Ritz values, stopped when every Ritz residual ``‖H yᵢ − θᵢ yᵢ‖ ≤ tol·|θᵢ|``.
+    (algebraic) Ritz values, stopped when every eigenvalue error bound
+    ``min(rᵢ, rᵢ²/gapᵢ) ≤ tol·|θᵢ|`` (``rᵢ = ‖H yᵢ − θᵢ yᵢ‖``, ``gapᵢ`` to the next Ritz value):
+    ``tol`` is the relative accuracy of the eigenvalues (eigenvectors are accurate to an angle of
+    about ``rᵢ/gapᵢ``: lower ``tol`` when the vectors matter).
     Needs far fewer products than power iteration and keeps an ``(m, n)`` basis (``m ≤ max_iter``
     vectors of the selected parameters: select a subset with ``params=`` on large models).
     ``method="power"``: power iteration with deflation (PyHessian, Yao et al. 2020), the ``k``
@@ -655,6 +730,9 @@ def hessian_eigenvalues(
         generator: a CPU ``torch.Generator`` for the start vectors.
         eval_mode: compute in eval mode (dropout off); flags are restored either way.
         progress: show a tqdm bar.
+        reuse_graph: keep each batch's gradient graph for all products (fastest; memory of one
+            training step per batch) or recompute forward-over-reverse per product (least memory);
+            ``None``: reuse for at most 4 batches. See :class:`HessianOperator`.
 
     Returns:
         :class:`EigenResult` with ``values`` ``(k,)`` descending and ``vectors`` (k dicts).
@@ -673,7 +751,7 @@ def hessian_eigenvalues(
         raise ValueError(f"tol={tol!r} must be a positive float")
     gen = _generator(seed, generator)
     with preserve_state(model, mode=False if eval_mode else None):
-        op = HessianOperator(model, batches, loss_fn, params)
+        op = HessianOperator(model, batches, loss_fn, params, reuse_graph=reuse_graph)
         if k > op.dim:
             raise ValueError(f"k={k} exceeds the number of selected parameters ({op.dim})")
         if method == "lanczos":
@@ -697,12 +775,14 @@ def hutchinson_trace(
     seed: int | None = 0,
     generator: torch.Generator | None = None,
     eval_mode: bool = True,
+    reuse_graph: bool | None = None,
 ) -> TraceResult:
     """Hutchinson's estimate of the Hessian trace: ``tr(H) ≈ (1/S) Σₛ zₛᵀ H zₛ``, ``zₛ`` with
     i.i.d. Rademacher (±1) entries, so ``E[zᵀHz] = tr(H)`` (Hutchinson 1989).
 
     Args:
-        model, batches, loss_fn, params, eval_mode: as in :func:`hessian_eigenvalues`.
+        model, batches, loss_fn, params, eval_mode, reuse_graph: as in
+            :func:`hessian_eigenvalues`.
         samples: number of probe vectors ``S``.
         seed / generator: randomness of the probes (CPU generator).
 
@@ -717,7 +797,7 @@ def hutchinson_trace(
         raise ValueError(f"samples={samples!r} must be a positive int")
     gen = _generator(seed, generator)
     with preserve_state(model, mode=False if eval_mode else None):
-        op = HessianOperator(model, batches, loss_fn, params)
+        op = HessianOperator(model, batches, loss_fn, params, reuse_graph=reuse_graph)
         quads = []
         for _ in range(samples):
             z = op.random_vector(gen, "rademacher")

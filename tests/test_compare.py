@@ -138,12 +138,17 @@ def test_metrics_follow_their_formulas():
     assert m["plasticity_vs_seq"] == pytest.approx(((0.6 + 0.48) / 2) / ((0.6 + 0.5) / 2))
     assert m["lambda_max_ratio"] == pytest.approx(0.5)
     assert m["cka_mid_layer"] == 0.6 and m["cka_drift_mid"] == pytest.approx(0.4)
-    assert m["time_per_step_vs_seq"] == pytest.approx(1.1)
+    assert m["time_per_step_vs_seq"] == pytest.approx(1.1)  # (11/10) / (10/10)
     assert m["recovery_accuracy"] == 0.7 and m["disrupted_heads_fraction"] == 0.25
     assert m["retention_gap"] == pytest.approx(0.9 - 0.74 / 0.8)
     assert m["meets_target"] is True
     s = C.compute_metrics(seq, base, seq)
     assert s["mitigation_pct"] == pytest.approx(0.0) and s["plasticity_vs_seq"] == pytest.approx(1.0)
+    assert s["time_per_step_vs_seq"] == pytest.approx(1.0)
+    slow_ref = _record(meth["acc_matrix"], meth["task0_curve"], step_ms=11.0, ref_ms=20.0)
+    seq_slow_ref = _record(seq["acc_matrix"], seq["task0_curve"], step_ms=10.0, ref_ms=20.0)
+    assert C.compute_metrics(slow_ref, base, seq_slow_ref)["time_per_step_vs_seq"] == pytest.approx(1.1)
+    assert C.compute_metrics(slow_ref, base, None)["time_per_step_vs_seq"] == pytest.approx(0.55)
     assert s["meets_target"] is False
     agg = C.aggregate([{"metrics": m}, {"metrics": s}])
     assert agg["task0_final"]["mean"] == pytest.approx((0.74 + 0.1) / 2)
@@ -206,7 +211,7 @@ def test_results_schema(micro_run):
 
 def test_freezing_leaves_the_frozen_weights_untouched_and_seq_moves_them(micro_run, tmp_path):
     # same seeded protocol: the bottom layer's weights only move under seq
-    root, res, _ = micro_run
+    root, _, _ = micro_run
     from benchmarks import biography
 
     sc = biography.build_scenario("micro", root / "cache", 0)
@@ -237,6 +242,21 @@ def test_runs_are_reproducible(micro_run):
         assert sa["acc_matrix"] == sb["acc_matrix"], name
         assert sa["task0_curve"] == sb["task0_curve"], name
         assert sa["metrics"]["lambda_max_task0"] == sb["metrics"]["lambda_max_task0"], name
+
+
+def test_recompute_reproduces_the_metrics_from_results_json(micro_run, tmp_path):
+    root, results, _ = micro_run
+    import shutil
+
+    shutil.copy(root / "r1" / "results.json", tmp_path / "results.json")
+    again = C.main(["--recompute", str(tmp_path), "--no-plots"])
+    for name in E2E_METHODS:
+        a = results["methods"][name]["seeds"][0]["metrics"]
+        b = again["methods"][name]["seeds"][0]["metrics"]
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], nan_ok=True) if isinstance(a[k], float) else a[k] == b[k], k
+    assert (tmp_path / "summary.md").read_text() == (root / "r1" / "summary.md").read_text()
 
 
 def test_unavailable_method_is_skipped_not_fatal(tmp_path, capsys):

@@ -85,7 +85,7 @@ def explicit_hessian(model: nn.Module, batches: list[dict], loss_fn, names: list
             loss_fn(_Reparam(model, d), b) * b[next(iter(b))].shape[0] for b in batches
         ) / total
 
-    return torch.autograd.functional.hessian(f, flat0)
+    return torch.autograd.functional.hessian(f, flat0, vectorize=True)
 
 
 class _Reparam(nn.Module):
@@ -185,14 +185,16 @@ def test_lanczos_on_tiny_llama_matches_explicit_and_power_iteration():
     sel = r".*self_attn\..*"
     names = [n for n in names_of(model) if "self_attn" in n]
     H = explicit_hessian(model, batches, lm_loss, names)
-    top = torch.linalg.eigvalsh(H).flip(0)[:2]
+    evals = torch.linalg.eigvalsh(H)
     lz = hessian_eigenvalues(model, batches, lm_loss, k=2, params=sel, tol=1e-9)
-    torch.testing.assert_close(lz.values, top, rtol=LLAMA_RTOL, atol=LLAMA_ATOL)
-    pw = hessian_eigenvalues(model, batches, lm_loss, k=1, params=sel, method="power", tol=1e-8, max_iter=500)
-    assert pw.values[0].item() == pytest.approx(top[0].item(), rel=1e-4)
+    torch.testing.assert_close(lz.values, evals.flip(0)[:2], rtol=LLAMA_RTOL, atol=LLAMA_ATOL)
+    # power iteration finds the eigenvalue of largest magnitude (here a negative one)
+    dominant = evals[evals.abs().argmax()].item()
+    pw = hessian_eigenvalues(model, batches, lm_loss, k=1, params=sel, method="power", tol=1e-6, max_iter=300)
+    assert pw.values[0].item() == pytest.approx(dominant, rel=1e-3)
+    v = pw.flat_vectors()[0]
+    assert (H @ v - pw.values[0] * v).norm().item() < 0.05 * abs(dominant)
     assert pw.iterations > lz.iterations  # Lanczos needs fewer products
-    cos = torch.dot(pw.flat_vectors()[0], lz.flat_vectors()[0]).abs()
-    assert cos.item() == pytest.approx(1.0, abs=1e-3)
 
 
 def test_lanczos_and_power_agree_mlp():

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -16,11 +19,27 @@ EXAMPLES = os.path.join(ROOT, "examples")
 
 
 def _run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group. On timeout every process of the group gets SIGABRT
+    (``PYTHONFAULTHANDLER`` prints each one's Python stack), then SIGKILL; the stacks are in the
+    failure message."""
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
+               HF_HUB_OFFLINE="1", PYTHONFAULTHANDLER="1",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGABRT)
+            try:
+                out, err = proc.communicate(timeout=20)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            raise TimeoutError(f"{cmd} timed out after {timeout}s\n{out[-3000:]}\n{err[-8000:]}") from None
+    done = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    assert done.returncode == 0, f"{cmd}\n{out[-3000:]}\n{err[-5000:]}"
+    return done
 
 
 def _table(out: str, name: str) -> list[list[float]]:
@@ -58,7 +77,13 @@ def test_accelerate_ddp_two_processes():
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), os.path.join(EXAMPLES, "accelerate_ddp.py"), "--cpu", "--quick"]
-    out = _run(cmd).stdout
+    try:
+        out = _run(cmd, timeout=150).stdout
+    except TimeoutError as err:
+        # Seen once in ~10 runs on an overloaded machine: a rank stuck in a futex at gloo teardown
+        # after the script finished its work. Retry once and make the first hang visible.
+        warnings.warn(f"accelerate launch hung once; retrying. {str(err)[-6000:]}", stacklevel=1)
+        out = _run(cmd, timeout=150).stdout
     assert "2 process(es): replicas identical" in out
     assert out.count("task 1: held-out loss") == 1  # printed by the main process only
 

@@ -228,6 +228,27 @@ def test_bad_mitigations_raise():
         consolidate_all([], model, [{}], max_batches=0)
 
 
+def test_callback_logs_curvature_penalty_and_drift():
+    model = tiny_llama()
+    curv = mitigate.CurvatureRegularizer(model, strength=1.0, k=2, max_iter=20, preservation_weight=0.0)
+    batch = {k: torch.tensor(v) for k, v in dataset(0, 8)[:8].items()}
+    consolidate_all([curv], model, [batch])
+    cb = MitigationCallback([curv])
+    assert "mitigate/curvature_regularizer_penalty" not in cb.collect()  # never called: not evaluated
+    cb.record_penalty("curvature_regularizer", curv())
+    stats = cb.collect()
+    assert stats["mitigate/curvature_regularizer_penalty"] == pytest.approx(0.0, abs=1e-6)  # at the anchor
+    ratios = [stats[f"mitigate/curvature_regularizer_drift/0/ratio/{i}"] for i in range(2)]
+    assert ratios == pytest.approx([1.0, 1.0], abs=1e-3)  # curvature preserved at the anchor
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    cb.record_penalty("curvature_regularizer", curv())
+    moved = cb.collect()
+    assert moved["mitigate/curvature_regularizer_penalty"] > 0.0
+    assert moved["mitigate/curvature_regularizer_drift/0/ratio/0"] != pytest.approx(1.0, abs=1e-2)
+
+
 def test_callback_with_plain_trainer_evaluates_penalty(tmp_path):
     model = tiny_llama()
     ewc = mitigate.EWC(model, strength=10.0)
@@ -235,7 +256,7 @@ def test_callback_with_plain_trainer_evaluates_penalty(tmp_path):
     cb = MitigationCallback([ewc], log_drift=False)
     trainer = Trainer(model=model, args=targs(tmp_path, max_steps=2), train_dataset=dataset(1), callbacks=[cb])
     trainer.train()
-    assert trainer.state.log_history[0]["mitigate/ewc_penalty"] == pytest.approx(float(ewc()), rel=1e-5)
+    assert trainer.state.log_history[0]["mitigate/ewc_penalty"] == pytest.approx(float(ewc().detach()), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- PEFT

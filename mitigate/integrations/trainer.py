@@ -75,6 +75,7 @@ LOG_PREFIX = "mitigate/"
 """Prefix of every key :class:`MitigationCallback` adds to the Trainer's logs."""
 
 _STATE_FORMAT = 1
+_MAX_VECTOR_LOG = 16
 
 
 # ----------------------------------------------------------------------------- mitigation specs
@@ -269,8 +270,8 @@ def find_wrappers(optimizer: Any) -> list[OptimizerWrapper]:
 def scalar_stats(prefix: str, obj: Any) -> dict[str, float]:
     """Flatten a stats object (dict, dataclass, 0-d tensor or number) into ``{key: float}``.
 
-    Non-scalar entries (vectors, strings, None) are skipped; nested dicts/dataclasses are joined
-    with ``/``. One host synchronisation per tensor, so call it at logging time only.
+    Vectors of up to 16 entries and lists are indexed (``key/0``, ``key/1``), larger tensors,
+    strings and None are skipped; nested dicts/dataclasses/lists are joined with ``/``. One host synchronisation per tensor, so call it at logging time only.
     """
     out: dict[str, float] = {}
     if obj is None or isinstance(obj, (str, bytes)):
@@ -282,12 +283,17 @@ def scalar_stats(prefix: str, obj: Any) -> dict[str, float]:
     if isinstance(obj, Tensor):
         if obj.numel() == 1:
             return {prefix: float(obj.detach().reshape(()).item())}
+        if obj.dim() == 1 and obj.numel() <= _MAX_VECTOR_LOG:  # e.g. k eigenvalue ratios
+            return {f"{prefix}/{i}": float(x) for i, x in enumerate(obj.detach().double().cpu().tolist())}
         return out
     if is_dataclass(obj) and not isinstance(obj, type):
         obj = {f.name: getattr(obj, f.name) for f in fields(obj)}
     if isinstance(obj, Mapping):
         for k, v in obj.items():
             out.update(scalar_stats(f"{prefix}/{k}" if prefix else str(k), v))
+    elif isinstance(obj, (list, tuple)):  # e.g. one CurvatureDrift per task
+        for i, v in enumerate(obj):
+            out.update(scalar_stats(f"{prefix}/{i}" if prefix else str(i), v))
     return out
 
 
@@ -311,6 +317,16 @@ def _is_dataset(data: Any) -> bool:
     except ImportError:  # pragma: no cover - datasets is optional
         return False
     return isinstance(data, (datasets.Dataset, datasets.IterableDataset))
+
+
+def _pure_forward(term: nn.Module) -> bool:
+    """Whether ``term()`` may be called just to read the penalty: its ``forward`` takes no
+    arguments. (``CurvatureRegularizer.forward(step=None)`` advances a schedule counter: calling it
+    at logging time would change which training steps compute the preservation term.)"""
+    try:
+        return not inspect.signature(term.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _call_with_optional_loss_fn(fn: Callable[..., Any], *args: Any, loss_fn: LossFn | None) -> Any:
@@ -460,7 +476,8 @@ class MitigationCallback(TrainerCallback):
     * ``<wrapper>/<stat>`` for every scalar in each optimizer wrapper's ``stats()`` (projection
       rate, conflicts, clip rate, ...), wrappers found in the optimizer the Trainer passes;
     * ``<term>_penalty``: each loss term's last penalty value (recorded by
-      :class:`MitigationTrainerMixin`; with a plain Trainer it is evaluated at logging time);
+      :class:`MitigationTrainerMixin`; with a plain Trainer it is evaluated at logging time for
+      terms whose ``forward`` takes no argument, e.g. EWC);
     * ``<term>_drift/...``: ``term.drift()`` for terms that have it (curvature drift), when
       ``log_drift`` (costs Hessian-vector products at each logging step).
 
@@ -480,6 +497,7 @@ class MitigationCallback(TrainerCallback):
         self.log_drift = log_drift
         self.last_penalties: dict[str, Tensor] = {}
         self.last_consolidation: ConsolidationReport | None = None
+        self._drift_failed: set[str] = set()
 
     def record_penalty(self, name: str, value: Tensor) -> None:
         """Remember a loss term's latest value (detached; no host sync until logging)."""
@@ -494,13 +512,18 @@ class MitigationCallback(TrainerCallback):
                 out.update(scalar_stats(LOG_PREFIX + _snake(type(w).__name__), stats()))
         for name, term in self.loss_terms.items():
             value = self.last_penalties.get(name)
-            if value is None:
-                with torch.no_grad():
-                    value = term()
-            out.update(scalar_stats(f"{LOG_PREFIX}{name}_penalty", value))
+            if value is None and _pure_forward(term):
+                with torch.enable_grad():  # some penalties differentiate internally
+                    value = term().detach()
+            if value is not None:
+                out.update(scalar_stats(f"{LOG_PREFIX}{name}_penalty", value))
             drift = getattr(term, "drift", None)
-            if self.log_drift and callable(drift):
-                out.update(scalar_stats(f"{LOG_PREFIX}{name}_drift", drift()))
+            if self.log_drift and callable(drift) and name not in self._drift_failed:
+                try:
+                    out.update(scalar_stats(f"{LOG_PREFIX}{name}_drift", drift()))
+                except ValueError as err:  # e.g. no replay memory to measure on
+                    self._drift_failed.add(name)
+                    logger.warning("not logging %s drift: %s", name, err)
         return out
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D102 - TrainerCallback API

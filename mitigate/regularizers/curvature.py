@@ -24,7 +24,8 @@ and a small replay memory (a few batches, on CPU). While training later tasks it
   replay memory) are used per evaluation.
 
 Only positive eigenvalues are kept (the relative preservation error divides by ``λ_i``): a
-non-positive ``λ_i`` is dropped with a warning, and consolidation fails when none is positive.
+non-positive ``λ_i`` (or a numerically zero one, ``λ_i ≤ 1e-6·max|λ|``) is dropped with a warning,
+and consolidation fails when none is positive.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ from mitigate.curvature import (
 __all__ = ["CurvatureConfig", "CurvatureDrift", "CurvatureRegularizer"]
 
 logger = logging.getLogger(__name__)
+
+# eigenvalues at or below this fraction of the largest |λ| are numerically zero (dropped)
+_ZERO_EIGENVALUE_RTOL = 1e-6
 
 
 @dataclass
@@ -264,7 +268,9 @@ class CurvatureRegularizer(nn.Module):
         values = eig.values
         if not bool(torch.isfinite(values).all()):
             raise ValueError(f"non-finite Hessian eigenvalues {values.tolist()}")
-        keep = [i for i, lam in enumerate(values.tolist()) if lam > 0]
+        # numerically zero counts as non-positive: 1/λᵢ would explode the preservation term
+        floor = _ZERO_EIGENVALUE_RTOL * float(values.abs().max())
+        keep = [i for i, lam in enumerate(values.tolist()) if lam > floor]
         if len(keep) < len(values):
             dropped = [values[i].item() for i in range(len(values)) if i not in keep]
             if not keep:
