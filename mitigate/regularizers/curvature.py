@@ -76,7 +76,9 @@ class CurvatureConfig:
 
     Attributes:
         strength: overall multiplier of the penalty (≥ 0).
-        k: eigenpairs stored per task (top-k of the task's loss Hessian).
+        k: eigenpairs stored per task (top-k of the task's loss Hessian). Default 1: λ_max, the
+            quantity whose collapse marks the flattening; the preservation term costs one
+            third-order product per eigenpair, so its time grows linearly in ``k``.
         params: which parameters the eigenvectors live on (``None``: all trainable; e.g.
             ``r".*self_attn\\..*"`` for attention only, or the LoRA parameters on PEFT models).
         every: the preservation term is computed every ``every`` calls (×``every``), else 0.
@@ -92,7 +94,7 @@ class CurvatureConfig:
     """
 
     strength: float = 1.0
-    k: int = 4
+    k: int = 1
     params: ParamSelector = None
     every: int = 10
     replay_batches: int = 1
@@ -176,7 +178,7 @@ class CurvatureRegularizer(nn.Module):
         model: nn.Module,
         *,
         strength: float = 1.0,
-        k: int = 4,
+        k: int = 1,
         params: ParamSelector = None,
         every: int = 10,
         replay_batches: int = 1,

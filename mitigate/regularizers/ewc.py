@@ -138,8 +138,7 @@ class _DiagonalQuadratic(torch.autograd.Function):
         theta = [p.detach().to(device=a.device, dtype=dtype) for p, a in zip(params, anchor)]
         diff = torch._foreach_sub(theta, anchor)
         fd = torch._foreach_mul(diff, fisher)
-        # F ≥ 0, so F d² ≥ 0 and its L1 norm is its sum (one fused call)
-        sums = torch._foreach_norm(torch._foreach_mul(fd, diff), 1)
+        sums = [torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(fd, diff)]  # ⟨F d, d⟩
         ctx.save_for_backward(*fd)
         ctx.param_meta = [(p.dtype, p.device) for p in params]
         return torch.stack(sums).sum().mul(0.5).to(params[0].device)

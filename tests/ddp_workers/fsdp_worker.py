@@ -17,7 +17,6 @@ here. Rank 0 writes ``{mitigation: {...}}`` to ``--out``; exit code nonzero on a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import traceback
@@ -29,7 +28,15 @@ from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import lm_batch, task_tokens, tiny_llama  # noqa: E402
-from mitigations_worker import CONSOLIDATION_BATCHES, GLOBAL_BATCH, STEPS, build, max_diff  # noqa: E402
+from mitigations_worker import (  # noqa: E402
+    CONSOLIDATION_BATCHES,
+    GLOBAL_BATCH,
+    STEPS,
+    build,
+    finish,
+    max_diff,
+    record,
+)
 
 ALL = ("agem", "ogd", "ewc")
 ATOL = 2e-5
@@ -97,18 +104,8 @@ def main() -> int:
                 res["ok"] = res["param_diff"] <= ATOL
         except Exception:  # noqa: BLE001
             res["error"] = traceback.format_exc()
-        ok = torch.tensor([1.0 if res["ok"] else 0.0])
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        res["ok"] = bool(ok.item() == 1.0)
-        results[name] = res
-        if rank == 0:
-            print(f"[{name}] {json.dumps(res, default=str)[:3000]}", flush=True)
-    if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1, default=str)
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0 if all(r["ok"] for r in results.values()) else 1
+        record(results, name, res)
+    return finish(results, args.out)
 
 
 if __name__ == "__main__":

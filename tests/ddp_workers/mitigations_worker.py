@@ -184,15 +184,24 @@ def main() -> int:
                 )
         except Exception:  # noqa: BLE001 - reported per mitigation
             res["error"] = traceback.format_exc()
-        # every rank must agree that the run went through
-        ok = torch.tensor([1.0 if res["ok"] else 0.0])
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        res["ok"] = bool(ok.item() == 1.0)
-        results[name] = res
-        if rank == 0:
-            print(f"[{name}] {json.dumps(res, default=str)[:2000]}", flush=True)
-    if rank == 0:
-        with open(args.out, "w") as f:
+        record(results, name, res)
+    return finish(results, args.out)
+
+
+def record(results: dict[str, Any], name: str, res: dict[str, Any]) -> None:
+    """Store ``res`` under ``name`` once every rank agrees it passed (collective)."""
+    ok = torch.tensor([1.0 if res["ok"] else 0.0])
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    res["ok"] = bool(ok.item() == 1.0)
+    results[name] = res
+    if dist.get_rank() == 0:
+        print(f"[{name}] {json.dumps(res, default=str)[:3000]}", flush=True)
+
+
+def finish(results: dict[str, Any], out: str) -> int:
+    """Rank 0 writes ``results`` to ``out``; tear down; exit code 1 unless everything passed."""
+    if dist.get_rank() == 0:
+        with open(out, "w") as f:
             json.dump(results, f, indent=1, default=str)
     dist.barrier()
     dist.destroy_process_group()
