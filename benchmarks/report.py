@@ -200,14 +200,16 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
         return written
 
     # Task-0 accuracy along Task 1 (mean over seeds at common steps)
+    colors = plt.get_cmap("tab20").colors
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, e in ok.items():
+    for idx, (name, e) in enumerate(ok.items()):
         curves = [dict(s["task0_curve"]) for s in e["seeds"] if s["task0_curve"]]
         if not curves:
             continue
         steps = sorted(set.intersection(*[set(c) for c in curves]))
         ax.plot(steps, [100 * sum(c[x] for c in curves) / len(curves) for x in steps],
-                marker=".", label=name, linestyle="--" if name == "seq" else "-")
+                marker=".", label=name, color=colors[(2 * idx) % 20 + (idx >= 10)],
+                linestyle="--" if name == "seq" else "-")
     ax.set_xlabel("step of Task 1")
     ax.set_ylabel("Task-0 accuracy (%)")
     ax.set_title("Task-0 accuracy during the first steps of Task 1")
@@ -246,13 +248,13 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
 
     # retention against cost
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for name, e in ok.items():
+    for idx, (name, e) in enumerate(ok.items()):
         agg = e["aggregate"]
         x = (agg.get("time_per_step_vs_seq") or {}).get("mean")
         y = (agg.get("task0_retention") or {}).get("mean")
         if x is None or y is None:
             continue
-        ax.scatter([x], [100 * y], s=40)
+        ax.scatter([x], [100 * y], s=40, color=colors[(2 * idx) % 20 + (idx >= 10)])
         ax.annotate(name, (x, 100 * y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axhline(100 * 0.90, color="gray", linestyle=":", linewidth=1)
     ax.axvline(1.15, color="gray", linestyle=":", linewidth=1)
