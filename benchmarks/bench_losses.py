@@ -214,7 +214,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in base.parameters())
     print(f"\nGPT-2-style {a.layers} layers, hidden {a.hidden}, seq {a.seq}, batch {a.batch}, vocab "
           f"{a.vocab} ({n_params / 1e6:.2f}M params), eager attention, AdamW, threads "
-          f"{torch.get_num_threads()}, {a.rounds} interleaved rounds of {a.every} steps; curv_* use k={a.k}, *_klarge k={a.k_large}; replay slice 2 samples\n")
+          f"{torch.get_num_threads()}, {a.rounds} interleaved rounds of {a.every} steps; curv_* use k={a.k}, *_klarge k={a.k_large}; replay slice 1 sample (default)\n")
     print("| variant | median block (s) | step-time ratio (median) | target | consolidate (s) |")
     print("|---|---|---|---|---|")
     for n in names:

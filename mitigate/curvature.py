@@ -446,9 +446,8 @@ class HessianOperator:
 
     def _hvp_retained(self, graph: tuple[list[Tensor], list[int]], v: list[Tensor]) -> list[Tensor]:
         grads, idx = graph
-        out = [torch.zeros(s, dtype=self.param_dtype, device=self.device) for s in self.shapes]
         if not idx:
-            return out
+            return [torch.zeros(s, dtype=self.param_dtype, device=self.device) for s in self.shapes]
         try:
             with torch.enable_grad():
                 hv = torch.autograd.grad(grads, self._plist, grad_outputs=[v[i] for i in idx],
@@ -457,7 +456,8 @@ class HessianOperator:
             if _is_missing_derivative(err):
                 raise _kernel_error(err) from err
             raise
-        return [h if h is not None else o for h, o in zip(hv, out)]
+        return [h if h is not None else torch.zeros(s, dtype=self.param_dtype, device=self.device)
+                for h, s in zip(hv, self.shapes)]
 
     def matvec(self, flat_v: Tensor) -> Tensor:
         """``H v`` for a flat ``(dim,)`` vector; returns a flat ``(dim,)`` tensor in :attr:`dtype`."""

@@ -54,7 +54,7 @@ def test_lambda_max_matches_the_explicit_hessian_and_ratio():
     assert rep.ratio_to_reference is None
     half = D.lambda_max(model, [{"scale": 0.5}], loss_fn, reference=rep, max_iter=3, tol=1e-6)
     assert half.ratio_to_reference == pytest.approx(0.5, rel=1e-4)
-    assert D.lambda_max(model, [batch], loss_fn, reference=2 * expected, max_iter=3).ratio_to_reference == pytest.approx(0.5, rel=1e-4)
+    assert D.lambda_max(model, [batch], loss_fn, reference=2 * expected, max_iter=3, tol=1e-6).ratio_to_reference == pytest.approx(0.5, rel=1e-4)
 
 
 def _batches(seed, n=2):

@@ -85,7 +85,8 @@ class CurvatureConfig:
         replay_batches: batches of each task kept (CPU) for the preservation term; 0 disables it.
         replay_batch_size: samples per preservation evaluation, rotating through the stored
             batches (``None``: a whole stored batch). Its cost is a third-order backward, so a
-            small slice keeps the amortised overhead low.
+            small slice keeps the amortised overhead low; one LM sample still averages the curvature
+            over all its tokens, and the slices rotate so the whole memory is used over time.
         anchor_weight: ``w_a``, weight of the low-rank Laplace anchor term.
         preservation_weight: ``w_p``, weight of the eigenvalue-preservation term.
         method / max_iter / tol / seed: passed to :func:`mitigate.curvature.hessian_eigenvalues`.
@@ -98,7 +99,7 @@ class CurvatureConfig:
     params: ParamSelector = None
     every: int = 10
     replay_batches: int = 1
-    replay_batch_size: int | None = 2
+    replay_batch_size: int | None = 1
     anchor_weight: float = 1.0
     preservation_weight: float = 1.0
     method: Literal["lanczos", "power"] = "lanczos"
@@ -182,7 +183,7 @@ class CurvatureRegularizer(nn.Module):
         params: ParamSelector = None,
         every: int = 10,
         replay_batches: int = 1,
-        replay_batch_size: int | None = 2,
+        replay_batch_size: int | None = 1,
         anchor_weight: float = 1.0,
         preservation_weight: float = 1.0,
         method: Literal["lanczos", "power"] = "lanczos",
