@@ -882,12 +882,17 @@ def differentiable_hvp(
     try:
         with _CompositeNorms():
             loss = resolve_loss_fn(loss_fn)(model, batch)
-        g = torch.autograd.grad(loss, plist, create_graph=True)
+        # parameters the loss does not reach get zero gradient (and zero curvature)
+        g = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True, materialize_grads=True)
+        live = [j for j, gj in enumerate(g) if gj.requires_grad]
+        if not live:  # the gradient is constant in θ: H = 0
+            return [[torch.zeros_like(p) for p in plist] for _ in vecs]
+        kw = dict(create_graph=True, allow_unused=True, materialize_grads=True)
         if len(vecs) > 1:
             try:
-                stacked = [torch.stack([v[j] for v in vecs]) for j in range(len(plist))]
+                stacked = [torch.stack([v[j] for v in vecs]) for j in live]
                 hv = torch.autograd.grad(
-                    g, plist, grad_outputs=stacked, create_graph=True, is_grads_batched=True
+                    [g[j] for j in live], plist, grad_outputs=stacked, is_grads_batched=True, **kw
                 )
                 return [[t[i] for t in hv] for i in range(len(vecs))]
             except RuntimeError as err:  # an op without a batching rule: loop instead
@@ -896,8 +901,8 @@ def differentiable_hvp(
                 logger.debug("batched HVP failed (%s); looping", str(err).splitlines()[0])
         out = []
         for v in vecs:
-            s = flat_dot(g, v)
-            out.append(list(torch.autograd.grad(s, plist, create_graph=True, retain_graph=True)))
+            s = flat_dot([g[j] for j in live], [v[j] for j in live])
+            out.append(list(torch.autograd.grad(s, plist, retain_graph=True, **kw)))
     except (RuntimeError, NotImplementedError) as err:
         if _is_missing_derivative(err):
             raise _kernel_error(err) from err

@@ -148,13 +148,23 @@ def test_preservation_gradient_through_layernorm_is_exact():
     assert float(sum((g * d).sum() for g, d in zip(grads, u))) == pytest.approx(fd, rel=1e-5, abs=1e-8)
 
 
+def _slice_term(curv: CurvatureRegularizer, model: nn.Module, s: int) -> torch.Tensor:
+    """((q(θ; slice s) − q(θ*; slice s)) / λ)² summed over the eigenpairs, by double backward."""
+    batch = curv._replay_slices(0)[s]
+    lam = curv.eigenvalues(0)
+    qref = curv._buffers["t0__qref"][s]
+    q = torch.stack([rayleigh(model, batch, v) for v in curv.eigenvectors(0)])
+    return (((q - qref) / lam) ** 2).sum().detach()
+
+
 def test_amortised_preservation_every_steps():
     model, batches = mlp(), mlp_batches()
     curv = make(model, every=3, strength=2.0)
     curv.consolidate(batches)
     perturb(model)
     anchor = curv.anchor_term().detach()
-    pres = curv.preservation_term(batches[0]).detach()
+    pres = _slice_term(curv, model, 0)  # one stored batch, replay_batch_size=None: one slice
+    assert pres > 0
     vals = [curv().detach() for _ in range(4)]  # steps 0, 1, 2, 3
     torch.testing.assert_close(vals[0], 2.0 * (anchor + 3 * pres))
     torch.testing.assert_close(vals[1], 2.0 * anchor)
@@ -163,15 +173,32 @@ def test_amortised_preservation_every_steps():
     torch.testing.assert_close(curv(step=7).detach(), 2.0 * anchor)
 
 
+def test_preservation_is_zero_at_the_consolidated_point_on_every_slice():
+    """The target of each replay slice is its own curvature at θ*: no push away from θ*."""
+    model, batches = mlp(), mlp_batches()
+    curv = make(model, k=2, replay_batch_size=1, every=1, anchor_weight=0.0)
+    curv.consolidate(batches)
+    slices = curv._replay_slices(0)
+    assert len(slices) == 6  # one stored batch of 6 samples, 1 sample per slice
+    for s in range(len(slices)):
+        torch.testing.assert_close(_slice_term(curv, model, s), torch.zeros((), dtype=torch.float64))
+        assert float(curv()) == pytest.approx(0.0, abs=1e-12)
+    perturb(model, scale=0.3)  # and it does not vanish once the curvature moves
+    assert float(curv()) > 1e-6
+
+
 def test_replay_batch_size_rotates_through_samples():
     model, batches = mlp(), mlp_batches()
     curv = make(model, replay_batch_size=4, every=1)
     curv.consolidate(batches)
-    first = curv._replay_slice(0)
-    second = curv._replay_slice(0)
-    assert first["x"].shape[0] == 4
+    s0, first = curv._replay_slice(0)
+    s1, second = curv._replay_slice(0)
+    s2, third = curv._replay_slice(0)
+    assert (s0, s1, s2) == (0, 1, 0)
+    assert first["x"].shape[0] == 4 and second["x"].shape[0] == 2
     assert torch.equal(first["x"], batches[0]["x"][:4])
-    assert torch.equal(second["x"], batches[0]["x"][[4, 5, 0, 1]])
+    assert torch.equal(second["x"], batches[0]["x"][4:])
+    assert torch.equal(third["x"], first["x"])
 
 
 # ------------------------------------------------------------------ the toy two-task run

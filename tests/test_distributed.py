@@ -31,8 +31,6 @@ FSDP_MITIGATIONS = ("none", "agem", "ogd", "ewc")
 # Known gaps (reported to the lead; strict: the test fails loudly once they are fixed, so the mark
 # gets removed). See docs/INTEGRATIONS.md, "Distributed".
 _KNOWN = {
-    ("ddp", "curvature_preserve"): "CurvatureRegularizer's preservation term squares each rank's own "
-    "Rayleigh quotient; the quotients must be averaged over ranks (differentiable all-reduce) first",
     ("fsdp", "agem"): "GradientProjection under FSDP2: autograd.grad w.r.t. sharded DTensor parameters "
     "returns None (forward runs on all-gathered tensors); the reference gradient mixes Tensor and DTensor",
     ("fsdp", "ogd"): "GradientProjection under FSDP2: remember() gets None gradients for sharded "

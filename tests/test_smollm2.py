@@ -281,7 +281,7 @@ def test_text_retention_matches_the_model_loss_and_sees_weight_changes(tiny_llam
 def test_build_from_model_with_a_tiny_stand_in(tiny_llama, tokenizer):
     sc = S.build_from_model(tiny_llama, tokenizer, MICRO, seed=0)
     assert [t.name for t in sc.tasks] == list(MICRO.tasks) and sc.lora is None
-    assert sc.steps_per_task == MICRO.steps_per_task and sc.lr == MICRO.lr
+    assert sc.steps_per_task == MICRO.steps_per_task and sc.lr == MICRO.lr and sc.cpu_threads == 1
     assert {"stdlib_nll", "stdlib_top1"} <= set(sc.extra_evals)
     a, b = sc.model_factory(), sc.model_factory()
     assert a is not b and a is not tiny_llama

@@ -11,7 +11,7 @@ eigenpairs ``(λ_{t,i}, v_{t,i})`` of that task's loss Hessian (Lanczos, :mod:`m
 and a small replay memory (a few batches, on CPU). While training later tasks it returns
 
     curv(θ) = strength · ( w_a · Σ_t ½ Σ_i λ_{t,i} ⟨v_{t,i}, θ − θ*_t⟩²
-                         + w_p · Σ_t Σ_i ((v_{t,i}ᵀ H_t(θ) v_{t,i} − λ_{t,i}) / λ_{t,i})² )
+                         + w_p · Σ_t Σ_i ((v_{t,i}ᵀ H_t(θ; s) v_{t,i} − v_{t,i}ᵀ H_t(θ*_t; s) v_{t,i}) / λ_{t,i})² )
 
 * The **anchor** term is the low-rank Laplace approximation of task ``t``'s loss around
   ``θ*_t`` (a rank-k quadratic: cheap, every step).
@@ -20,8 +20,13 @@ and a small replay memory (a few batches, on CPU). While training later tasks it
   product (third-order gradient), penalising the relative change of the curvature along the
   stored eigen-directions. It is amortised: computed every ``every`` calls and multiplied by
   ``every`` on those calls, zero on the others, so its expected gradient per step is unchanged
-  while costing ``1/every`` of the work. ``replay_batch_size`` samples (rotating through the
-  replay memory) are used per evaluation.
+  while costing ``1/every`` of the work. Each evaluation uses one slice ``s`` of
+  ``replay_batch_size`` samples (rotating through the replay memory), and compares against that
+  same slice's Rayleigh quotient at ``θ*_t``, stored at consolidation: a small slice's curvature
+  differs from ``λ_{t,i}`` (measured on all the consolidation data), so comparing it with
+  ``λ_{t,i}`` would make the term large at ``θ*_t`` itself and push the model away from the old
+  solution. Normalising by ``λ_{t,i}`` keeps it a relative change. Under DDP the slice estimates
+  are averaged across ranks (differentiably), so every rank adds the same penalty.
 
 Only positive eigenvalues are kept (the relative preservation error divides by ``λ_i``): a
 non-positive ``λ_i`` (or a numerically zero one, ``λ_i ≤ 1e-6·max|λ|``) is dropped with a warning,
@@ -47,6 +52,7 @@ from mitigate._utils import (
     adopt_state_dict_buffers,
     batch_size_of,
     buffer_key,
+    dist_ready,
     live_parameters,
     model_device,
     move_batch,
@@ -305,6 +311,11 @@ class CurvatureRegularizer(nn.Module):
         self._tasks.append({"shapes": {n: list(params[n].shape) for n in names}, "k": len(keep), "replay": replay})
         self._loss_fns.append(fn)
         self._flat.pop(t, None)
+        if replay and cfg.preservation_weight > 0:  # targets: each replay slice's own vᵢᵀH(θ*)vᵢ
+            plist = live_parameters(model, self._tasks[t]["shapes"], f"curvature regularizer task {t}")
+            with torch.enable_grad(), preserve_state(model):
+                qref = torch.stack([self._rayleigh(t, plist, b).detach() for b in self._replay_slices(t)])
+            self.register_buffer(f"t{t}__qref", qref.to(device=device, dtype=torch.float64))
         return eig
 
     def forward(self, step: int | None = None) -> Tensor:
@@ -409,23 +420,40 @@ class CurvatureRegularizer(nn.Module):
         lam = self._buffers[f"t{t}__eigenvalues"].to(device=c.device, dtype=c.dtype)
         return 0.5 * torch.dot(lam, c * c).to(plist[0].device)
 
-    def _preservation_term(self, t: int, plist: list[nn.Parameter], batch: Batch | None = None) -> Tensor:
-        cfg = self.config
-        if batch is None:
-            batch = self._replay_slice(t)
+    def _rayleigh(self, t: int, plist: list[nn.Parameter], batch: Batch) -> Tensor:
+        """``(k,)`` differentiable ``vᵢᵀ H_t(θ; batch) vᵢ``, averaged across DDP ranks."""
         batch = move_batch(batch, plist[0].device)
-        lam = self._buffers[f"t{t}__eigenvalues"].to(plist[0].device)
         vecs = [[v[n].to(p.device) for n, p in zip(self._tasks[t]["shapes"], plist)] for v in self.eigenvectors(t)]
         model = self._model
         training = [(m, m.training) for m in model.modules()]
         try:
-            if cfg.eval_mode:
+            if self.config.eval_mode:
                 model.eval()
             q = rayleigh_quotients(model, batch, vecs, self._task_loss_fn(t), plist)
         finally:
             for m, flag in training:
                 m.training = flag
-        rel = (q.to(lam.dtype) - lam) / lam
+        if dist_ready():
+            # each rank holds its own shard of the replay memory: average the estimates with a
+            # differentiable all-reduce so every rank penalises the same global quantity (DDP then
+            # averages identical penalty gradients: the single-process result)
+            import torch.distributed.nn.functional as dist_fn
+
+            q = dist_fn.all_reduce(q) / torch.distributed.get_world_size()
+        return q
+
+    def _preservation_term(self, t: int, plist: list[nn.Parameter], batch: Batch | None = None) -> Tensor:
+        """``Σᵢ ((qᵢ(θ) − qᵢ(θ*)) / λᵢ)²`` on the next replay slice, whose ``qᵢ(θ*)`` was stored at
+        consolidation (exactly 0 at ``θ*`` whatever the slice); with explicit ``batch``, the
+        target is ``λᵢ`` itself (measured on the consolidation data)."""
+        lam = self._buffers[f"t{t}__eigenvalues"].to(plist[0].device)
+        if batch is None:
+            s, batch = self._replay_slice(t)
+            target = self._buffers[f"t{t}__qref"][s].to(device=lam.device, dtype=lam.dtype)
+        else:
+            target = lam
+        q = self._rayleigh(t, plist, batch)
+        rel = (q.to(lam.dtype) - target) / lam
         return (rel * rel).sum().to(plist[0].dtype if plist[0].dtype.is_floating_point else torch.float32)
 
     # ------------------------------------------------------------------ replay memory
@@ -460,28 +488,37 @@ class CurvatureRegularizer(nn.Module):
                 out.append(ordered[0][1])
         return out
 
-    def _replay_slice(self, t: int) -> Batch:
-        """Next ``replay_batch_size`` samples of task ``t``'s replay memory (rotating)."""
-        batches = self._replay(t)
+    def _replay_slices(self, t: int) -> list[Batch]:
+        """Task ``t``'s replay memory cut into consecutive slices of ``replay_batch_size``
+        samples (a whole batch each when ``None``). Deterministic: the preservation targets
+        stored at consolidation are indexed by these slices."""
         size_cfg = self.config.replay_batch_size
-        j = self._replay_cursor % len(batches)
-        batch = batches[j]
-        size = batch_size_of(batch)
-        if size_cfg is None or size_cfg >= size:
-            self._replay_cursor += 1
-            return batch
-        start = (self._replay_cursor // len(batches)) * size_cfg % size
-        idx = torch.arange(start, start + size_cfg) % size
+        out: list[Batch] = []
+        for batch in self._replay(t):
+            size = batch_size_of(batch)
+            if size_cfg is None or size_cfg >= size:
+                out.append(batch)
+                continue
+            for start in range(0, size, size_cfg):
+                idx = torch.arange(start, min(start + size_cfg, size))
+
+                def cut(v: Any, idx: Tensor = idx, size: int = size) -> Any:
+                    return v[idx] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == size else v
+
+                if isinstance(batch, Mapping):
+                    out.append({k: cut(v) for k, v in batch.items()})
+                elif isinstance(batch, tuple):
+                    out.append(tuple(cut(v) for v in batch))
+                else:
+                    out.append(cut(batch))
+        return out
+
+    def _replay_slice(self, t: int) -> tuple[int, Batch]:
+        """``(slice index, slice)``: the next replay slice of task ``t`` (rotating)."""
+        slices = self._replay_slices(t)
+        s = self._replay_cursor % len(slices)
         self._replay_cursor += 1
-
-        def cut(v: Any) -> Any:
-            return v[idx] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == size else v
-
-        if isinstance(batch, Mapping):
-            return {k: cut(v) for k, v in batch.items()}
-        if isinstance(batch, tuple):
-            return tuple(cut(v) for v in batch)
-        return cut(batch)
+        return s, slices[s]
 
     # ------------------------------------------------------------------ state
     def _index(self, task: int) -> int:
