@@ -14,15 +14,6 @@ from benchmarks import biography as B
 MICRO = B.PRESETS["micro"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread is faster and keeps timings sane on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_people_are_unique_across_populations():
     cfg = replace(MICRO, population=40, num_new_tasks=3)
     data = B.generate_data(cfg, seed=3)

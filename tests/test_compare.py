@@ -18,15 +18,6 @@ OUTPUT_FILES = ("results.json", "results.csv", "summary.csv", "summary.md", "tas
 E2E_METHODS = ("seq", "freeze-bottom", "replay", "clip", "freeze-bottom+clip")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread is faster and keeps timings sane on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def micro_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")

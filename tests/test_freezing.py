@@ -271,7 +271,7 @@ def test_generic_discovery_and_overrides():
     model2 = _Mystery(with_attention=True)
     mm2 = mitigate.model_map(model2, blocks="blocks", q="attn.q_proj", k="attn.k_proj",
                              v="attn.v_proj", o="attn.o_proj", embeddings=("emb",))
-    rep = mitigate.freeze_bottom_layers(model2, 1, arch=mm2)
+    mitigate.freeze_bottom_layers(model2, 1, arch=mm2)
     assert not model2.emb.weight.requires_grad and not model2.blocks[0].attn.q_proj.weight.requires_grad
 
 

@@ -25,15 +25,6 @@ from mitigate.optim.projection import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add contention (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------- a model with known gradients
 #
 # Linear(2, 1): weight (1, 2) and bias (1,), flattened D = 3 as (w0, w1, b). The loss
