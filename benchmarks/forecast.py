@@ -17,7 +17,9 @@ task's steps. During the first ``--early-steps`` steps an
     relative   = forgetting / acc_task0(before)
 
 Reported: every pair; Pearson r and Spearman ρ between early mean cosine and forgetting with a
-pairs-bootstrap 90% CI, beside the seed's −0.79; the prior forecast ``forecast_forgetting(cos)``
+pairs-bootstrap 90% CI, beside the seed's −0.79, and the same r at a fixed lr (each lr's mean
+removed from both variables: lr moves both the early cosine and the forgetting, so the pooled r
+can be an lr effect); the prior forecast ``forecast_forgetting(cos)``
 vs the measurement (MAE, coverage of its 90% interval) in both units; and the leave-one-out
 calibrated forecast (``calibration=`` the other pairs) MAE and coverage.
 
@@ -83,7 +85,7 @@ class ForecastConfig:
     preset: str = "quick"
     lr_factors: list[float] = field(default_factory=lambda: [0.3, 1.0, 3.0])
     early_steps: int = 20
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     num_new_tasks: int | None = 3
     steps: int | None = None
     cache_dir: str = ".cache/mitigate-bench"
@@ -113,13 +115,13 @@ class ForecastConfig:
 def parse_args(argv: list[str] | None) -> ForecastConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    floats = lambda s: [float(x) for x in s.split(",") if x]  # noqa: E731
-    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    floats = lambda s: [float(x) for x in s.split(",") if x]
+    ints = lambda s: [int(x) for x in s.split(",") if x]
     p.add_argument("--preset", default="quick", choices=sorted(biography.PRESETS))
     p.add_argument("--pairs-lrs", type=floats, default=[0.3, 1.0, 3.0],
                    help="lr multipliers, comma-separated (default 0.3,1,3)")
     p.add_argument("--early-steps", type=int, default=20)
-    p.add_argument("--seeds", type=ints, default=[0, 1], help="run seeds, comma-separated")
+    p.add_argument("--seeds", type=ints, default=[0, 1, 2], help="run seeds, comma-separated")
     p.add_argument("--num-new-tasks", type=int, default=3,
                    help="T new tasks (overrides the preset; 0 keeps the preset's)")
     p.add_argument("--steps", type=int, default=None, help="steps per pair (default: the preset's)")
@@ -263,8 +265,22 @@ def correlations(rows: list[dict[str, Any]], key: str, level: float, n_boot: int
     if len(x) >= 2 and np.ptp(x) > 0:
         slope, intercept = np.polyfit(x, y, 1)
         fit = {"intercept": float(intercept), "slope": float(slope)}
+    # lr moves both the early cosine and the forgetting: remove each lr's mean from both and
+    # correlate the rest (the relation at a fixed lr), and report r inside each lr
+    lr = np.array([r["lr_factor"] for r in rows
+                   if r[key] is not None and math.isfinite(r["early_cosine"])], dtype=np.float64)
+    xc, yc = x.copy(), y.copy()
+    per_lr = {}
+    for k in np.unique(lr):
+        m = lr == k
+        xc[m] -= x[m].mean()
+        yc[m] -= y[m].mean()
+        per_lr[f"{k:g}"] = pearson(x[m], y[m])
     return {
         "n": len(pts),
+        "pearson_r_within_lr": pearson(xc, yc),
+        "pearson_ci_within_lr": bootstrap_ci(xc, yc, pearson, level, n_boot, 2),
+        "pearson_r_per_lr": per_lr,
         "pearson_r": pearson(x, y), "pearson_ci": bootstrap_ci(x, y, pearson, level, n_boot, 0),
         "spearman_rho": spearman(x, y), "spearman_ci": bootstrap_ci(x, y, spearman, level, n_boot, 1),
         "least_squares": fit,
@@ -291,14 +307,14 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [
         f"## Early gradient alignment vs forgetting — biography `{c['preset']}`",
         "",
-        f"{len(res['pairs'])} runs of plain AdamW from the shared after-Task-0 model "
-        f"(Task-0 accuracy {res['acc0_before']:.3f}): tasks 1..{res['num_new_tasks']} × seeds "
-        f"{c['seeds']} × lr {res['base_lr']:g} × {c['lr_factors']}, {res['steps']} steps each; "
-        f"early cosine = mean cos(g_new, g_task0) over the first {c['early_steps']} steps. "
-        "Forgetting = Task-0 accuracy before − after (exact match, held-out people).",
+        (f"{len(res['pairs'])} runs of plain AdamW from the shared after-Task-0 model "
+         f"(Task-0 accuracy {res['acc0_before']:.3f}): tasks 1..{res['num_new_tasks']} × seeds "
+         f"{c['seeds']} × lr {res['base_lr']:g} × {c['lr_factors']}, {res['steps']} steps each; "
+         f"early cosine = mean cos(g_new, g_task0) over the first {res['early_steps_used']} steps. "
+         "Forgetting = Task-0 accuracy before − after (exact match, held-out people)."),
         "",
-        "| task | seed | lr | early cos | min cos | Task-0 after | forgetting | new-task acc "
-        "| prior forecast [90%] | LOO forecast [90%] |",
+        ("| task | seed | lr | early cos | min cos | Task-0 after | forgetting | new-task acc "
+         "| prior forecast [90%] | LOO forecast [90%] |"),
         "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in res["pairs"]:
@@ -314,6 +330,11 @@ def markdown(res: dict[str, Any]) -> str:
         fit_s = "—" if fit is None else f"{fit['intercept']:+.3f} {fit['slope']:+.3f}·cos"
         lines.append(f"| {name} | {s['n']} | {_f(s['pearson_r'], '{:+.2f}')} {_ci(s['pearson_ci'])} | "
                      f"{_f(s['spearman_rho'], '{:+.2f}')} {_ci(s['spearman_ci'])} | {SEED_R:+.2f} | {fit_s} |")
+    s = res["correlation"]["forgetting"]
+    per = ", ".join(f"×{k}: {_f(v, '{:+.2f}')}" for k, v in s["pearson_r_per_lr"].items())
+    lines += ["", (f"At a fixed lr (each lr's mean removed from cosine and forgetting): Pearson r = "
+                   f"{_f(s['pearson_r_within_lr'], '{:+.2f}')} {_ci(s['pearson_ci_within_lr'])}; "
+                   f"inside each lr: {per}.")]
     lines += ["", "| forecast | target | n | MAE | coverage of 90% interval | mean width |",
               "|---|---|---:|---:|---:|---:|"]
     for key, name in (("forgetting", "absolute"), ("relative_forgetting", "relative")):
@@ -357,7 +378,7 @@ def scatter(res: dict[str, Any], path: Path) -> None:
             ax.plot(xs, fit["intercept"] + fit["slope"] * xs, "k-", lw=1, label="least squares")
     r = res["correlation"]["forgetting"]["pearson_r"]
     ax.set_title(f"biography {res['config']['preset']}: r = {_f(r, '{:+.2f}')} (seed: {SEED_R:+.2f})")
-    ax.set_xlabel(f"mean cos(g_new, g_task0), first {res['config']['early_steps']} steps")
+    ax.set_xlabel(f"mean cos(g_new, g_task0), first {res['early_steps_used']} steps")
     ax.set_ylabel("Task-0 forgetting (acc before − after)")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
@@ -394,7 +415,8 @@ def run(cfg: ForecastConfig) -> dict[str, Any]:
                       file=sys.stderr, flush=True)
     res: dict[str, Any] = {
         "config": asdict(cfg), "scenario": scenario.config, "base_lr": scenario.lr,
-        "num_new_tasks": T, "steps": steps, "acc0_before": acc0_before, "task0_s": task0_s,
+        "num_new_tasks": T, "steps": steps, "early_steps_used": min(cfg.early_steps, steps),
+        "acc0_before": acc0_before, "task0_s": task0_s,
         "seed_r": SEED_R, "pairs": pairs,
         "correlation": {k: correlations(pairs, k, cfg.level, cfg.n_boot)
                         for k in ("forgetting", "relative_forgetting")},

@@ -263,3 +263,19 @@ def adopt_state_dict_buffers(
         if "." in rest or rest == "_extra_state":
             continue
         module.register_buffer(rest, torch.empty_like(value, device=device or value.device))
+
+
+def reject_sharded(named: Iterable[tuple[str, Tensor]], what: str) -> None:
+    """Raise when a parameter is an FSDP2-sharded DTensor (``autograd.grad`` w.r.t. it returns
+    ``None``: the forward runs on all-gathered copies), instead of silently using zeros.
+
+    Raises:
+        NotImplementedError: naming ``what``, the first sharded parameter and the alternatives.
+    """
+    for name, p in named:
+        if hasattr(p, "device_mesh") and hasattr(p, "to_local"):
+            raise NotImplementedError(
+                f"{what} does not support FSDP2-sharded parameters yet ({name!r} is a DTensor); "
+                "use DDP, or consolidate on an unsharded copy of the model "
+                "(see docs/INTEGRATIONS.md, 'Distributed')"
+            )

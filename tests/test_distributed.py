@@ -5,8 +5,9 @@
   Fisher / reference gradient / eigenpair estimated from one rank's shard without an all-reduce;
 * ``MitigationTrainer`` under DDP (Accelerate inside the Trainer) over two tasks and a task
   boundary matches a single-process Trainer run;
-* FSDP2 (``fully_shard``) runs on CPU/gloo in torch 2.13: projection and EWC on sharded
-  (DTensor) parameters must match the unsharded single-process run.
+* FSDP2 (``fully_shard``) runs on CPU/gloo in torch 2.13: plain training and clipping on sharded
+  (DTensor) parameters match the unsharded single-process run; gradient projection and EWC,
+  which need ``autograd.grad`` w.r.t. the parameters, refuse sharded parameters loudly.
 
 Each launch is one module-scoped fixture; the tests read its per-mitigation verdicts.
 """
@@ -27,23 +28,6 @@ pytestmark = pytest.mark.distributed
 WORKERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_workers")
 DDP_MITIGATIONS = ("none", "agem", "ogd", "pcgrad", "ewc", "curvature", "curvature_preserve", "clip")
 FSDP_MITIGATIONS = ("none", "agem", "ogd", "ewc")
-
-# Known gaps (reported to the lead; strict: the test fails loudly once they are fixed, so the mark
-# gets removed). See docs/INTEGRATIONS.md, "Distributed".
-_KNOWN = {
-    ("fsdp", "agem"): "GradientProjection under FSDP2: autograd.grad w.r.t. sharded DTensor parameters "
-    "returns None (forward runs on all-gathered tensors); the reference gradient mixes Tensor and DTensor",
-    ("fsdp", "ogd"): "GradientProjection under FSDP2: remember() gets None gradients for sharded "
-    "parameters (treated as zeros), so the OGD basis is empty and the projection silently does nothing",
-    ("fsdp", "ewc"): "EWC under FSDP2: per-sample gradients w.r.t. sharded DTensor parameters are not "
-    "available through autograd.grad/vmap (forward runs on all-gathered tensors)",
-}
-
-
-def _params(kind: str, names: tuple[str, ...]) -> list:
-    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=_KNOWN[(kind, n)]))
-            if (kind, n) in _KNOWN else n for n in names]
-
 
 def _launch(script: str, tmp_path_factory: pytest.TempPathFactory, only: tuple[str, ...]) -> dict:
     out = tmp_path_factory.mktemp("dist") / "result.json"
@@ -74,14 +58,24 @@ def test_replica_checker_sees_a_difference(ddp_results):
     _verdict(ddp_results, "_checker")
 
 
-@pytest.mark.parametrize("name", _params("ddp", DDP_MITIGATIONS))
+@pytest.mark.parametrize("name", DDP_MITIGATIONS)
 def test_ddp_identical_ranks_and_matches_single_process(ddp_results, name):
     _verdict(ddp_results, name)
 
 
-@pytest.mark.parametrize("name", _params("fsdp", FSDP_MITIGATIONS))
+@pytest.mark.parametrize("name", ["none"])
 def test_fsdp2_sharded_matches_single_process(fsdp_results, name):
     _verdict(fsdp_results, name)
+
+
+@pytest.mark.parametrize("name", ["agem", "ogd", "ewc"])
+def test_fsdp2_unsupported_mitigations_refuse_loudly(fsdp_results, name):
+    """Gradient projection and EWC need autograd.grad w.r.t. the parameters, which FSDP2's
+    DTensor shards do not give (the forward runs on all-gathered copies): they must raise a
+    clear NotImplementedError, never silently project with zero gradients."""
+    res = fsdp_results[name]
+    assert not res["ok"]
+    assert "does not support FSDP2-sharded parameters" in res.get("error", ""), res.get("error", "")[-2000:]
 
 
 def test_worker_exit_code_reports_failures(ddp_results, fsdp_results):

@@ -78,6 +78,7 @@ from mitigate._utils import (
     move_batch,
     preserve_state,
     resolve_loss_fn,
+    reject_sharded,
     select_parameters,
 )
 from mitigate.curvature import functional_loss, unwrap_model
@@ -562,6 +563,7 @@ class GradientProjection(OptimizerWrapper):
     def _bind(self, model: nn.Module | None) -> list[tuple[str, nn.Parameter]]:
         """:meth:`_named`, checked against the recorded signature and for emptiness."""
         named = self._named(model)
+        reject_sharded(named, "GradientProjection")
         self._check_signature(named)
         if not named:
             raise ValueError(

@@ -67,6 +67,7 @@ from mitigate._utils import (
     model_device,
     move_batch,
     preserve_state,
+    reject_sharded,
     resolve_loss_fn,
     select_parameters,
 )
@@ -368,6 +369,7 @@ class EWC(nn.Module):
             StateMismatchError: online mode, when parameters changed shape since the last pair.
         """
         cfg = self.config
+        reject_sharded(select_parameters(self._model, cfg.params).items(), "EWC")
         fisher = self.estimate_fisher(batches, loss_fn)
         named = select_parameters(self._model, cfg.params)
         anchor = {n: named[n].detach().to(dtype=cfg.dtype, device=fisher[n].device).clone() for n in fisher}
