@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.scenario import Scenario, Task
+from benchmarks.scenario import Scenario, Task, pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -424,17 +424,9 @@ class WordCodec:
         return p + a, [-100] * len(p) + a
 
     def collate(self, examples: Sequence[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
-        """Right-padded batch; ``labels`` is ``-100`` on prompts and padding."""
-        length = max(len(ids) for ids, _ in examples)
-        n = len(examples)
-        input_ids = torch.full((n, length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, length), dtype=torch.long)
-        labels = torch.full((n, length), -100, dtype=torch.long)
-        for i, (ids, lab) in enumerate(examples):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            mask[i, : len(ids)] = 1
-            labels[i, : len(lab)] = torch.tensor(lab)
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        """Right-padded batch (:func:`benchmarks.scenario.pad_batch`); ``labels`` is ``-100`` on
+        prompts and padding."""
+        return pad_batch(examples, self.pad_id)
 
     def batches(self, examples, batch_size: int, rng: random.Random | None = None):
         """Batches of ``batch_size`` (shuffled with ``rng`` when given; last one may be short)."""

@@ -11,7 +11,7 @@ Batches are dicts of CPU tensors ``input_ids`` (B, L), ``attention_mask`` (B, L)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -80,3 +80,18 @@ class Scenario:
     weight_decay: float = 0.0
     config: dict = field(default_factory=dict)
     cpu_threads: int | None = None
+
+
+def pad_batch(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: ``input_ids`` (B, L) padded with ``pad_id``, ``attention_mask`` 0 and
+    ``labels`` -100 on padding, L the longest example."""
+    length = max(len(ids) for ids, _ in examples)
+    n = len(examples)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, length), dtype=torch.long)
+    labels = torch.full((n, length), -100, dtype=torch.long)
+    for i, (ids, lab) in enumerate(examples):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+        labels[i, : len(lab)] = torch.tensor(lab)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}

@@ -72,7 +72,7 @@ import torch
 from torch import nn
 
 from benchmarks.biography import answer_accuracy
-from benchmarks.scenario import Scenario, ScenarioUnavailable, Task
+from benchmarks.scenario import Scenario, ScenarioUnavailable, Task, pad_batch
 from benchmarks.stdlib_text import passage_set_id, stdlib_passages
 from mitigate._utils import model_device
 
@@ -468,21 +468,6 @@ def resolve_config(preset: str | SmolConfig, **overrides) -> SmolConfig:
 
 
 # ============================================================================ tokenization
-
-
-def pad_batch(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: ``input_ids`` (B, L) padded with ``pad_id``, ``attention_mask`` 0 and
-    ``labels`` -100 on padding, L the longest example."""
-    length = max(len(ids) for ids, _ in examples)
-    n = len(examples)
-    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, length), dtype=torch.long)
-    labels = torch.full((n, length), -100, dtype=torch.long)
-    for i, (ids, lab) in enumerate(examples):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        mask[i, : len(ids)] = 1
-        labels[i, : len(lab)] = torch.tensor(lab)
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
 class ChatCodec:
