@@ -25,6 +25,13 @@ SPECS: dict[str, dict] = {
     "qwen2": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64),
     "gemma": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=1, intermediate_size=64, head_dim=8),
     "mixtral": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, head_dim=8),
+    "gemma2": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, head_dim=8),
+    "olmo": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64),
+    "olmo2": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64),
+    "stablelm": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64),
+    "qwen2_moe": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2),
+    "gptj": dict(n_layer=2, n_embd=32, n_head=4, rotary_dim=4),
     "bert": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64),
     "t5": dict(num_layers=2, num_decoder_layers=2, d_model=32, num_heads=4, d_kv=8, d_ff=64),
 }
