@@ -253,36 +253,32 @@ def _ogd() -> dict:
     return _projection("ogd")
 
 
-@register("curvature", "curvature regularizer on earlier tasks' top Hessian eigenspace",
-          strength=1.0, k=4, max_iter=20, tol=1e-2, consolidate_batches=2)
-def _curvature() -> dict:
+def _loss_term(cls_name: str, key: str) -> dict:
+    """Hooks of a loss-term method: build ``mitigate.<cls_name>`` at setup, ``consolidate`` on each
+    finished task, add its penalty to the loss (kept in ``ctx.state[key]``)."""
     def setup(model, optimizer, ctx):
-        ctx.state["curvature"] = _mitigate("CurvatureRegularizer")(model, **_lib_kwargs(ctx))
+        ctx.state[key] = _mitigate(cls_name)(model, **_lib_kwargs(ctx))
         return optimizer
 
     def after_task(ctx, t):
-        ctx.state["curvature"].consolidate(ctx.task_batches(t))
+        ctx.state[key].consolidate(ctx.task_batches(t))
 
     def loss_extra(model, batch, ctx):
-        return ctx.state["curvature"]()
+        return ctx.state[key]()
 
     return {"setup": setup, "after_task": after_task, "loss_extra": loss_extra}
+
+
+@register("curvature", "curvature regularizer on earlier tasks' top Hessian eigenspace",
+          strength=1.0, k=4, max_iter=20, tol=1e-2, consolidate_batches=2)
+def _curvature() -> dict:
+    return _loss_term("CurvatureRegularizer", "curvature")
 
 
 @register("ewc", "EWC with the empirical Fisher (Kirkpatrick et al. 2017)",
           strength=1e6, fisher="empirical", consolidate_batches=4)
 def _ewc() -> dict:
-    def setup(model, optimizer, ctx):
-        ctx.state["ewc"] = _mitigate("EWC")(model, **_lib_kwargs(ctx))
-        return optimizer
-
-    def after_task(ctx, t):
-        ctx.state["ewc"].consolidate(ctx.task_batches(t))
-
-    def loss_extra(model, batch, ctx):
-        return ctx.state["ewc"]()
-
-    return {"setup": setup, "after_task": after_task, "loss_extra": loss_extra}
+    return _loss_term("EWC", "ewc")
 
 
 @register("clip", "global gradient-norm clipping", max_norm=0.5)
