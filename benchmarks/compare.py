@@ -144,6 +144,10 @@ class BenchConfig:
 
 
 def _parse_value(text: str) -> Any:
+    """``--hp`` value: JSON (``1e4``, ``true``, ``[1, 2]``), Python's ``True``/``False``/``None``,
+    else the string itself."""
+    if text in ("True", "False", "None"):
+        return {"True": True, "False": False, "None": None}[text]
     try:
         return json.loads(text)
     except json.JSONDecodeError:

@@ -35,7 +35,10 @@ ogd                   ``directions_per_task=16`` (one per batch: at most
                       (OGD, Farajtabar et al. 2020)
 curvature             ``strength=1.0``, ``k=4`` top Hessian eigenpairs of each finished task
                       (Lanczos ``max_iter=20``, ``tol=1e-2``) on ``consolidate_batches=2``
-                      batches (arXiv 2601.18699 §2.6: keep λ_max of old tasks)
+                      batches (arXiv 2601.18699 §2.6: keep λ_max of old tasks);
+                      ``preservation_max_norm=1.0`` (the preservation term's third-order
+                      gradient clipped to norm 1, HF Trainer's ``max_grad_norm``: unclipped it
+                      wrecks AdamW training, see docs/BENCHMARKS.md)
 ewc                   ``strength=1e6``, ``fisher="empirical"`` (per-sample squared grads;
                       Kirkpatrick et al. 2017) on ``consolidate_batches=4`` batches; the
                       per-sample Fisher of a token-mean loss is small, hence the large λ
@@ -270,7 +273,8 @@ def _loss_term(cls_name: str, key: str) -> dict:
 
 
 @register("curvature", "curvature regularizer on earlier tasks' top Hessian eigenspace",
-          strength=1.0, k=4, max_iter=20, tol=1e-2, consolidate_batches=2)
+          strength=1.0, k=4, max_iter=20, tol=1e-2, preservation_max_norm=1.0,
+          consolidate_batches=2)
 def _curvature() -> dict:
     return _loss_term("CurvatureRegularizer", "curvature")
 

@@ -177,6 +177,70 @@ def test_preservation_is_zero_at_the_consolidated_point_on_every_slice():
     assert float(curv()) > 1e-6
 
 
+@pytest.mark.parametrize("collapse_only", [False, True])
+def test_tolerance_band_and_collapse_only_against_formula(collapse_only):
+    model, batches = mlp(), mlp_batches()
+    curv = make(model, tolerance=0.05, collapse_only=collapse_only)
+    curv.consolidate(batches)
+    perturb(model, scale=0.2)
+    lam, vecs = curv.eigenvalues(), curv.eigenvectors()
+    d = torch.stack([(rayleigh(model, batches[1], v) - lam[i]) / lam[i] for i, v in enumerate(vecs)])
+    excess = (-d - 0.05) if collapse_only else (d.abs() - 0.05)
+    ref = (excess.clamp(min=0.0) ** 2).sum()
+    val = curv.preservation_term(batches[1])
+    torch.testing.assert_close(val, ref)
+    # the perturbation must put at least one d_i outside the band and, for the two-sided band,
+    # the result must differ from the plain squared error (else this test could not fail)
+    assert float(ref) > 0
+    assert not torch.allclose(val, (d ** 2).sum())
+    params = list(model.parameters())
+    for a, b in zip(torch.autograd.grad(val, params), torch.autograd.grad(ref, params)):
+        torch.testing.assert_close(a, b)
+
+
+def test_inside_the_band_the_term_and_its_gradient_vanish():
+    model, batches = mlp(), mlp_batches()
+    curv = make(model, tolerance=10.0, anchor_weight=0.0, every=1)
+    curv.consolidate(batches)
+    perturb(model, scale=0.05)
+    pen = curv()
+    assert float(pen) == 0.0
+    assert all(float(g.abs().max()) == 0.0 for g in torch.autograd.grad(pen, list(model.parameters())))
+
+
+def test_preservation_max_norm_clips_the_gradient_and_keeps_the_value():
+    model, batches = mlp(), mlp_batches()
+    plain = make(model, anchor_weight=0.0, every=1)
+    plain.consolidate(batches)
+    perturb(model, scale=0.3)
+    params = list(model.parameters())
+    ref_val = plain()
+    ref_g = torch.autograd.grad(ref_val, params)
+    ref_norm = float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in ref_g])))
+    assert ref_norm > 1e-3
+    for max_norm, expect in ((ref_norm / 4, ref_norm / 4), (ref_norm * 4, ref_norm)):
+        clipped = make(model, anchor_weight=0.0, every=1, preservation_max_norm=max_norm)
+        clipped.load_state_dict(plain.state_dict())
+        clipped._step = 0
+        val = clipped()
+        torch.testing.assert_close(val, ref_val)
+        g = torch.autograd.grad(val, params)
+        norm = float(torch.linalg.vector_norm(torch.cat([x.reshape(-1) for x in g])))
+        assert norm == pytest.approx(expect, rel=1e-9)
+        for a, b in zip(g, ref_g):  # same direction
+            torch.testing.assert_close(a, b * (expect / ref_norm))
+
+
+def test_band_and_clip_options_are_validated():
+    model = mlp()
+    with pytest.raises(ValueError, match="tolerance=-0.1"):
+        make(model, tolerance=-0.1)
+    with pytest.raises(ValueError, match="preservation_max_norm=0"):
+        make(model, preservation_max_norm=0)
+    with pytest.raises(ValueError, match="collapse_only='yes'"):
+        make(model, collapse_only="yes")
+
+
 def test_replay_batch_size_rotates_through_samples():
     model, batches = mlp(), mlp_batches()
     curv = make(model, replay_batch_size=4, every=1)

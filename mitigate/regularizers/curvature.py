@@ -95,6 +95,19 @@ class CurvatureConfig:
             over all its tokens, and the slices rotate so the whole memory is used over time.
         anchor_weight: ``w_a``, weight of the low-rank Laplace anchor term.
         preservation_weight: ``w_p``, weight of the eigenvalue-preservation term.
+        tolerance: ``τ``, relative curvature change left unpenalised: each eigenpair contributes
+            ``(|dᵢ| − τ)₊²`` with ``dᵢ = (qᵢ(θ) − qᵢ(θ*))/λᵢ``. 0 (default) is the plain squared
+            relative error; 0.2 is the seed's "within 20 % of the original values".
+        collapse_only: penalise only falling curvature (``(−dᵢ − τ)₊²``): the seed's mechanism is
+            the flattening; a sharpening old minimum needs no restoring force.
+        preservation_max_norm: clip the preservation term's gradient (Σ over tasks, unweighted,
+            before ×``every``) to this L2 norm; ``None`` (default) is the exact formula. The
+            term's gradient is a third-order derivative: on a small LM a single replay slice's
+            ``vᵀHv`` can move by several λ within ten AdamW steps, and its gradient reach 10⁴–10⁷
+            times the task gradient; Adam turns each such burst into ~√(1/(1−β₂)) lr-sized steps
+            in every coordinate it dominates. The clipped term has the same value, and a gradient
+            along the same direction with norm ≤ this; it costs no extra backward (the gradient is
+            taken once inside ``forward`` and passed on through a linear surrogate).
         method / max_iter / tol / seed: passed to :func:`mitigate.curvature.hessian_eigenvalues`.
         eval_mode: compute eigenpairs and the preservation term with dropout off.
         dtype: storage dtype of ``θ*`` and the eigenvectors.
@@ -108,6 +121,9 @@ class CurvatureConfig:
     replay_batch_size: int | None = 1
     anchor_weight: float = 1.0
     preservation_weight: float = 1.0
+    tolerance: float = 0.0
+    collapse_only: bool = False
+    preservation_max_norm: float | None = None
     method: Literal["lanczos", "power"] = "lanczos"
     max_iter: int = 100
     tol: float = 1e-3
@@ -121,8 +137,13 @@ class CurvatureConfig:
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name}={v!r} must be a finite number >= 0")
 
-        for name in ("strength", "anchor_weight", "preservation_weight"):
+        for name in ("strength", "anchor_weight", "preservation_weight", "tolerance"):
             nonneg(name)
+        if not isinstance(self.collapse_only, bool):
+            raise ValueError(f"collapse_only={self.collapse_only!r} must be a bool")
+        m = self.preservation_max_norm
+        if m is not None and not (isinstance(m, (int, float)) and math.isfinite(m) and m > 0):
+            raise ValueError(f"preservation_max_norm={m!r} must be None or a finite number > 0")
         for name in ("k", "every", "max_iter"):
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 1):
@@ -192,6 +213,9 @@ class CurvatureRegularizer(nn.Module):
         replay_batch_size: int | None = 1,
         anchor_weight: float = 1.0,
         preservation_weight: float = 1.0,
+        tolerance: float = 0.0,
+        collapse_only: bool = False,
+        preservation_max_norm: float | None = None,
         method: Literal["lanczos", "power"] = "lanczos",
         max_iter: int = 100,
         tol: float = 1e-3,
@@ -205,7 +229,8 @@ class CurvatureRegularizer(nn.Module):
         self.config = config or CurvatureConfig(
             strength=strength, k=k, params=params, every=every, replay_batches=replay_batches,
             replay_batch_size=replay_batch_size, anchor_weight=anchor_weight,
-            preservation_weight=preservation_weight, method=method, max_iter=max_iter, tol=tol,
+            preservation_weight=preservation_weight, tolerance=tolerance,
+            collapse_only=collapse_only, preservation_max_norm=preservation_max_norm, method=method, max_iter=max_iter, tol=tol,
             seed=seed, eval_mode=eval_mode, dtype=dtype,
         )
         object.__setattr__(self, "_model", unwrap_model(model))  # not a submodule
@@ -339,15 +364,23 @@ class CurvatureRegularizer(nn.Module):
         if not self._tasks:
             return torch.zeros((), device=model_device(self._model), requires_grad=True)
         total: Tensor | None = None
+        pres: Tensor | None = None
         preserve = cfg.preservation_weight > 0 and step % cfg.every == 0
+        used: dict[int, nn.Parameter] = {}
         for t in range(len(self._tasks)):
             plist = live_parameters(self._model, self._tasks[t]["shapes"], f"curvature regularizer task {t}")
-            term = self._anchor_term(t, plist) * cfg.anchor_weight if cfg.anchor_weight > 0 else None
-            if preserve and self._tasks[t]["replay"]:
-                pres = self._preservation_term(t, plist) * (cfg.preservation_weight * cfg.every)
-                term = pres if term is None else term + pres
-            if term is not None:
+            if cfg.anchor_weight > 0:
+                term = self._anchor_term(t, plist) * cfg.anchor_weight
                 total = term if total is None else total + term
+            if preserve and self._tasks[t]["replay"]:
+                term = self._preservation_term(t, plist)
+                pres = term if pres is None else pres + term
+                used.update((id(p), p) for p in plist)
+        if pres is not None:
+            if cfg.preservation_max_norm is not None:
+                pres = _clip_gradient(pres, list(used.values()), cfg.preservation_max_norm)
+            pres = pres * (cfg.preservation_weight * cfg.every)
+            total = pres if total is None else total + pres
         if total is None:
             return torch.zeros((), device=model_device(self._model), requires_grad=True)
         return total * cfg.strength
@@ -453,7 +486,12 @@ class CurvatureRegularizer(nn.Module):
         else:
             target = lam
         q = self._rayleigh(t, plist, batch)
-        rel = (q.to(lam.dtype) - target) / lam
+        rel = (q.to(lam.dtype) - target) / lam  # dᵢ
+        cfg = self.config
+        if cfg.collapse_only:
+            rel = torch.clamp(-rel - cfg.tolerance, min=0.0)
+        elif cfg.tolerance > 0:
+            rel = torch.clamp(rel.abs() - cfg.tolerance, min=0.0)
         return (rel * rel).sum().to(plist[0].dtype if plist[0].dtype.is_floating_point else torch.float32)
 
     # ------------------------------------------------------------------ replay memory
@@ -556,3 +594,23 @@ class CurvatureRegularizer(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return f"strength={c.strength}, k={c.k}, every={c.every}, tasks={self.num_tasks}"
+
+
+def _clip_gradient(value: Tensor, params: list[nn.Parameter], max_norm: float) -> Tensor:
+    """``value`` with its gradient w.r.t. ``params`` clipped to L2 norm ``max_norm``.
+
+    Returns ``value.detach() + (L − L.detach())`` with ``L = Σ_p ⟨p, ĝ_p⟩``, ``ĝ = g·min(1,
+    max_norm/‖g‖)`` and ``g = ∂value/∂params`` (taken here, once; ``value``'s graph is freed): the
+    same value, gradient ``ĝ``. A non-finite ``g`` gives a zero gradient. Outside ``enable_grad``
+    (or when ``value`` has no graph) ``value`` is returned as is.
+    """
+    if not (torch.is_grad_enabled() and value.requires_grad):
+        return value
+    grads = torch.autograd.grad(value, params, allow_unused=True)
+    pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
+    if not pairs:
+        return value.detach().requires_grad_()
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)) for _, g in pairs]))
+    scale = torch.where(torch.isfinite(norm), (max_norm / (norm + 1e-12)).clamp(max=1.0), torch.zeros_like(norm))
+    lin = sum((p * (g * scale.to(g.dtype))).sum() for p, g in pairs)
+    return value.detach() + (lin - lin.detach()).to(value.dtype)
