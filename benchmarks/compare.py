@@ -100,7 +100,7 @@ class BenchConfig:
 
     scenario: str = "biography"
     preset: str = "default"
-    methods: list[str] = field(default_factory=lambda: list(M.DEFAULT_METHODS))
+    methods: list[str] | None = None  # None: M.default_methods(scenario, preset)
     seeds: int = 1
     seed_base: int = 0
     device: str = "auto"
@@ -132,6 +132,8 @@ class BenchConfig:
             raise ValueError(f"recovery_lr_scale={self.recovery_lr_scale} must be > 0")
         if self.ref_every < 0:
             raise ValueError(f"ref_every={self.ref_every} must be >= 0 (0 disables)")
+        if self.methods is None:
+            self.methods = M.default_methods(self.scenario, self.preset)
         for name in self.methods:
             M.get(name)  # raises ValueError naming the registered methods
 
@@ -161,8 +163,9 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig | None:
     p.add_argument("--scenario", default="biography", choices=SCENARIOS)
     p.add_argument("--preset", default=None, choices=PRESETS)
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
-    p.add_argument("--methods", default=",".join(M.DEFAULT_METHODS),
-                   help="comma list; 'a+b' combines methods (default: all)")
+    p.add_argument("--methods", default=None,
+                   help="comma list; 'a+b' combines methods (default: all twelve; smollm2 --quick: "
+                        "the eight that fit its CPU hour, see methods.SCENARIO_DEFAULT_METHODS)")
     p.add_argument("--seeds", type=int, default=1, help="number of seeds (mean ± std)")
     p.add_argument("--seed-base", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
@@ -197,7 +200,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig | None:
             p.error(f"--hp {item!r}: expected method.key=value")
         hp[key] = _parse_value(value)
     return BenchConfig(
-        scenario=a.scenario, preset=preset, methods=[m for m in a.methods.split(",") if m],
+        scenario=a.scenario, preset=preset, methods=None if a.methods is None else [m for m in a.methods.split(",") if m],
         seeds=a.seeds, seed_base=a.seed_base, device=a.device, run=a.run, out=a.out,
         cache_dir=a.cache_dir, hp=hp, recovery_steps=a.recovery_steps,
         recovery_lr_scale=a.recovery_lr_scale,

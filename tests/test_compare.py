@@ -41,6 +41,16 @@ def test_every_default_method_is_registered_and_documented():
             assert part in doc, f"{part} missing from the methods docstring table"
 
 
+def test_default_methods_depend_on_scenario_and_preset():
+    assert C.BenchConfig(preset="quick").methods == list(M.DEFAULT_METHODS)
+    assert C.BenchConfig(scenario="smollm2", preset="default").methods == list(M.DEFAULT_METHODS)
+    reduced = C.BenchConfig(scenario="smollm2", preset="quick").methods
+    assert reduced == list(M.SCENARIO_DEFAULT_METHODS[("smollm2", "quick")])
+    assert "seq" in reduced and "ogd" not in reduced
+    assert C.parse_args(["--scenario", "smollm2", "--quick"]).methods == reduced
+    assert C.parse_args(["--scenario", "smollm2", "--quick", "--methods", "ogd"]).methods == ["ogd"]
+
+
 def test_unknown_method_names_the_registered_ones():
     with pytest.raises(ValueError, match="registered: seq"):
         M.get("nope")
