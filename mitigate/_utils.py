@@ -279,3 +279,114 @@ def reject_sharded(named: Iterable[tuple[str, Tensor]], what: str) -> None:
                 "use DDP, or consolidate on an unsharded copy of the model "
                 "(see docs/INTEGRATIONS.md, 'Distributed')"
             )
+
+
+def sharded_state(named: Iterable[tuple[str, Tensor]], what: str) -> bool:
+    """Whether the parameters are FSDP2-sharded (``DTensor``) — each rank then holds one shard of
+    every flat vector built from them, and dot products need their partial sums all-reduced.
+
+    Args:
+        named: ``(name, parameter)`` pairs.
+        what: the caller, for the error message.
+
+    Returns:
+        ``True`` when every parameter is a DTensor sharded over a 1-D mesh spanning the default
+        process group (``fully_shard`` without HSDP), ``False`` when none is.
+
+    Raises:
+        NotImplementedError: a mix of sharded and plain parameters, or another DTensor layout
+            (HSDP, tensor parallelism), naming the first offending parameter.
+    """
+    named = list(named)
+    flags = [(n, hasattr(p, "device_mesh") and hasattr(p, "to_local")) for n, p in named]
+    if not any(f for _, f in flags):
+        return False
+    plain = [n for n, f in flags if not f]
+    if plain:
+        raise NotImplementedError(
+            f"{what}: some selected parameters are FSDP2-sharded DTensors and some are not "
+            f"({plain[0]!r} is plain); shard all of them with fully_shard, or select only one kind "
+            "with params=..."
+        )
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    for n, p in named:
+        mesh = p.device_mesh  # type: ignore[attr-defined]
+        if mesh.ndim != 1 or mesh.size() != world:
+            raise NotImplementedError(
+                f"{what} supports FSDP2 sharding over one 1-D mesh spanning all {world} ranks; "
+                f"{n!r} lives on a mesh of shape {tuple(mesh.shape)} (HSDP / tensor parallelism)"
+            )
+    return True
+
+
+def shard_info() -> dict[str, int]:
+    """``{"rank", "world_size"}`` of this process in the default process group (0 of 1 outside
+    one): recorded with per-rank state (FSDP2 shards) and checked when it is loaded again."""
+    if dist.is_available() and dist.is_initialized():
+        return {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
+    return {"rank": 0, "world_size": 1}
+
+
+def sharded_per_sample_grads(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batch: Any,
+    params: Sequence[nn.Parameter],
+) -> Iterator[list[Tensor | None]]:
+    """Per-sample gradients under FSDP2, for the samples of *every* rank, as this rank's shards.
+
+    ``backward()`` under FSDP2 reduce-scatters the *mean over ranks* of the gradients into each
+    parameter's sharded ``.grad``, so per-sample gradients cannot come from all ranks at once.
+    The ranks take turns: for each sample ``n`` of rank ``r`` (rank order, then sample order —
+    the order of the global batch when rank ``r`` holds its ``r``-th contiguous block), rank
+    ``r`` back-propagates ``ℓ_n`` and every other rank a zero-weighted loss of its own first
+    sample (to join FSDP's all-gathers and reduce-scatters), so the shard of ``.grad`` is
+    ``∇ℓ_n / W`` (FSDP's default gradient divide factor, the world size ``W``); ``W · .grad``
+    is yielded. Exact; memory stays sharded; every rank runs ``N_global`` forward/backward passes.
+
+    Args:
+        model: the FSDP2-sharded model.
+        loss_fn: ``loss_fn(model, one_sample_batch) -> scalar``.
+        batch: this rank's batch (tensors whose leading size is the batch size are cut per sample).
+        params: sharded parameters whose gradients are yielded; their ``.grad`` is overwritten
+            and finally cleared (run under :func:`preserve_state`).
+
+    Yields:
+        per global sample, ``[W · local shard of ∇ℓ_n of each parameter]`` (``None`` where unused).
+
+    Raises:
+        ValueError: on every rank, when a rank's batch is empty or any sample's loss is not finite.
+    """
+    from torch.utils._pytree import tree_map
+
+    size = batch_size_of(batch)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    counts = torch.zeros(world, dtype=torch.float64)
+    counts[rank] = size
+    dist.all_reduce(counts)
+    if bool((counts == 0).any()):
+        raise ValueError(f"per-sample gradients under FSDP2: a rank got an empty batch (samples per rank {counts.tolist()})")
+
+    def one(i: int) -> Any:
+        return tree_map(lambda t: t[i : i + 1] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == size else t, batch)
+
+    bad = torch.zeros(1, dtype=torch.float64)
+    for owner in range(world):
+        for i in range(int(counts[owner])):
+            mine = owner == rank
+            with torch.enable_grad():
+                loss = loss_fn(model, one(i if mine else 0))
+                if mine:
+                    bad += (~torch.isfinite(loss.detach())).sum().double()
+                for p in params:
+                    p.grad = None
+                (loss if mine else loss * 0.0).backward()
+            yield [None if p.grad is None else local_tensor(p.grad).mul(world) for p in params]
+    for p in params:
+        p.grad = None
+    dist.all_reduce(bad)
+    if bool(bad[0] > 0):
+        raise ValueError(
+            "non-finite per-sample loss on some rank: check the batch (a sample with no "
+            "non-ignored labels gives 0/0) and the model's parameters"
+        )

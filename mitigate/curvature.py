@@ -66,6 +66,7 @@ from mitigate._utils import (
     model_device,
     move_batch,
     preserve_state,
+    reject_sharded,
     resolve_loss_fn,
     select_parameters,
 )
@@ -365,6 +366,7 @@ class HessianOperator:
         self.model = unwrap_model(model)
         check_attention_kernel(self.model)
         selected = select_parameters(self.model, params)
+        reject_sharded(selected.items(), "The curvature engine (Hessian-vector products)")
         self.names: list[str] = list(selected)
         self.primals: dict[str, Tensor] = {n: p.detach() for n, p in selected.items()}
         self.shapes = [p.shape for p in self.primals.values()]

@@ -37,8 +37,8 @@ other parameter names or shapes raises :class:`~mitigate.errors.StateMismatchErr
 
 Modes and side effects: memory gradients (agem/pcgrad, at step time) are taken in the model's
 current train/eval mode; OGD directions (at ``remember()``) in eval mode. Neither changes the
-model's mode or any ``.grad`` (gradients come from ``torch.autograd.grad`` under
-:func:`~mitigate._utils.preserve_state`).
+model's mode or any ``.grad`` (gradients come from ``torch.autograd.grad``, or under FSDP2
+``backward()``, inside :func:`~mitigate._utils.preserve_state`).
 
 Checkpoints: ``state_dict()`` holds the base optimizer's state and the wrapper's memory (CPU
 tensors), basis, cached reference gradient, generator state and counters — plain tensors and
@@ -51,6 +51,19 @@ average the memory gradient over ranks at step time, so every rank takes the sam
 keep their own shard's batches in memory; same number of ``remember()`` batches per rank).
 ``pcgrad_backward`` averages the per-objective gradients itself: run its forward under
 ``model.no_sync()``.
+
+FSDP2 (``fully_shard``, every selected parameter a ``DTensor`` sharded over one 1-D mesh): each
+rank works on its shard of every flat vector. Memory / remembered gradients come from
+``loss.backward()`` (``torch.autograd.grad`` w.r.t. a sharded parameter returns ``None``), which
+FSDP reduce-scatters — averaged over ranks, so each rank's shard of its data gives the shard of
+the global-batch gradient; the user's ``.grad`` is saved and restored around it. Every dot
+product and norm is a local partial sum all-reduced (``reduce=`` of the pure functions); the OGD
+orthonormalisation is Gram–Schmidt with all-reduced inner products (both ``orthogonalization``
+choices), and ``directions="sample"`` takes the exact per-sample gradient of every rank's samples
+(:func:`~mitigate._utils.sharded_per_sample_grads`). The basis and the cached reference gradient
+are this rank's shard: ``state_dict()`` is per rank (it records rank and world size and refuses
+to load on another rank). ``pcgrad_backward`` runs one ``backward()`` per loss (no ``no_sync``).
+A model with some selected parameters sharded and others plain raises ``NotImplementedError``.
 """
 
 from __future__ import annotations
@@ -59,7 +72,7 @@ import dataclasses
 import functools
 import logging
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -74,12 +87,16 @@ from mitigate._utils import (
     LossFn,
     ParamSelector,
     all_reduce_mean_,
+    all_reduce_sum_,
     batch_size_of,
+    local_tensor,
     move_batch,
     preserve_state,
     resolve_loss_fn,
-    reject_sharded,
     select_parameters,
+    shard_info,
+    sharded_per_sample_grads,
+    sharded_state,
 )
 from mitigate.curvature import functional_loss, unwrap_model
 from mitigate.errors import StateMismatchError
@@ -93,6 +110,13 @@ _GRANULARITIES = ("global", "tensor")
 _DIRECTIONS = ("batch", "sample")
 _ORTHO = ("gram_schmidt", "qr")
 _TINY = 1e-30  # denominator floor: ‖g_ref‖² of zero never divides
+
+Reduce = Callable[[Tensor], Tensor]  # in-place sum over ranks of partial (shard-local) dot products
+
+
+def _reduced(x: Tensor, reduce: Reduce | None) -> Tensor:
+    """``x`` summed over ranks by ``reduce`` (a fresh tensor is reduced in place), or ``x``."""
+    return x if reduce is None else reduce(x)
 
 
 # ====================================================================== configuration
@@ -239,7 +263,9 @@ class ProjectionResult:
     finite: Tensor
 
 
-def agem_project(g: Tensor, g_ref: Tensor, sizes: Sequence[int] | None = None) -> ProjectionResult:
+def agem_project(
+    g: Tensor, g_ref: Tensor, sizes: Sequence[int] | None = None, reduce: Reduce | None = None
+) -> ProjectionResult:
     """A-GEM projection (Chaudhry et al. 2019, eq. 11)::
 
         g̃ = g − (g·g_ref / g_ref·g_ref) g_ref   if g·g_ref < 0,   else g.
@@ -248,22 +274,26 @@ def agem_project(g: Tensor, g_ref: Tensor, sizes: Sequence[int] | None = None) -
         g: flat gradient, shape ``(D,)``.
         g_ref: flat reference gradient, shape ``(D,)``, finite.
         sizes: segment sizes summing to ``D`` for per-tensor projection (``None``: global).
+        reduce: sums partial dot products over ranks in place when ``g`` and ``g_ref`` are this
+            rank's shards of the vectors (FSDP2: :func:`~mitigate._utils.all_reduce_sum_`);
+            ``None``: the vectors are whole.
 
     Returns:
         :class:`ProjectionResult`. A non-finite ``g`` comes back unchanged (``finite=False``);
         a non-conflicting one bit-identical.
     """
-    gg = torch.dot(g, g)
+    gg = _reduced(torch.dot(g, g), reduce)
     finite = torch.isfinite(gg)
     if sizes is None:
-        dot, rr = torch.dot(g, g_ref), torch.dot(g_ref, g_ref)
+        dot, rr = _reduced(torch.stack([torch.dot(g, g_ref), torch.dot(g_ref, g_ref)]), reduce).unbind()
         conflict = (dot < 0) & finite & (rr > 0)
         coef = torch.where(conflict, dot / rr.clamp_min(_TINY), torch.zeros_like(dot))
         out = torch.addcmul(g, g_ref, -coef)  # one fused pass: g − coef·g_ref
         removed = coef.abs() * rr.sqrt()
         cos_dot, cos_rr = dot, rr
     else:
-        dots, rrs = _segment_dots(g, g_ref, sizes), _segment_dots(g_ref, g_ref, sizes)
+        dots, rrs = _reduced(torch.stack([_segment_dots(g, g_ref, sizes), _segment_dots(g_ref, g_ref, sizes)]),
+                             reduce).unbind()
         conflict = (dots < 0) & finite & (rrs > 0)
         coef = torch.where(conflict, dots / rrs.clamp_min(_TINY), torch.zeros_like(dots))
         out = torch.addcmul(g, _expand(coef, sizes, g.numel()), g_ref, value=-1.0)
@@ -273,7 +303,9 @@ def agem_project(g: Tensor, g_ref: Tensor, sizes: Sequence[int] | None = None) -
     return ProjectionResult(out, conflict.any(), cosine, removed, finite)
 
 
-def ogd_project(g: Tensor, basis: Tensor, sizes: Sequence[int] | None = None) -> ProjectionResult:
+def ogd_project(
+    g: Tensor, basis: Tensor, sizes: Sequence[int] | None = None, reduce: Reduce | None = None
+) -> ProjectionResult:
     """OGD projection onto the orthogonal complement of ``span(basis)`` (Farajtabar et al. 2020)::
 
         g̃ = g − Uᵀ(U g) = g − Σᵢ (g·uᵢ) uᵢ.
@@ -285,21 +317,27 @@ def ogd_project(g: Tensor, basis: Tensor, sizes: Sequence[int] | None = None) ->
         basis: ``U``, shape ``(k, D)``, orthonormal rows (per segment when ``sizes`` is given;
             all-zero rows allowed), same dtype and device as ``g``.
         sizes: segment sizes for per-tensor projection (``None``: global).
+        reduce: sums partial dot products over ranks when ``g`` and the columns of ``basis`` are
+            this rank's shard (FSDP2); ``None``: whole vectors.
 
     Returns:
         :class:`ProjectionResult`. A non-finite ``g`` comes back unchanged.
     """
-    gg = torch.dot(g, g)
+    gg = _reduced(torch.dot(g, g), reduce)
     finite = torch.isfinite(gg)
     zero = torch.zeros((), dtype=g.dtype, device=g.device)
     if sizes is None:
-        c = torch.where(finite, basis @ g, zero)  # (k,)
+        c = torch.where(finite, _reduced(basis @ g, reduce), zero)  # (k,)
         out = torch.addmv(g, basis.t(), c, alpha=-1)  # (D,)
         captured = c.norm()
     else:
+        pairs = list(zip(basis.split(sizes, dim=1), g.split(sizes)))
+        coefs = [u @ x for u, x in pairs]  # per segment (k,)
+        if reduce is not None and coefs:
+            coefs = list(_reduced(torch.stack(coefs), reduce).unbind())
         parts, cap = [], []
-        for u, x in zip(basis.split(sizes, dim=1), g.split(sizes)):
-            c = torch.where(finite, u @ x, zero)
+        for (u, x), c in zip(pairs, coefs):
+            c = torch.where(finite, c, zero)
             parts.append(torch.addmv(x, u.t(), c, alpha=-1))
             cap.append(torch.dot(c, c))
         out = torch.cat(parts)
@@ -310,7 +348,11 @@ def ogd_project(g: Tensor, basis: Tensor, sizes: Sequence[int] | None = None) ->
 
 
 def ogd_project_(
-    grads: Sequence[Tensor], basis: Tensor, sizes: Sequence[int], per_tensor: bool = False
+    grads: Sequence[Tensor],
+    basis: Tensor,
+    sizes: Sequence[int],
+    per_tensor: bool = False,
+    blocks: Sequence[Tensor] | None = None,
 ) -> ProjectionResult:
     """:func:`ogd_project` in place on a list of float32 gradient tensors (no flat copy).
 
@@ -322,11 +364,14 @@ def ogd_project_(
         basis: ``U``, shape ``(k, Σ sizes)``, float32.
         sizes: element counts of ``grads``.
         per_tensor: project each tensor on its own block (``granularity="tensor"``).
+        blocks: ``basis.split(sizes, dim=1)``, when the caller keeps them across steps (building
+            the 2·len(sizes) views costs as much as a tenth of the projection on small models).
 
     Returns:
         :class:`ProjectionResult` with ``grad=None`` (the gradients were updated in place).
     """
-    blocks = basis.split(list(sizes), dim=1)
+    if blocks is None:
+        blocks = basis.split(list(sizes), dim=1)
     flat = [x.view(-1) for x in grads]
     gg = torch.stack(torch._foreach_norm(flat)).square().sum()
     finite = torch.isfinite(gg)
@@ -353,6 +398,7 @@ def pcgrad_combine(
     generator: torch.Generator | None = None,
     sizes: Sequence[int] | None = None,
     fallback: Sequence[float] | None = None,
+    reduce: Reduce | None = None,
 ) -> ProjectionResult:
     """PCGrad (Yu et al. 2020, Alg. 1): project each gradient off the *original* gradients it
     conflicts with, in random order, then sum::
@@ -369,6 +415,8 @@ def pcgrad_combine(
         sizes: segment sizes for per-tensor projection (``None``: global).
         fallback: weights of the objectives returned when an input is non-finite (default:
             all ones, the plain sum; ``[1, 0, …]`` returns the first gradient untouched).
+        reduce: sums the partial Gram matrix over ranks when the gradients are this rank's
+            shards (FSDP2); ``None``: whole vectors.
 
     Returns:
         :class:`ProjectionResult`; ``grad`` is ``g̃``, ``removed`` is ‖Σgᵢ − g̃‖, ``cosine``
@@ -385,6 +433,7 @@ def pcgrad_combine(
             d = torch.stack([torch.dot(a, b) for a, b in zip(segs[i], segs[j])])
             gram[:, i, j] = d
             gram[:, j, i] = d
+    gram = _reduced(gram, reduce)
     finite = torch.isfinite(gram).all()
     diag = gram.diagonal(dim1=1, dim2=2)  # (S, n) = ‖gⱼ‖² per segment
     coef = torch.eye(n, dtype=gram.dtype, device=dev).repeat(n_seg, 1, 1)  # C[s, i, k]
@@ -421,27 +470,40 @@ def pcgrad_combine(
 
 
 def _orthonormalize(
-    basis: Tensor | None, new: Tensor, method: str, tol: float, sizes: Sequence[int] | None
+    basis: Tensor | None,
+    new: Tensor,
+    method: str,
+    tol: float,
+    sizes: Sequence[int] | None,
+    reduce: Reduce | None = None,
 ) -> Tensor:
     """Orthonormalise the rows of ``new`` (m, D) against ``basis`` (k, D) and each other.
 
     Global: dependent rows (relative residual ≤ ``tol``) are dropped. Per segment (``sizes``):
     each segment is orthonormalised on its own; dependent segments become zero, rows that are
     zero everywhere are dropped. Returns the accepted rows, shape ``(m', D)``.
+
+    With ``reduce`` (FSDP2: the columns are this rank's shard of the vectors) every inner product
+    is a partial sum over the local columns, summed over ranks by ``reduce``; both methods then
+    run classical Gram–Schmidt with re-orthogonalisation (CGS2: ``x ← x − Qᵀ(Q x)`` twice, one
+    all-reduce of ``Q x`` per pass), so every rank takes the same accept/drop decisions.
     """
     if sizes is not None:
         cols = []
         old = basis.split(sizes, dim=1) if basis is not None else [None] * len(sizes)
         for b, v in zip(old, new.split(sizes, dim=1)):
-            cols.append(_orthonormalize_block(b, v, method, tol, keep_rows=True))
+            cols.append(_orthonormalize_block(b, v, method, tol, keep_rows=True, reduce=reduce))
         rows = torch.cat(cols, dim=1)
-        return rows[rows.abs().sum(1) > 0]
-    return _orthonormalize_block(basis, new, method, tol, keep_rows=False)
+        return rows[_reduced(rows.abs().sum(1), reduce) > 0]
+    return _orthonormalize_block(basis, new, method, tol, keep_rows=False, reduce=reduce)
 
 
 def _orthonormalize_block(
-    basis: Tensor | None, new: Tensor, method: str, tol: float, *, keep_rows: bool
+    basis: Tensor | None, new: Tensor, method: str, tol: float, *, keep_rows: bool,
+    reduce: Reduce | None = None,
 ) -> Tensor:
+    if reduce is not None:
+        return _orthonormalize_sharded(basis, new, tol, keep_rows=keep_rows, reduce=reduce)
     norms0 = new.norm(dim=1)
     v = new.clone()
     if basis is not None and basis.shape[0] > 0:
@@ -469,9 +531,42 @@ def _orthonormalize_block(
                 out[i] = x / n
                 kept.append(i)
                 accepted[i] = True
-    if keep_rows:
-        return torch.where(accepted.to(out.device)[:, None], out, torch.zeros_like(out))
-    return out[accepted.to(out.device)]
+    return _accepted_rows(out, accepted, keep_rows)
+
+
+def _accepted_rows(out: Tensor, accepted: Tensor, keep_rows: bool) -> Tensor:
+    """The accepted rows of ``out``, or (``keep_rows``) all rows with the rejected ones zeroed."""
+    mask = accepted.to(out.device)
+    return torch.where(mask[:, None], out, torch.zeros_like(out)) if keep_rows else out[mask]
+
+
+def _orthonormalize_sharded(
+    basis: Tensor | None, new: Tensor, tol: float, *, keep_rows: bool, reduce: Reduce
+) -> Tensor:
+    """:func:`_orthonormalize_block` on column shards: CGS2 with all-reduced inner products.
+
+    Row ``i`` becomes ``x = vᵢ − Qᵀ(Q vᵢ)`` (twice) with ``Q`` the old basis and the rows kept so
+    far, then ``x / ‖x‖`` if ``‖x‖ > tol ‖vᵢ‖`` (``‖·‖²`` all-reduced). Same result as the
+    unsharded Gram–Schmidt / QR up to rounding.
+    """
+    m = new.shape[0]
+    norms0 = reduce((new * new).sum(1)).sqrt()  # (m,) global norms
+    old = basis if basis is not None and basis.shape[0] > 0 else new[:0]
+    out = torch.zeros_like(new)
+    accepted = torch.zeros(m, dtype=torch.bool)
+    kept: list[int] = []
+    for i in range(m):
+        q = torch.cat([old, out[kept]])  # (r, D_local)
+        x = new[i]
+        if q.shape[0]:
+            for _ in range(2):  # "twice is enough" (Kahan–Parlett)
+                x = x - reduce(q @ x) @ q
+        n = reduce(torch.dot(x, x).reshape(1)).sqrt()[0]
+        if bool(n > tol * norms0[i]) and bool(norms0[i] > 0):
+            out[i] = x / n
+            kept.append(i)
+            accepted[i] = True
+    return _accepted_rows(out, accepted, keep_rows)
 
 
 # ====================================================================== the wrapper
@@ -539,6 +634,7 @@ class GradientProjection(OptimizerWrapper):
         self._seen = 0
         self._tasks = 0
         self._basis: Tensor | None = None  # (k, D) in basis_dtype on basis_device
+        self._views: tuple[Tensor, tuple[int, ...], tuple[Tensor, ...]] | None = None  # split cache
         self._ref: Tensor | None = None  # cached flat memory gradient (D,), float32
         self._ref_age = 0
         # statistics (running sums, device tensors; no per-step lists)
@@ -546,6 +642,11 @@ class GradientProjection(OptimizerWrapper):
         self._acc: dict[str, Tensor] = {}
         self._pcgrad_pending = False
         self._warned_idle = False
+        # FSDP2: the selected parameters are DTensors, flat vectors are this rank's shard
+        self._sharded = False
+        self._sharded_params: dict[str, nn.Parameter] = {}  # name -> sharded parameter
+        if self._model is not None and any(hasattr(p, "device_mesh") for p in self._model.parameters()):
+            self._named(self._model)  # records the sharded parameters while they are sharded
 
     # ------------------------------------------------------------------ parameters
 
@@ -557,13 +658,22 @@ class GradientProjection(OptimizerWrapper):
                 raise ValueError("params= needs the model: pass model= or call remember(model, ...)")
             return [(f"param{i}", p) for i, p in enumerate(
                 p for g in self.param_groups for p in g["params"] if p.requires_grad)]
-        return [(n, p) for n, p in select_parameters(model, self._params_selector).items()
-                if id(p) in owned]
+        named = []
+        for n, p in select_parameters(model, self._params_selector).items():
+            if id(p) not in owned and n in self._sharded_params:
+                # FSDP2 keeps the root's parameters unsharded between forward and backward:
+                # the optimizer (and the state here) own the sharded ones
+                p = self._sharded_params[n]
+            if id(p) in owned:
+                named.append((n, p))
+                if hasattr(p, "device_mesh"):
+                    self._sharded_params[n] = p
+        return named
 
     def _bind(self, model: nn.Module | None) -> list[tuple[str, nn.Parameter]]:
         """:meth:`_named`, checked against the recorded signature and for emptiness."""
         named = self._named(model)
-        reject_sharded(named, "GradientProjection")
+        self._sharded = sharded_state(named, "GradientProjection")
         self._check_signature(named)
         if not named:
             raise ValueError(
@@ -660,20 +770,25 @@ class GradientProjection(OptimizerWrapper):
                 if len(rows) >= want:
                     break
                 batch = move_batch(batch, device)
-                if cfg.directions == "batch":
+                if self._sharded:  # FSDP2: through backward(), reduce-scattered into the shards
+                    rows.extend(_backward_flat(model, loss_fn, params, batch,
+                                               per_sample=cfg.directions == "sample"))
+                elif cfg.directions == "batch":
                     grads = torch.autograd.grad(loss_fn(model, batch), params, allow_unused=True)
                     rows.append(_flat(grads, params))
                 else:
                     rows.extend(_per_sample_flat(model, loss_fn, named, batch))
         if not rows:
             raise ValueError("remember() got no batches; pass the finished task's batches")
-        new = torch.stack(rows[:want])  # (m, D) float32
-        all_reduce_mean_(new)  # DDP: every rank's shard -> the global-batch gradient
-        if not torch.isfinite(new).all():
+        new = torch.stack(rows[:want])  # (m, D) float32; FSDP2: (m, D_local), this rank's shard
+        if not self._sharded:  # FSDP2's reduce-scatter has averaged over ranks already
+            all_reduce_mean_(new)  # DDP: every rank's shard of the data -> the global-batch gradient
+        bad = _reduced((~torch.isfinite(new)).sum().float().reshape(1), self._reduce)
+        if bool(bad[0] > 0):
             raise ValueError("remember(): non-finite task gradients; check the loss / dtype")
         sizes = self._sizes(named) if cfg.granularity == "tensor" else None
         old = None if self._basis is None else self._basis.to(device, new.dtype)
-        fresh = _orthonormalize(old, new, cfg.orthogonalization, cfg.tol, sizes)
+        fresh = _orthonormalize(old, new, cfg.orthogonalization, cfg.tol, sizes, self._reduce)
         room = cfg.max_basis - self.basis_size
         if fresh.shape[0] > room:
             warnings.warn(
@@ -692,7 +807,13 @@ class GradientProjection(OptimizerWrapper):
 
     @staticmethod
     def _sizes(named: list[tuple[str, nn.Parameter]]) -> list[int]:
-        return [p.numel() for _, p in named]
+        """Element counts of the flat vector's segments: this rank's shard under FSDP2."""
+        return [_local(p).numel() for _, p in named]
+
+    @property
+    def _reduce(self) -> Reduce | None:
+        """Sums partial dot products over ranks when flat vectors are shards (FSDP2)."""
+        return all_reduce_sum_ if self._sharded else None
 
     @property
     def basis_size(self) -> int:
@@ -739,29 +860,34 @@ class GradientProjection(OptimizerWrapper):
         named = self._bind(self._model)
         selected = {id(p) for _, p in named}
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        with torch.enable_grad():
-            per = [torch.autograd.grad(loss, params, retain_graph=i < len(losses) - 1,
-                                       allow_unused=True) for i, loss in enumerate(losses)]
-        flat = torch.stack([_flat(g, params) for g in per])  # (n, P) over all trainable params
-        all_reduce_mean_(flat)
-        sizes_all = [p.numel() for p in params]
+        likes = [_local(p) for p in params]
+        if self._sharded:
+            per = _per_objective_backward(losses, params)
+        else:
+            with torch.enable_grad():
+                per = [torch.autograd.grad(loss, params, retain_graph=i < len(losses) - 1,
+                                           allow_unused=True) for i, loss in enumerate(losses)]
+        flat = torch.stack([_flat(g, likes) for g in per])  # (n, P) over all trainable params
+        if not self._sharded:  # FSDP2's reduce-scatter has averaged over ranks already
+            all_reduce_mean_(flat)
+        sizes_all = [x.numel() for x in likes]
         sel_idx = [i for i, p in enumerate(params) if id(p) in selected]
         segs = flat.split(sizes_all, dim=1)
         sel = torch.cat([segs[i] for i in sel_idx], dim=1)
         sizes = [sizes_all[i] for i in sel_idx] if self.config.granularity == "tensor" else None
         with torch.no_grad():
-            res = pcgrad_combine(list(sel), self._generator, sizes)
+            res = pcgrad_combine(list(sel), self._generator, sizes, reduce=self._reduce)
             self._record(res)
             combined_sel = res.grad.split([sizes_all[i] for i in sel_idx])
             out = list(flat.sum(0).split(sizes_all))
             for k, i in enumerate(sel_idx):
                 out[i] = combined_sel[k]
-            for p, g in zip(params, out):
-                g = g.view_as(p).to(p.dtype)
+            for p, x, g in zip(params, likes, out):
+                g = g.view_as(x).to(x.dtype)
                 if p.grad is None:
-                    p.grad = g.clone()
+                    p.grad = _like_param(g.clone(), p)
                 else:
-                    p.grad.add_(g)
+                    local_tensor(p.grad).add_(g)
         self._pcgrad_pending = True
 
     # ------------------------------------------------------------------ the step
@@ -798,34 +924,42 @@ class GradientProjection(OptimizerWrapper):
         if all(p.grad is None for _, p in named):
             return
         params = [p for _, p in named]
+        # FSDP2: this rank's shards (views: writing them writes the sharded .grad); else themselves
+        likes = [_local(p) for p in params]
+        grads = [None if p.grad is None else local_tensor(p.grad) for p in params]
         sizes = self._sizes(named) if self.config.granularity == "tensor" else None
         mode = self.config.mode
         if mode == "ogd":
             assert self._basis is not None
-            total = sum(p.numel() for p in params)
+            total = sum(x.numel() for x in likes)
             if self._basis.shape[1] != total:
                 raise StateMismatchError(
                     f"OGD basis has {self._basis.shape[1]} columns but the selected parameters "
-                    f"have {total} elements"
+                    f"have {total} elements" + (" on this rank (FSDP2 shard)" if self._sharded else "")
                 )
-            grads = [p.grad for p in params]
             basis = self._basis
-            if all(x is not None and x.dtype == basis.dtype == torch.float32 and x.device == basis.device
-                   and x.is_contiguous() for x in grads):
+            if not self._sharded and all(
+                    x is not None and x.dtype == basis.dtype == torch.float32 and x.device == basis.device
+                    and x.is_contiguous() for x in grads):
                 # fast path: no flat copy, projected in place tensor by tensor
-                self._record(ogd_project_(grads, basis, self._sizes(named), per_tensor=sizes is not None))
+                sz = tuple(self._sizes(named))
+                if self._views is None or self._views[0] is not basis or self._views[1] != sz:
+                    self._views = (basis, sz, basis.split(list(sz), dim=1))
+                self._record(ogd_project_(grads, basis, sz, per_tensor=sizes is not None,
+                                          blocks=self._views[2]))
                 return
-            g = _flat(grads, params)
-            res = ogd_project(g, basis.to(g.device, g.dtype, non_blocking=True), sizes)
+            g = _flat(grads, likes)
+            res = ogd_project(g, basis.to(g.device, g.dtype, non_blocking=True), sizes, self._reduce)
         else:
-            g = _flat([p.grad for p in params], params)
+            g = _flat(grads, likes)
             ref = self._reference(named, g)
             if mode == "agem":
-                res = agem_project(g, ref, sizes)
+                res = agem_project(g, ref, sizes, self._reduce)
             else:
-                res = pcgrad_combine([g, ref], self._generator, sizes, fallback=(1.0, 0.0))
+                res = pcgrad_combine([g, ref], self._generator, sizes, fallback=(1.0, 0.0),
+                                     reduce=self._reduce)
         self._record(res)
-        _write_back(params, res.grad)
+        _write_back(grads, likes, res.grad)
 
     def _reference(self, named: list[tuple[str, nn.Parameter]], g: Tensor) -> Tensor:
         """Memory gradient at the current parameters, cached for ``ref_every`` steps."""
@@ -842,11 +976,16 @@ class GradientProjection(OptimizerWrapper):
         ref = torch.zeros_like(g)
         with preserve_state(model), torch.enable_grad():
             for i in idx.tolist():
-                loss = loss_fn(model, move_batch(self._memory[i], g.device))
+                batch = move_batch(self._memory[i], g.device)
+                if self._sharded:  # FSDP2: backward() reduce-scatters (averages over ranks)
+                    ref += _backward_flat(model, loss_fn, params, batch)[0]
+                    continue
+                loss = loss_fn(model, batch)
                 ref += _flat(torch.autograd.grad(loss, params, allow_unused=True), params)
         ref /= len(idx)
-        all_reduce_mean_(ref)  # DDP: same reference on every rank
-        ok = torch.isfinite(torch.dot(ref, ref))
+        if not self._sharded:
+            all_reduce_mean_(ref)  # DDP: same reference on every rank
+        ok = torch.isfinite(_reduced(torch.dot(ref, ref), self._reduce))
         ref = torch.where(ok, ref, torch.zeros_like(ref))  # a non-finite reference disables it
         self._ref, self._ref_age = ref, 1
         return ref
@@ -911,6 +1050,8 @@ class GradientProjection(OptimizerWrapper):
             "acc": {k: v.detach().cpu().clone() for k, v in self._acc.items()},
             "pcgrad_pending": self._pcgrad_pending,
             "warned_idle": self._warned_idle,
+            # FSDP2: basis / ref are this rank's shard, the state is per rank
+            "shard": shard_info() if self._sharded else None,
         }
 
     def load_wrapper_state_dict(self, state: dict[str, Any]) -> None:
@@ -923,6 +1064,13 @@ class GradientProjection(OptimizerWrapper):
         saved_mode = state["config"]["mode"]
         if saved_mode != self.config.mode:
             raise ValueError(f"state was saved with mode={saved_mode!r}, this wrapper has mode={self.config.mode!r}")
+        shard = state.get("shard")
+        if shard is not None and shard != shard_info():
+            raise StateMismatchError(
+                f"GradientProjection state holds the FSDP2 shard of rank {shard['rank']} of "
+                f"{shard['world_size']}, but this is rank {shard_info()['rank']} of "
+                f"{shard_info()['world_size']}: load each rank's own state_dict with the same sharding"
+            )
         sig = state["signature"]
         self._signature = None if sig is None else {n: tuple(s) for n, s in zip(sig["names"], sig["shapes"])}
         self._memory = [_to_cpu(b) for b in state["memory"]]  # even if a loader moved them
@@ -964,13 +1112,73 @@ def _flat(grads: Sequence[Tensor | None], likes: Sequence[Tensor]) -> Tensor:
     return torch.cat(parts)
 
 
-def _write_back(params: Sequence[nn.Parameter], flat: Tensor) -> None:
-    """Copy the flat vector into the existing ``.grad`` tensors (parameters without one stay so)."""
-    pairs = [(p.grad, x) for p, x in zip(params, flat.split([p.numel() for p in params]))
-             if p.grad is not None]
+def _write_back(grads: Sequence[Tensor | None], likes: Sequence[Tensor], flat: Tensor) -> None:
+    """Copy the flat vector into the existing gradients ``grads`` (the ``.grad`` tensors, or their
+    local shards under FSDP2), segmented like ``likes``; ``None`` entries stay ``None``."""
+    pairs = [(g, x) for g, x in zip(grads, flat.split([p.numel() for p in likes])) if g is not None]
     dst = [g for g, _ in pairs]
     src = [x.view_as(g).to(g.dtype) for g, x in pairs]
     torch._foreach_copy_(dst, src)
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of an FSDP2 ``DTensor`` (detached, a view of its storage), or ``t``."""
+    return local_tensor(t.detach()) if hasattr(t, "device_mesh") else t
+
+
+def _backward_flat(
+    model: nn.Module, loss_fn: LossFn, params: Sequence[nn.Parameter], batch: Batch,
+    *, per_sample: bool = False,
+) -> list[Tensor]:
+    """Flat gradients of ``loss_fn(model, batch)`` through ``loss.backward()`` — the FSDP2 way:
+    ``torch.autograd.grad`` w.r.t. the sharded ``DTensor`` parameters returns ``None`` (the
+    forward runs on all-gathered copies), while ``backward()`` reduce-scatters the gradient into
+    each parameter's sharded ``.grad``, averaged over ranks (every rank passes its shard of the
+    data, so the result is the gradient of the global batch).
+
+    One row per batch, or per sample of the global batch (every rank's samples, in rank order,
+    via :func:`~mitigate._utils.sharded_per_sample_grads`). Rows are this rank's shard, shape
+    ``(D_local,)``. Overwrites and finally clears ``.grad`` of ``params``: call under
+    :func:`~mitigate._utils.preserve_state`.
+    """
+    likes = [_local(p) for p in params]
+    if per_sample:
+        return [_flat(grads, likes) for grads in sharded_per_sample_grads(model, loss_fn, batch, params)]
+    for p in params:
+        p.grad = None
+    loss_fn(model, batch).backward()
+    row = _flat([None if p.grad is None else local_tensor(p.grad) for p in params], likes)
+    for p in params:
+        p.grad = None
+    return [row]
+
+
+def _per_objective_backward(losses: Sequence[Tensor], params: Sequence[nn.Parameter]) -> list[list[Tensor | None]]:
+    """FSDP2: the gradient of each loss through its own ``backward()`` (reduce-scattered, i.e.
+    averaged over ranks), as this rank's shards; the parameters' ``.grad`` is restored."""
+    saved = [p.grad for p in params]
+    per: list[list[Tensor | None]] = []
+    try:
+        with torch.enable_grad():
+            for i, loss in enumerate(losses):
+                for p in params:
+                    p.grad = None
+                loss.backward(retain_graph=i < len(losses) - 1)
+                per.append([None if p.grad is None else local_tensor(p.grad) for p in params])
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+    return per
+
+
+def _like_param(local: Tensor, p: Tensor) -> Tensor:
+    """A gradient for ``p`` from this rank's shard ``local`` (a ``DTensor`` when ``p`` is one)."""
+    if not hasattr(p, "device_mesh"):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,  # type: ignore[attr-defined]
+                              shape=p.shape, stride=p.stride())
 
 
 def _to_cpu(batch: Batch) -> Batch:

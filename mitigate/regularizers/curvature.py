@@ -57,7 +57,9 @@ from mitigate._utils import (
     model_device,
     move_batch,
     preserve_state,
+    reject_sharded,
     resolve_loss_fn,
+    select_parameters,
 )
 from mitigate.curvature import (
     EigenResult,
@@ -234,6 +236,7 @@ class CurvatureRegularizer(nn.Module):
             seed=seed, eval_mode=eval_mode, dtype=dtype,
         )
         object.__setattr__(self, "_model", unwrap_model(model))  # not a submodule
+        reject_sharded(select_parameters(self._model, self.config.params).items(), "CurvatureRegularizer")
         self.loss_fn = loss_fn
         self._tasks: list[dict[str, Any]] = []  # {"shapes", "k", "replay": [{"keys", "kind"}]}
         self._loss_fns: list[LossFn | None] = []

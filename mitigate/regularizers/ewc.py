@@ -40,6 +40,17 @@ dots replaced by ``__``) plus a plain-Python ``_extra_state`` (names, shapes, ta
 it. The model is *not* a submodule. PEFT models store their trainable (adapter) parameters only.
 Under DDP the Fisher sums and sample counts are summed over ranks, so every rank stores the same
 ``F``.
+
+Under FSDP2 (``fully_shard``; every selected parameter a ``DTensor`` on one 1-D mesh) each rank
+stores its own shard of ``F`` and ``θ*`` (the ``state_dict()`` is per rank; it records rank and
+world size and refuses to load on another rank). Gradients come from ``backward()``, which FSDP
+reduce-scatters as the mean over ranks, so the per-sample estimators let the ranks take turns
+(:func:`~mitigate._utils.sharded_per_sample_grads`): each sample of each rank gets its exact
+gradient and ``F = (1/N) Σ_n (∇ℓ_n)²`` is over all ``N`` samples of all ranks, as in one
+process (every rank then runs ``N`` forward/backward passes). ``"batch"`` squares the gradient
+of the *global* batch. ``ewc()`` returns the global penalty on every rank (partial sums
+all-reduced — call it on every rank) and adds ``λ F ⊙ (θ − θ*)`` straight into each sharded
+``.grad``, outside FSDP's averaging, so the update equals the single-process one.
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, vmap
@@ -64,14 +76,18 @@ from mitigate._utils import (
     batch_size_of,
     buffer_key,
     live_parameters,
+    local_tensor,
     model_device,
     move_batch,
     preserve_state,
-    reject_sharded,
     resolve_loss_fn,
     select_parameters,
+    shard_info,
+    sharded_per_sample_grads,
+    sharded_state,
 )
 from mitigate.curvature import as_batch_list, functional_loss, unwrap_model
+from mitigate.errors import StateMismatchError
 
 __all__ = ["EWC", "EWCConfig"]
 
@@ -131,25 +147,43 @@ class EWCConfig:
 
 class _DiagonalQuadratic(torch.autograd.Function):
     """``½ Σ_j Σ F_j ⊙ (θ_j − θ*_j)²`` with gradient ``F_j ⊙ (θ_j − θ*_j)``, on lists of tensors
-    with ``torch._foreach`` ops (no concatenation, one saved tensor per parameter)."""
+    with ``torch._foreach`` ops (no concatenation, one saved tensor per parameter).
+
+    FSDP2 (``sharded=True``): the parameters are ``DTensor`` shards and ``F``, ``θ*`` this rank's
+    shards of them. The value is the local partial sum all-reduced over ranks (the global
+    penalty, the same on every rank); the gradient of each shard is the local
+    ``F ⊙ (θ − θ*)``, returned as a ``DTensor`` so autograd accumulates it straight into the
+    sharded ``.grad``. It does not pass through FSDP's reduce-scatter: not averaged over ranks,
+    exactly the single-process gradient of the penalty, added to the averaged task gradient.
+    """
 
     @staticmethod
-    def forward(ctx: Any, fisher: list[Tensor], anchor: list[Tensor], *params: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, fisher: list[Tensor], anchor: list[Tensor], sharded: bool, *params: Tensor) -> Tensor:  # type: ignore[override]
         dtype = anchor[0].dtype
-        theta = [p.detach().to(device=a.device, dtype=dtype) for p, a in zip(params, anchor)]
+        local = [local_tensor(p.detach()) for p in params] if sharded else [p.detach() for p in params]
+        theta = [p.to(device=a.device, dtype=dtype) for p, a in zip(local, anchor)]
         diff = torch._foreach_sub(theta, anchor)
         fd = torch._foreach_mul(diff, fisher)
         sums = [torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(fd, diff)]  # ⟨F d, d⟩
         ctx.save_for_backward(*fd)
-        ctx.param_meta = [(p.dtype, p.device) for p in params]
-        return torch.stack(sums).sum().mul(0.5).to(params[0].device)
+        ctx.param_meta = [(p.dtype, p.device) for p in local]
+        ctx.sharded_meta = [(p.device_mesh, p.placements, p.shape, p.stride()) for p in params] if sharded else None
+        value = torch.stack(sums).sum().mul(0.5)
+        if sharded and dist.is_initialized():
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)  # Σ over shards: the global penalty
+        return value.to(local[0].device)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         fd = ctx.saved_tensors
         grads = torch._foreach_mul(list(fd), grad_out.to(fd[0].device))
         out = [g.to(device=dev, dtype=dt) for g, (dt, dev) in zip(grads, ctx.param_meta)]
-        return (None, None, *out)
+        if ctx.sharded_meta is not None:
+            from torch.distributed.tensor import DTensor
+
+            out = [DTensor.from_local(g, mesh, placements, run_check=False, shape=shape, stride=stride)
+                   for g, (mesh, placements, shape, stride) in zip(out, ctx.sharded_meta)]
+        return (None, None, None, *out)
 
 
 def _default_logits(model: nn.Module, batch: Batch) -> Tensor:
@@ -277,6 +311,12 @@ class EWC(nn.Module):
         self._tasks: list[dict[str, Any]] = []  # per stored pair: {"shapes": {name: shape}}
         self._consolidations = 0
         self._vmap_failed = False
+        # FSDP2: name -> sharded (DTensor) parameter, and {rank, world_size} once the stored
+        # F / θ* are this rank's shards (the state is then per rank)
+        self._sharded_params: dict[str, nn.Parameter] = {}
+        self._shard: dict[str, int] | None = None
+        if any(hasattr(p, "device_mesh") for p in self._model.parameters()):
+            self._selected()  # records the sharded parameters while they are sharded
 
     # ------------------------------------------------------------------ public
     @property
@@ -309,7 +349,7 @@ class EWC(nn.Module):
                 Not used by ``fisher="true"`` (pass ``logits_fn`` to the constructor).
 
         Returns:
-            name -> Fisher tensor (storage dtype/device).
+            name -> Fisher tensor (storage dtype/device); under FSDP2 this rank's shard of it.
 
         Raises:
             ValueError: no batches, a non-finite loss, ``loss_fn`` with ``fisher="true"``.
@@ -324,22 +364,30 @@ class EWC(nn.Module):
         blist = as_batch_list(batches)
         device = model_device(model)
         with preserve_state(model, mode=False if cfg.eval_mode else None):
-            named = select_parameters(model, cfg.params)
-            sums = {n: torch.zeros(p.shape, dtype=torch.float64 if cfg.dtype == torch.float64 else torch.float32,
+            named, sharded = self._selected()
+            # FSDP2: Σ over this rank's shard of every parameter (local shapes)
+            sums = {n: torch.zeros(local_tensor(p.detach()).shape, dtype=torch.float64 if cfg.dtype == torch.float64 else torch.float32,
                                    device=p.device) for n, p in named.items()}
             count = 0.0
             gen = torch.Generator().manual_seed(cfg.seed + self._consolidations)
             for batch in blist:
                 batch = move_batch(batch, device)
                 if cfg.fisher == "batch":
-                    count += self._accumulate_batch(named, batch, resolve_loss_fn(loss_fn), sums)
+                    accumulate = self._accumulate_batch_sharded if sharded else self._accumulate_batch
+                    count += accumulate(named, batch, resolve_loss_fn(loss_fn), sums)
                     continue
                 fn = resolve_loss_fn(loss_fn)
                 if cfg.fisher == "true":
                     logits = self.logits_fn(model, batch)
                     batch = {**batch, _SAMPLED: _sample_labels(logits, batch, gen)}
                     fn = _true_fisher_loss(self.logits_fn)
-                count += self._accumulate_per_sample(named, batch, fn, sums)
+                if sharded:
+                    count += self._accumulate_per_sample_sharded(named, batch, fn, sums)
+                else:
+                    count += self._accumulate_per_sample(named, batch, fn, sums)
+            if sharded:  # every rank holds its shard of Σ over all ranks' samples; count is global
+                return {n: (s / count).to(dtype=cfg.dtype, device=cfg.device if cfg.device is not None else s.device)
+                        for n, s in sums.items()}
             flat = torch.cat([s.reshape(-1) for s in sums.values()] + [torch.tensor([count], dtype=next(iter(sums.values())).dtype, device=next(iter(sums.values())).device)])
             all_reduce_sum_(flat)
             total = float(flat[-1])
@@ -369,10 +417,17 @@ class EWC(nn.Module):
             StateMismatchError: online mode, when parameters changed shape since the last pair.
         """
         cfg = self.config
-        reject_sharded(select_parameters(self._model, cfg.params).items(), "EWC")
         fisher = self.estimate_fisher(batches, loss_fn)
-        named = select_parameters(self._model, cfg.params)
-        anchor = {n: named[n].detach().to(dtype=cfg.dtype, device=fisher[n].device).clone() for n in fisher}
+        named, sharded = self._selected()
+        shard = shard_info() if sharded else None
+        if self._tasks and self._shard != shard:
+            raise StateMismatchError(
+                f"EWC holds F and θ* consolidated with FSDP2 shard {self._shard} (None: unsharded), "
+                f"but the model's selected parameters now give {shard}; use a fresh EWC"
+            )
+        self._shard = shard
+        anchor = {n: local_tensor(named[n].detach()).to(dtype=cfg.dtype, device=fisher[n].device).clone() for n in fisher}
+        shapes = {n: list(named[n].shape) for n in fisher}  # global shapes (a DTensor's .shape)
         if cfg.online_decay is not None and self._tasks:
             old = self._tasks[0]["shapes"]
             live_parameters(self._model, old, "the online EWC Fisher")
@@ -382,11 +437,12 @@ class EWC(nn.Module):
                 merged[n] = f_old.to(fisher[n].device) * cfg.online_decay + fisher[n] if n in fisher else f_old * cfg.online_decay
                 if n not in anchor:
                     anchor[n] = self.anchor(0)[n].clone()
+            shapes = {**{n: list(s) for n, s in old.items()}, **shapes}
             self._drop_task_buffers(0)
             self._tasks = []
-            self._store(merged, anchor)
+            self._store(merged, anchor, shapes)
         else:
-            self._store(fisher, anchor)
+            self._store(fisher, anchor, shapes)
         self._consolidations += 1
         return fisher
 
@@ -397,21 +453,103 @@ class EWC(nn.Module):
             0-d tensor on the model's device, differentiable w.r.t. the parameters (a zero that
             supports ``.backward()`` before any :meth:`consolidate`).
 
+        FSDP2: ``F`` and ``θ*`` are this rank's shards; the value is all-reduced (the global
+        penalty on every rank, so call it on every rank, like the forward) and the gradient goes
+        straight into the sharded ``.grad`` (see :class:`_DiagonalQuadratic`).
+
         Raises:
-            StateMismatchError: a stored parameter is missing or changed shape.
+            StateMismatchError: a stored parameter is missing or changed shape (FSDP2: or its
+                local shard no longer matches the stored one).
         """
         if not self._tasks:
             return torch.zeros((), device=model_device(self._model), requires_grad=True)
         total: Tensor | None = None
+        sharded = self._shard is not None
         for t, task in enumerate(self._tasks):
             params = live_parameters(self._model, task["shapes"], f"EWC task {t}")
             names = list(task["shapes"])
             fisher = [self._buffers[buffer_key(f"t{t}__fisher__", n)] for n in names]
             anchor = [self._buffers[buffer_key(f"t{t}__anchor__", n)] for n in names]
-            val = _DiagonalQuadratic.apply(fisher, anchor, *params)
+            if sharded:
+                params = self._sharded_live(names, params, fisher)
+            val = _DiagonalQuadratic.apply(fisher, anchor, sharded, *params)
             total = val if total is None else total + val
         assert total is not None
         return total * self.config.strength
+
+    # ------------------------------------------------------------------ FSDP2
+    def _selected(self) -> tuple[dict[str, nn.Parameter], bool]:
+        """Selected parameters (FSDP2: the sharded ones) and whether they are sharded."""
+        named = select_parameters(self._model, self.config.params)
+        # FSDP2 keeps the root's parameters unsharded between forward and backward
+        named = {n: p if hasattr(p, "device_mesh") else self._sharded_params.get(n, p) for n, p in named.items()}
+        sharded = sharded_state(named.items(), "EWC")
+        if sharded:
+            self._sharded_params.update(named)
+        return named, sharded
+
+    def _sharded_live(self, names: list[str], params: list[nn.Parameter], fisher: list[Tensor]) -> list[nn.Parameter]:
+        """The sharded parameters behind ``params`` (by name), checked against the stored shards."""
+        out = []
+        for n, p in zip(names, params):
+            if not hasattr(p, "device_mesh"):  # the unsharded copy FSDP2 registers after forward
+                if n not in self._sharded_params:
+                    raise RuntimeError(
+                        f"EWC: {n!r} is not sharded right now (FSDP2 keeps the root module's "
+                        "parameters unsharded between its forward and backward) and EWC has not "
+                        "seen it sharded yet: build EWC(model) after fully_shard, or call ewc() "
+                        "before the model's forward once"
+                    )
+                p = self._sharded_params[n]
+            self._sharded_params[n] = p
+            out.append(p)
+        local = [tuple(local_tensor(p.detach()).shape) for p in out]
+        bad = [f"{n} {tuple(f.shape)} -> {s}" for n, f, s in zip(names, fisher, local) if tuple(f.shape) != s]
+        if bad:
+            raise StateMismatchError(
+                f"EWC holds FSDP2 shards that do not match this rank's shards of the parameters: {bad}; "
+                "load each rank's own state_dict under the same sharding, or consolidate again"
+            )
+        return out
+
+    def _accumulate_per_sample_sharded(self, named: dict[str, nn.Parameter], batch: Batch, fn: LossFn, sums: dict[str, Tensor]) -> float:
+        """FSDP2 per-sample Fisher: ``Σ_n (∇ℓ_n)²`` over the samples of *every* rank, on this
+        rank's shard, from :func:`~mitigate._utils.sharded_per_sample_grads` (the ranks take
+        turns, so each sample's gradient is exact; ``N_global`` passes on every rank).
+
+        Returns:
+            the number of samples over all ranks.
+        """
+        n = 0
+        for grads in sharded_per_sample_grads(self._model, fn, batch, list(named.values())):
+            n += 1
+            for s, g in zip(sums.values(), grads):
+                if g is not None:
+                    s.add_(g.to(s.dtype).square())
+        return float(n)
+
+    def _accumulate_batch_sharded(self, named: dict[str, nn.Parameter], batch: Batch, fn: LossFn, sums: dict[str, Tensor]) -> float:
+        """FSDP2 ``fisher="batch"``: the gradient of the *global* batch (every rank's shard of it;
+        ``backward()`` reduce-scatters the mean over ranks), squared and weighted by the global
+        batch size — the single-process estimate on the global batch. Returns that size."""
+        plist = list(named.values())
+        with torch.enable_grad():
+            loss = fn(self._model, batch)
+            stat = torch.tensor([float(batch_size_of(batch)), float(not bool(torch.isfinite(loss.detach()).all()))],
+                                dtype=torch.float64)
+            dist.all_reduce(stat)
+            if bool(stat[1] > 0):  # on every rank alike
+                raise ValueError("non-finite batch loss on some rank while estimating the Fisher: "
+                                 "check the batches and the model's parameters")
+            for p in plist:
+                p.grad = None
+            loss.backward()
+        n_b = float(stat[0])
+        for s, p in zip(sums.values(), plist):
+            if p.grad is not None:
+                s.add_(local_tensor(p.grad).to(s.dtype).square(), alpha=n_b)
+            p.grad = None
+        return n_b
 
     # ------------------------------------------------------------------ estimation
     def _accumulate_batch(self, named: dict[str, nn.Parameter], batch: Batch, fn: LossFn, sums: dict[str, Tensor]) -> float:
@@ -465,12 +603,12 @@ class EWC(nn.Module):
             s.add_(grads[n].to(s.dtype).square().sum(0))
 
     # ------------------------------------------------------------------ storage
-    def _store(self, fisher: dict[str, Tensor], anchor: dict[str, Tensor]) -> None:
+    def _store(self, fisher: dict[str, Tensor], anchor: dict[str, Tensor], shapes: dict[str, list[int]]) -> None:
         t = len(self._tasks)
         for n in fisher:
             self.register_buffer(buffer_key(f"t{t}__fisher__", n), fisher[n].contiguous())
             self.register_buffer(buffer_key(f"t{t}__anchor__", n), anchor[n].contiguous())
-        self._tasks.append({"shapes": {n: list(f.shape) for n, f in fisher.items()}})
+        self._tasks.append({"shapes": {n: list(shapes[n]) for n in fisher}})
 
     def _drop_task_buffers(self, t: int) -> None:
         for n in self._tasks[t]["shapes"]:
@@ -485,11 +623,20 @@ class EWC(nn.Module):
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"version": 1, "tasks": [{"shapes": dict(t["shapes"])} for t in self._tasks],
-                "consolidations": self._consolidations}
+                "consolidations": self._consolidations,
+                "shard": None if self._shard is None else dict(self._shard)}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        shard = state.get("shard")
+        if shard is not None and shard != shard_info():
+            raise StateMismatchError(
+                f"EWC state holds the FSDP2 shards of rank {shard['rank']} of {shard['world_size']}, "
+                f"but this is rank {shard_info()['rank']} of {shard_info()['world_size']}: "
+                "load each rank's own state_dict under the same sharding"
+            )
         self._tasks = [{"shapes": {n: list(s) for n, s in t["shapes"].items()}} for t in state["tasks"]]
         self._consolidations = int(state["consolidations"])
+        self._shard = None if shard is None else dict(shard)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[no-untyped-def]
         if prefix + "_extra_state" in state_dict:
