@@ -27,7 +27,8 @@ Task 0 every few steps of Task 1. Then the metrics:
   the forgetting was spurious, the knowledge is still there);
 * ``lambda_max_ratio``: top Hessian eigenvalue of the Task-0 loss at the end over its value
   right after Task 0; ``cka_drift_mid``: 1 − linear CKA of the middle layer's hidden states
-  (after-Task-0 model vs final model) on Task-0 probe batches; ``disrupted_heads_fraction``
+  (after-Task-0 model vs final model) on Task-0 probe batches (smollm2: RMS-normalised tokens,
+  ``Scenario.cka_token_norm``: its massive activations would pin plain CKA at 1); ``disrupted_heads_fraction``
   (entropy increase > 1.8 bits or Q/K weight z-score > 2.5; arXiv 2601.18699);
 * ``time_per_step_vs_seq``: ``r_method / r_seq`` where ``r`` is the median time of a training
   step over the median time of a plain AdamW reference step taken *interleaved* with the
@@ -579,7 +580,8 @@ def run_method(method: M.Method, hp: dict[str, Any], scenario: Scenario, base: n
                         lr=scenario.lr * cfg.recovery_lr_scale,
                         seed=seed, reference=rows[0][0])
         base_plain = plain_copy(base)
-        cka = _optional("layerwise_cka", D.layerwise_cka, base_plain, final, tasks[0].probe)
+        cka = _optional("layerwise_cka", D.layerwise_cka, base_plain, final, tasks[0].probe,
+                        token_norm=scenario.cka_token_norm)
         heads = _optional("disrupted_heads", D.disrupted_heads, base_plain, final, tasks[0].probe)
     extra = {name: _optional(name, fn, final) for name, fn in scenario.extra_evals.items()}
     del final, model

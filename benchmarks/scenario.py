@@ -63,6 +63,8 @@ class Scenario:
         config: plain-Python description of the scenario (saved in results.json).
         cpu_threads: ``torch.set_num_threads`` on CPU when the user gives none (tiny models run
             fastest single-threaded; ``None`` keeps torch's default).
+        cka_token_norm: RMS-normalise every token before the CKA diagnostic (pretrained LLMs'
+            massive activations otherwise dominate it; see ``mitigate.diagnostics.layerwise_cka``).
     """
 
     name: str
@@ -80,6 +82,7 @@ class Scenario:
     weight_decay: float = 0.0
     config: dict = field(default_factory=dict)
     cpu_threads: int | None = None
+    cka_token_norm: bool = False
 
 
 def pad_batch(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:

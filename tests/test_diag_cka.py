@@ -146,6 +146,30 @@ def test_streaming_equals_batch_cka_on_concatenated_tokens():
     torch.testing.assert_close(same.per_layer, torch.ones(2, dtype=torch.float64))
 
 
+def test_token_norm_is_cka_of_rms_normalised_tokens_and_defuses_one_massive_token():
+    a, b = build("llama", seed=0), build("llama", seed=1)
+    batches = _batches()
+
+    def rms(x: torch.Tensor) -> torch.Tensor:
+        x = x.double()
+        return x / x.pow(2).mean(-1, keepdim=True).sqrt()
+
+    res = layerwise_cka(a, b, batches, token_norm=True)
+    for i in res.layers:
+        expected = linear_cka(rms(_tokens(a, batches, i)), rms(_tokens(b, batches, i)))
+        assert float(res.per_layer[i]) == pytest.approx(float(expected), rel=1e-9)
+    # one "massive activation" token (1e4 × the others, same direction in both models) makes
+    # plain linear CKA read ~1 between unrelated representations; per-token RMS undoes it
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(40, 16, generator=g, dtype=torch.float64), torch.randn(40, 16, generator=g, dtype=torch.float64)
+    spike = torch.zeros(16, dtype=torch.float64)
+    spike[0] = 1e4
+    x[0] += spike
+    y[0] += spike
+    assert float(linear_cka(x, y)) > 0.99
+    assert float(linear_cka(rms(x), rms(y))) < 0.6
+
+
 def test_streaming_ignores_padding_and_batching():
     a, b = build("gpt2", seed=0), build("gpt2", seed=1)
     batches = _batches(1)

@@ -124,12 +124,19 @@ class CKAResult(Result):
 
 
 @torch.no_grad()
+def _rms_rows(x: Tensor) -> Tensor:
+    """``x / √mean(x², -1)`` per row, shape ``(n, d)`` (all-zero rows stay zero)."""
+    x = x.double()
+    return x / x.square().mean(-1, keepdim=True).sqrt().clamp_min(1e-30)
+
+
 def layerwise_cka(
     model_a: nn.Module,
     model_b: nn.Module,
     batches: Iterable[Batch] | Batch,
     *,
     layers: list[int] | None = None,
+    token_norm: bool = False,
 ) -> CKAResult:
     """Streaming layer-wise linear CKA between the hidden states of two models on the same inputs.
 
@@ -147,6 +154,11 @@ def layerwise_cka(
         model_b: e.g. the model after (same tokenizer; hidden sizes may differ).
         batches: dict batches (``input_ids``, ``attention_mask``, ...); ``labels`` are ignored.
         layers: hidden-state indices to compare (default all, ``num_hidden_layers + 1``).
+        token_norm: divide every token's hidden vector by its RMS first (``h / √mean(h²)``).
+            Pretrained LLMs carry *massive activations* in their middle layers: a few tokens (the
+            first token, chat delimiters) reach 10²–10³× the norm of the others (SmolLM2-135M:
+            ~25 000 against ~100 at layer 15), so plain linear CKA measures those few tokens and
+            reads ≈ 1 whatever the others do. With ``token_norm`` every token weighs the same.
 
     Returns:
         :class:`CKAResult` with ``per_layer`` of shape ``(len(layers),)``.
@@ -173,7 +185,10 @@ def layerwise_cka(
                 chosen = [i % len(ha) for i in chosen]
             for i in chosen:
                 m = mask.to(ha[i].device)
-                stats.setdefault(i, Moments(cross=True)).update(ha[i][m], hb[i][m.to(hb[i].device)])
+                xa, xb = ha[i][m], hb[i][m.to(hb[i].device)]
+                if token_norm:
+                    xa, xb = _rms_rows(xa), _rms_rows(xb)
+                stats.setdefault(i, Moments(cross=True)).update(xa, xb)
     values = []
     for i in chosen:
         xx, yy, xy = stats[i].centered()
