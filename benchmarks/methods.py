@@ -52,7 +52,9 @@ replay                ``fraction=0.25`` of each batch's rows replaced by rows of
                       but halves the new-task accuracy on biography quick)
 lrcp                  ``mitigate.LowRankCircuitProjection`` defaults (energy 0.99)
 planned               ``mitigate.plan(model, old, new, probe_steps=min(20, steps_per_task))``
-                      then ``.apply`` (the plan's own policy)
+                      then ``.apply`` (the plan's own policy; ``--hp planned.<PlanPolicy
+                      field>=...`` overrides one, e.g. ``max_freeze_bottom_fraction=0.75`` with
+                      ``min_plasticity=0.8``: 64% retained at 0.75x plasticity on quick)
 freeze-bottom+curv.   both, each with its defaults
 ====================  ======================================================================
 
@@ -349,6 +351,11 @@ def _planned() -> dict:
         new = ctx.task_batches(1)
         opts = _lib_kwargs(ctx)
         opts.setdefault("probe_steps", min(20, ctx.scenario.steps_per_task))
+        policy_cls = _mitigate("PlanPolicy")  # --hp planned.<PlanPolicy field>=... sets the policy
+        fields = set(getattr(policy_cls, "__dataclass_fields__", ()))
+        policy = {k: opts.pop(k) for k in list(opts) if k in fields}
+        if policy:
+            opts["policy"] = policy_cls(**policy)
         p = _mitigate("plan")(model, old, new, lr=ctx.scenario.lr, seed=ctx.seed, **opts)
         ctx.state["plan"] = p
         log.info("planned method:\n%s", p)
