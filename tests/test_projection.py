@@ -292,6 +292,25 @@ def test_ogd_in_place_path_matches_flat_formula(per_tensor):
         torch.testing.assert_close(torch.cat(grads), g - u.T @ (u @ g), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_ogd_in_place_path_with_a_bfloat16_basis_converts_in_chunks(per_tensor, monkeypatch):
+    """A low-precision basis is upcast chunk by chunk (chunk shrunk to 5 columns here so blocks
+    of 6 and 13 columns split): the result equals the formula with the float32 upcast basis."""
+    import mitigate.optim.projection as P
+
+    monkeypatch.setattr(P, "_CONVERT_CHUNK", 5)
+    gen = torch.Generator().manual_seed(1)
+    sizes = [6, 3, 13]
+    u = torch.linalg.qr(torch.randn(22, 4, generator=gen)).Q.T.contiguous().bfloat16()  # (4, 22)
+    grads = [torch.randn(n, generator=gen) for n in sizes]
+    g = torch.cat(grads)
+    expected = ogd_project(g, u.float(), sizes if per_tensor else None)
+    res = ogd_project_(grads, u, sizes, per_tensor=per_tensor)
+    torch.testing.assert_close(torch.cat(grads), expected.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(res.removed, expected.removed)
+    assert float(res.removed) > 0.1  # the basis did remove something
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(vec, min_size=2, max_size=5))
 def test_ogd_remember_builds_orthonormal_basis(dirs):

@@ -114,6 +114,9 @@ _TINY = 1e-30  # denominator floor: ‖g_ref‖² of zero never divides
 Reduce = Callable[[Tensor], Tensor]  # in-place sum over ranks of partial (shard-local) dot products
 
 
+_CONVERT_CHUNK = 16384  # columns per float32 conversion of a low-precision basis (fits L2)
+
+
 def _reduced(x: Tensor, reduce: Reduce | None) -> Tensor:
     """``x`` summed over ranks by ``reduce`` (a fresh tensor is reduced in place), or ``x``."""
     return x if reduce is None else reduce(x)
@@ -357,11 +360,13 @@ def ogd_project_(
     """:func:`ogd_project` in place on a list of float32 gradient tensors (no flat copy).
 
     ``g̃ = g − Uᵀ(U g)`` with ``U g = Σₚ Uₚ gₚ`` accumulated over column blocks ``Uₚ`` of the
-    basis (strided views, one ``addmv`` each), then ``gₚ ← gₚ − Uₚᵀ c`` in place.
+    basis (strided views, one ``addmv`` each), then ``gₚ ← gₚ − Uₚᵀ c`` in place. A basis stored
+    in another dtype (e.g. bfloat16) is converted to float32 in column chunks of
+    ``_CONVERT_CHUNK`` elements per row, so the float32 copy is never materialised whole.
 
     Args:
         grads: contiguous float32 gradients, same device as ``basis``; ``sizes[i] = numel``.
-        basis: ``U``, shape ``(k, Σ sizes)``, float32.
+        basis: ``U``, shape ``(k, Σ sizes)``, any floating dtype (arithmetic in float32).
         sizes: element counts of ``grads``.
         per_tensor: project each tensor on its own block (``granularity="tensor"``).
         blocks: ``basis.split(sizes, dim=1)``, when the caller keeps them across steps (building
@@ -373,23 +378,41 @@ def ogd_project_(
     if blocks is None:
         blocks = basis.split(list(sizes), dim=1)
     flat = [x.view(-1) for x in grads]
+    dtype = flat[0].dtype if flat else torch.float32
     gg = torch.stack(torch._foreach_norm(flat)).square().sum()
     finite = torch.isfinite(gg)
-    zero = torch.zeros((), dtype=basis.dtype, device=basis.device)
-    if per_tensor:
-        cs = [torch.where(finite, u @ x, zero) for u, x in zip(blocks, flat)]
-        for u, x, c in zip(blocks, flat, cs):
+    zero = torch.zeros((), dtype=dtype, device=basis.device)
+    k = basis.shape[0]
+
+    def coef(u: Tensor, x: Tensor, out: Tensor) -> Tensor:  # out += u @ x
+        if u.dtype == x.dtype:
+            return out.addmv_(u, x)
+        for s in range(0, x.numel(), _CONVERT_CHUNK):
+            out.addmv_(u[:, s:s + _CONVERT_CHUNK].to(x.dtype), x[s:s + _CONVERT_CHUNK])
+        return out
+
+    def remove(u: Tensor, x: Tensor, c: Tensor) -> None:  # x -= uᵀ c
+        if u.dtype == x.dtype:
             x.addmv_(u.t(), c, alpha=-1)
+            return
+        for s in range(0, x.numel(), _CONVERT_CHUNK):
+            x[s:s + _CONVERT_CHUNK].addmv_(u[:, s:s + _CONVERT_CHUNK].to(x.dtype).t(), c, alpha=-1)
+
+    if per_tensor:
+        cs = [torch.where(finite, coef(u, x, torch.zeros(k, dtype=dtype, device=x.device)), zero)
+              for u, x in zip(blocks, flat)]
+        for u, x, c in zip(blocks, flat, cs):
+            remove(u, x, c)
         captured = torch.stack([torch.dot(c, c) for c in cs]).sum().sqrt()
     else:
-        c = torch.zeros(basis.shape[0], dtype=basis.dtype, device=basis.device)
+        c = torch.zeros(k, dtype=dtype, device=basis.device)
         for u, x in zip(blocks, flat):
-            c.addmv_(u, x)  # c = U g, block by block
+            coef(u, x, c)  # c = U g, block by block
         c = torch.where(finite, c, zero)
         for u, x in zip(blocks, flat):
-            x.addmv_(u.t(), c, alpha=-1)
+            remove(u, x, c)
         captured = c.norm()
-    projected = finite if basis.shape[0] > 0 else torch.zeros_like(finite)
+    projected = finite if k > 0 else torch.zeros_like(finite)
     return ProjectionResult(None, projected, captured / gg.sqrt().clamp_min(_TINY), captured, finite)
 
 
@@ -939,7 +962,7 @@ class GradientProjection(OptimizerWrapper):
                 )
             basis = self._basis
             if not self._sharded and all(
-                    x is not None and x.dtype == basis.dtype == torch.float32 and x.device == basis.device
+                    x is not None and x.dtype == torch.float32 and x.device == basis.device
                     and x.is_contiguous() for x in grads):
                 # fast path: no flat copy, projected in place tensor by tensor
                 sz = tuple(self._sizes(named))
