@@ -5,16 +5,18 @@ Exact command (the README table comes from it)::
     python benchmarks/bench_optim.py --rounds 60 --out results/bench_optim.json
 
 A tiny GPT-2 (4 layers, hidden 128, 4 heads, seq 64, batch 8, vocab 2048 by default) trains with
-bare AdamW and with each wrapper: A-GEM (``ref_every=10``), OGD (16 basis vectors), PCGrad replay
-(``ref_every=10``) and clipping. Every method has its own copy of the model; one *round* times one
+bare AdamW and with each wrapper: A-GEM (``ref_every=10``), OGD (16 basis vectors, float32 and
+bfloat16 storage), PCGrad replay (``ref_every=10``) and clipping. Every method has its own copy of the model; one *round* times one
 full training step (forward, backward, ``opt.step()``, ``zero_grad``) of every method, in a
 different order each round. The reported ratio is the median over rounds of the paired ratio
 t_method / t_adamw (same round), so background load hits both sides alike. "State" is the bytes of
 tensors the wrapper adds to ``state_dict()`` (replay memory, basis, cached reference, counters).
 
 Targets (issue 3): agem ≤ 1.15×, ogd ≤ 1.10×, clipping ≤ 1.03×. OGD streams its k×D basis twice
-per step (``c = U g``, then ``g −= Uᵀ c`` in place), so its overhead grows linearly with the basis
-size: compare ``--ogd-directions 8`` / ``16`` / ``32``.
+per step (``c = U g``, then ``g −= Uᵀ c`` in place): it is memory-bound, 2·k·D·4 bytes per step
+against a step whose compute grows with tokens × D, so its overhead grows linearly with the basis
+size and falls with the tokens per step: compare ``--ogd-directions 8`` / ``16`` / ``32`` and
+``--seq``. A bfloat16 basis halves the memory but is converted chunk by chunk every step.
 """
 
 from __future__ import annotations
@@ -91,6 +93,9 @@ def make(method: str, cfg: BenchConfig, prior: list[dict]):
         opt = mitigate.GradientProjection(opt, mode="pcgrad", ref_every=cfg.ref_every, memory_size=cfg.memory_batches)
     elif method == "ogd":
         opt = mitigate.GradientProjection(opt, mode="ogd", directions_per_task=cfg.ogd_directions)
+    elif method == "ogd-bf16":  # half the basis memory; upcast chunk by chunk every step
+        opt = mitigate.GradientProjection(opt, mode="ogd", directions_per_task=cfg.ogd_directions,
+                                          basis_dtype="bfloat16")
     elif method == "clipping":
         opt = mitigate.GradientClipping(opt, max_norm=1.0)
     if hasattr(opt, "remember"):
@@ -179,7 +184,7 @@ def main() -> None:
     defaults = BenchConfig()
     for field, value in asdict(defaults).items():
         p.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
-    p.add_argument("--methods", default="adamw,agem,ogd,pcgrad,clipping",
+    p.add_argument("--methods", default="adamw,agem,ogd,ogd-bf16,pcgrad,clipping",
                    help="comma-separated; adamw (the baseline) is always included")
     p.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     args = vars(p.parse_args())
