@@ -23,7 +23,7 @@ Task 0 every few steps of Task 1. Then the metrics:
   forgetting_metrics``) and ``mitigation_pct`` = ``(F_seq − F) / F_seq``;
 * ``new_task_accuracy`` = mean ``R[j, j]`` for j ≥ 1 and ``plasticity_vs_seq`` (ratio to seq);
 * ``recovery_accuracy``: Task-0 accuracy after fine-tuning a copy on K≈10 Task-0 examples
-  (10 AdamW steps at ``--recovery-lr-scale`` × lr; Zheng et al. 2025: a large recovery means
+  (10 AdamW steps at ``--recovery-lr-scale`` × the full-fine-tuning lr, also under LoRA; Zheng et al. 2025: a large recovery means
   the forgetting was spurious, the knowledge is still there);
 * ``lambda_max_ratio``: top Hessian eigenvalue of the Task-0 loss at the end over its value
   right after Task 0; ``cka_drift_mid``: 1 − linear CKA of the middle layer's hidden states
@@ -577,7 +577,7 @@ def run_method(method: M.Method, hp: dict[str, Any], scenario: Scenario, base: n
     if D is not None:
         rec = _optional("recovery_probe", D.recovery_probe, final, tasks[0].recovery,
                         tasks[0].evaluate, steps=diag["recovery_steps"],
-                        lr=scenario.lr * cfg.recovery_lr_scale,
+                        lr=(scenario.full_lr or scenario.lr) * cfg.recovery_lr_scale,
                         seed=seed, reference=rows[0][0])
         base_plain = plain_copy(base)
         cka = _optional("layerwise_cka", D.layerwise_cka, base_plain, final, tasks[0].probe,

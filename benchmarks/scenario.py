@@ -65,6 +65,8 @@ class Scenario:
             fastest single-threaded; ``None`` keeps torch's default).
         cka_token_norm: RMS-normalise every token before the CKA diagnostic (pretrained LLMs'
             massive activations otherwise dominate it; see ``mitigate.diagnostics.layerwise_cka``).
+        full_lr: learning rate for updates of *every* weight (the recovery probe fine-tunes a
+            merged, all-trainable copy) when ``lr`` is an adapter rate (LoRA); ``None``: ``lr``.
     """
 
     name: str
@@ -83,6 +85,7 @@ class Scenario:
     config: dict = field(default_factory=dict)
     cpu_threads: int | None = None
     cka_token_norm: bool = False
+    full_lr: float | None = None
 
 
 def pad_batch(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -822,6 +822,7 @@ def build_from_model(base: nn.Module, tokenizer, cfg: SmolConfig, seed: int, *,
         # One thread: on a dedicated 2-core machine two threads are ~1.7x faster, but on a shared
         # one (CI runners, several jobs) their hand-offs made a step 4x slower (3.7 s -> 15 s).
         cpu_threads=1,
+        full_lr=cfg.lr,  # the recovery probe trains every weight of a merged copy, LoRA or not
         cka_token_norm=True,  # massive activations: layer 15's first token ~25 000 vs ~100
     )
 
