@@ -102,17 +102,17 @@ def main() -> int:
         status = 1
     finally:
         accelerator.wait_for_everyone()
-        if dist.is_initialized():  # an explicit teardown: gloo can hang in the exit-time destructor
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # Work done and every rank past the barrier: leave without running gloo's destructors
+            # (process group, DDP reducer). On a loaded CPU machine they have left a rank blocked
+            # in a futex forever, at interpreter exit or when this function's locals are freed.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+        if dist.is_initialized():
             dist.destroy_process_group()
     return status
 
 
 if __name__ == "__main__":
-    code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Work done and the process group destroyed: skip the interpreter's teardown, where
-        # gloo's exit-time destructors have left a rank stuck in a futex on loaded CPU machines.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    sys.exit(main())
