@@ -208,6 +208,22 @@ def local_tensor(t: Tensor) -> Tensor:
     return to_local() if callable(to_local) else t
 
 
+def is_dtensor(t: Tensor) -> bool:
+    """Whether ``t`` is a ``DTensor`` (an FSDP2-sharded parameter or gradient)."""
+    return hasattr(t, "device_mesh") and hasattr(t, "to_local")
+
+
+def shard_like(local: Tensor, like: Tensor) -> Tensor:
+    """``local`` (this rank's shard) as a ``DTensor`` laid out like the DTensor ``like``, or
+    ``local`` itself when ``like`` is a plain tensor (e.g. a gradient to hand to autograd)."""
+    if not is_dtensor(like):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False,  # type: ignore[attr-defined]
+                              shape=like.shape, stride=like.stride())
+
+
 # ---------------------------------------------------------------- per-parameter stored state
 
 
@@ -273,7 +289,7 @@ def reject_sharded(named: Iterable[tuple[str, Tensor]], what: str) -> None:
         NotImplementedError: naming ``what``, the first sharded parameter and the alternatives.
     """
     for name, p in named:
-        if hasattr(p, "device_mesh") and hasattr(p, "to_local"):
+        if is_dtensor(p):
             raise NotImplementedError(
                 f"{what} does not support FSDP2-sharded parameters yet ({name!r} is a DTensor); "
                 "use DDP, or consolidate on an unsharded copy of the model "
@@ -298,7 +314,7 @@ def sharded_state(named: Iterable[tuple[str, Tensor]], what: str) -> bool:
             (HSDP, tensor parallelism), naming the first offending parameter.
     """
     named = list(named)
-    flags = [(n, hasattr(p, "device_mesh") and hasattr(p, "to_local")) for n, p in named]
+    flags = [(n, is_dtensor(p)) for n, p in named]
     if not any(f for _, f in flags):
         return False
     plain = [n for n, f in flags if not f]
@@ -325,6 +341,27 @@ def shard_info() -> dict[str, int]:
     if dist.is_available() and dist.is_initialized():
         return {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
     return {"rank": 0, "world_size": 1}
+
+
+def check_shard(saved: dict[str, int] | None, what: str) -> None:
+    """Refuse per-rank state (FSDP2 shards) saved by another rank or world size.
+
+    Args:
+        saved: the :func:`shard_info` recorded with the state (``None``: unsharded state).
+        what: the owner, for the message.
+
+    Raises:
+        StateMismatchError: ``saved`` differs from this process's :func:`shard_info`.
+    """
+    from mitigate.errors import StateMismatchError
+
+    here = shard_info()
+    if saved is not None and saved != here:
+        raise StateMismatchError(
+            f"{what} state holds the FSDP2 shards of rank {saved['rank']} of {saved['world_size']}, "
+            f"but this is rank {here['rank']} of {here['world_size']}: "
+            "load each rank's own state_dict under the same sharding"
+        )
 
 
 def sharded_per_sample_grads(

@@ -89,12 +89,15 @@ from mitigate._utils import (
     all_reduce_mean_,
     all_reduce_sum_,
     batch_size_of,
+    check_shard,
+    is_dtensor,
     local_tensor,
     move_batch,
     preserve_state,
     resolve_loss_fn,
     select_parameters,
     shard_info,
+    shard_like,
     sharded_per_sample_grads,
     sharded_state,
 )
@@ -668,7 +671,7 @@ class GradientProjection(OptimizerWrapper):
         # FSDP2: the selected parameters are DTensors, flat vectors are this rank's shard
         self._sharded = False
         self._sharded_params: dict[str, nn.Parameter] = {}  # name -> sharded parameter
-        if self._model is not None and any(hasattr(p, "device_mesh") for p in self._model.parameters()):
+        if self._model is not None and any(is_dtensor(p) for p in self._model.parameters()):
             self._named(self._model)  # records the sharded parameters while they are sharded
 
     # ------------------------------------------------------------------ parameters
@@ -689,7 +692,7 @@ class GradientProjection(OptimizerWrapper):
                 p = self._sharded_params[n]
             if id(p) in owned:
                 named.append((n, p))
-                if hasattr(p, "device_mesh"):
+                if is_dtensor(p):
                     self._sharded_params[n] = p
         return named
 
@@ -908,7 +911,7 @@ class GradientProjection(OptimizerWrapper):
             for p, x, g in zip(params, likes, out):
                 g = g.view_as(x).to(x.dtype)
                 if p.grad is None:
-                    p.grad = _like_param(g.clone(), p)
+                    p.grad = shard_like(g.clone(), p)
                 else:
                     local_tensor(p.grad).add_(g)
         self._pcgrad_pending = True
@@ -1087,13 +1090,7 @@ class GradientProjection(OptimizerWrapper):
         saved_mode = state["config"]["mode"]
         if saved_mode != self.config.mode:
             raise ValueError(f"state was saved with mode={saved_mode!r}, this wrapper has mode={self.config.mode!r}")
-        shard = state.get("shard")
-        if shard is not None and shard != shard_info():
-            raise StateMismatchError(
-                f"GradientProjection state holds the FSDP2 shard of rank {shard['rank']} of "
-                f"{shard['world_size']}, but this is rank {shard_info()['rank']} of "
-                f"{shard_info()['world_size']}: load each rank's own state_dict with the same sharding"
-            )
+        check_shard(state.get("shard"), "GradientProjection")
         sig = state["signature"]
         self._signature = None if sig is None else {n: tuple(s) for n, s in zip(sig["names"], sig["shapes"])}
         self._memory = [_to_cpu(b) for b in state["memory"]]  # even if a loader moved them
@@ -1146,7 +1143,7 @@ def _write_back(grads: Sequence[Tensor | None], likes: Sequence[Tensor], flat: T
 
 def _local(t: Tensor) -> Tensor:
     """This rank's shard of an FSDP2 ``DTensor`` (detached, a view of its storage), or ``t``."""
-    return local_tensor(t.detach()) if hasattr(t, "device_mesh") else t
+    return local_tensor(t.detach()) if is_dtensor(t) else t
 
 
 def _backward_flat(
@@ -1192,16 +1189,6 @@ def _per_objective_backward(losses: Sequence[Tensor], params: Sequence[nn.Parame
         for p, g in zip(params, saved):
             p.grad = g
     return per
-
-
-def _like_param(local: Tensor, p: Tensor) -> Tensor:
-    """A gradient for ``p`` from this rank's shard ``local`` (a ``DTensor`` when ``p`` is one)."""
-    if not hasattr(p, "device_mesh"):
-        return local
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,  # type: ignore[attr-defined]
-                              shape=p.shape, stride=p.stride())
 
 
 def _to_cpu(batch: Batch) -> Batch:

@@ -75,6 +75,8 @@ from mitigate._utils import (
     all_reduce_sum_,
     batch_size_of,
     buffer_key,
+    check_shard,
+    is_dtensor,
     live_parameters,
     local_tensor,
     model_device,
@@ -83,6 +85,7 @@ from mitigate._utils import (
     resolve_loss_fn,
     select_parameters,
     shard_info,
+    shard_like,
     sharded_per_sample_grads,
     sharded_state,
 )
@@ -167,7 +170,7 @@ class _DiagonalQuadratic(torch.autograd.Function):
         sums = [torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(fd, diff)]  # ⟨F d, d⟩
         ctx.save_for_backward(*fd)
         ctx.param_meta = [(p.dtype, p.device) for p in local]
-        ctx.sharded_meta = [(p.device_mesh, p.placements, p.shape, p.stride()) for p in params] if sharded else None
+        ctx.shard_likes = list(params) if sharded else None  # the DTensors the gradients mirror
         value = torch.stack(sums).sum().mul(0.5)
         if sharded and dist.is_initialized():
             dist.all_reduce(value, op=dist.ReduceOp.SUM)  # Σ over shards: the global penalty
@@ -178,11 +181,8 @@ class _DiagonalQuadratic(torch.autograd.Function):
         fd = ctx.saved_tensors
         grads = torch._foreach_mul(list(fd), grad_out.to(fd[0].device))
         out = [g.to(device=dev, dtype=dt) for g, (dt, dev) in zip(grads, ctx.param_meta)]
-        if ctx.sharded_meta is not None:
-            from torch.distributed.tensor import DTensor
-
-            out = [DTensor.from_local(g, mesh, placements, run_check=False, shape=shape, stride=stride)
-                   for g, (mesh, placements, shape, stride) in zip(out, ctx.sharded_meta)]
+        if ctx.shard_likes is not None:
+            out = [shard_like(g, p) for g, p in zip(out, ctx.shard_likes)]
         return (None, None, None, *out)
 
 
@@ -315,7 +315,7 @@ class EWC(nn.Module):
         # F / θ* are this rank's shards (the state is then per rank)
         self._sharded_params: dict[str, nn.Parameter] = {}
         self._shard: dict[str, int] | None = None
-        if any(hasattr(p, "device_mesh") for p in self._model.parameters()):
+        if any(is_dtensor(p) for p in self._model.parameters()):
             self._selected()  # records the sharded parameters while they are sharded
 
     # ------------------------------------------------------------------ public
@@ -482,7 +482,7 @@ class EWC(nn.Module):
         """Selected parameters (FSDP2: the sharded ones) and whether they are sharded."""
         named = select_parameters(self._model, self.config.params)
         # FSDP2 keeps the root's parameters unsharded between forward and backward
-        named = {n: p if hasattr(p, "device_mesh") else self._sharded_params.get(n, p) for n, p in named.items()}
+        named = {n: p if is_dtensor(p) else self._sharded_params.get(n, p) for n, p in named.items()}
         sharded = sharded_state(named.items(), "EWC")
         if sharded:
             self._sharded_params.update(named)
@@ -492,7 +492,7 @@ class EWC(nn.Module):
         """The sharded parameters behind ``params`` (by name), checked against the stored shards."""
         out = []
         for n, p in zip(names, params):
-            if not hasattr(p, "device_mesh"):  # the unsharded copy FSDP2 registers after forward
+            if not is_dtensor(p):  # the unsharded copy FSDP2 registers after forward
                 if n not in self._sharded_params:
                     raise RuntimeError(
                         f"EWC: {n!r} is not sharded right now (FSDP2 keeps the root module's "
@@ -628,12 +628,7 @@ class EWC(nn.Module):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         shard = state.get("shard")
-        if shard is not None and shard != shard_info():
-            raise StateMismatchError(
-                f"EWC state holds the FSDP2 shards of rank {shard['rank']} of {shard['world_size']}, "
-                f"but this is rank {shard_info()['rank']} of {shard_info()['world_size']}: "
-                "load each rank's own state_dict under the same sharding"
-            )
+        check_shard(shard, "EWC")
         self._tasks = [{"shapes": {n: list(s) for n, s in t["shapes"].items()}} for t in state["tasks"]]
         self._consolidations = int(state["consolidations"])
         self._shard = None if shard is None else dict(shard)
