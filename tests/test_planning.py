@@ -91,7 +91,7 @@ def test_plan_with_bottom_freeze_rescores_heads_above_it_and_apply_freezes_and_w
     model = tiny_llama()
     old = batches(1)
     loss_fn = one_head_task(1, 5)
-    p = plan(model, old, batches(2, labels=False), loss_fn, probe_steps=8, lr=1e-2, policy=PlanPolicy(compute_curvature=False, cka_drop_lrcp=0.0, verify=False))
+    p = plan(model, old, batches(2, labels=False), loss_fn, probe_steps=8, lr=1e-2, policy=PlanPolicy(min_freeze_bottom=1, compute_curvature=False, cka_drop_lrcp=0.0, verify=False))
     assert p.freeze_bottom == 1 and p.freeze_embeddings
     assert p.freeze_heads == {1: [5]}  # z among block 1's 8 heads: one-hot → √7 > 2.5
     assert p.lrcp_targets == [f"model.layers.1.mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")]
@@ -210,8 +210,10 @@ def _diag(L: int, *, gcos: float = 0.0, cka=None, lam=(None, None), H: int = HEA
 
 def test_rule_similar_tasks_freeze_more_bottom_blocks_within_the_cap():
     model = tiny_llama(layers=4)
-    assert decide(_diag(4, gcos=0.1), model)["freeze_bottom"] == 1
-    dec = decide(_diag(4, gcos=0.6), model)
+    pol = PlanPolicy(min_freeze_bottom=1)
+    assert decide(_diag(4, gcos=0.1), model, pol)["freeze_bottom"] == 1
+    assert decide(_diag(4, gcos=0.1), model)["freeze_bottom"] == 0  # default: no floor
+    dec = decide(_diag(4, gcos=0.6), model, pol)
     assert dec["freeze_bottom"] == 2 and dec["freeze_embeddings"]
     assert any("similar" in r and "+0.600" in r for r in dec["reasons"])
     capped = decide(_diag(4, gcos=0.6), model, PlanPolicy(similar_task_freeze_bottom=4))
@@ -246,10 +248,13 @@ def test_rule_heads_conflict_needs_motion_and_cap_keeps_the_most_severe():
 
 def test_rule_lrcp_on_drifting_unfrozen_blocks_and_attention_under_strong_conflict():
     model = tiny_llama(layers=4)
-    dec = decide(_diag(4, cka=[0.5, 0.99, 0.9, 0.97]), model)
+    pol = PlanPolicy(min_freeze_bottom=1)
+    dec = decide(_diag(4, cka=[0.5, 0.99, 0.9, 0.97]), model, pol)
     assert dec["freeze_bottom"] == 1  # block 0 is frozen: its drift needs no LRCP
     assert dec["lrcp_targets"] == [f"model.layers.2.mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")]
-    strong = decide(_diag(4, gcos=-0.5, cka=[0.5, 0.99, 0.9, 0.97]), model)
+    unfrozen = decide(_diag(4, cka=[0.5, 0.99, 0.9, 0.97]), model)  # default: block 0 trains
+    assert unfrozen["lrcp_targets"] == [f"model.layers.{i}.mlp.{m}" for i in (0, 2) for m in ("gate_proj", "up_proj", "down_proj")]
+    strong = decide(_diag(4, gcos=-0.5, cka=[0.5, 0.99, 0.9, 0.97]), model, pol)
     assert "model.layers.2.self_attn.q_proj" in strong["lrcp_targets"] and len(strong["lrcp_targets"]) == 7
 
 
@@ -333,3 +338,81 @@ def test_plan_verifies_candidates_by_probing_copies():
     assert json.loads(json.dumps(p.to_dict()))["candidates"][p.candidates.index(chosen)]["chosen"]
     for n, q in model.named_parameters():
         assert torch.equal(q, w0[n]) and q.grad is None
+
+
+# ---------------------------------------------------------------------------- the EWC anchor
+
+
+def test_apply_ewc_anchor_on_the_trainable_parameters_with_lambda_scale_over_mean_fisher():
+    model = tiny_llama()
+    old = batches(1)
+    pol = PlanPolicy(min_freeze_bottom=1)
+    dec = {**decide(_diag(2), model, pol, freeze_bottom=1, protect=False), "ewc_scale": 2.0}
+    p = MitigationPlan(forecast=forecast_forgetting(0.0), diagnosis=_diag(2), policy=pol, old_batches=old, **dec)
+    assert "EWC anchor              scale 2" in str(p) and p.to_dict()["ewc_scale"] == 2.0
+    applied = p.apply(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    (ewc,) = applied.regularizers
+    assert isinstance(ewc, mitigate.EWC)
+    fisher = ewc.fisher()
+    trainable = {n for n, q in model.named_parameters() if q.requires_grad}
+    assert set(fisher) == trainable and "model.embed_tokens.weight" not in fisher  # frozen: not anchored
+    mean = sum(float(f.double().sum()) for f in fisher.values()) / sum(f.numel() for f in fisher.values())
+    assert ewc.config.strength * mean == pytest.approx(2.0, rel=1e-9)
+    # the same Fisher as a standalone EWC on the frozen model: (λ/2) Σ F (θ − θ*)² after a move
+    ref = mitigate.EWC(model, strength=ewc.config.strength)
+    ref.consolidate(old)
+    assert float(applied.penalty().detach()) == 0.0
+    with torch.no_grad():
+        for q in model.parameters():
+            if q.requires_grad:
+                q.add_(0.01)
+    expect = 0.5 * ewc.config.strength * sum(float((f * 0.01**2).sum()) for f in fisher.values())
+    assert float(applied.penalty().detach()) == pytest.approx(expect, rel=1e-4)
+    assert float(ref().detach()) == pytest.approx(expect, rel=1e-4)
+
+
+def test_plan_probes_ewc_anchor_candidates_and_a_strong_anchor_forgets_less():
+    model = tiny_llama()
+    pol = PlanPolicy(min_freeze_bottom=0, max_freeze_bottom_fraction=0.0, compute_curvature=False, ewc_scales=(1e3,), min_plasticity=0.0, ewc_on="best")
+    p = plan(model, batches(1), batches(2), probe_steps=6, lr=1e-2, policy=pol)
+    # ewc_on="best": structures without an anchor, then the anchor on the best of them
+    *structures, anchored = p.candidates
+    assert all(c.ewc_scale == 0.0 for c in structures) and anchored.ewc_scale == 1e3
+    best = structures[select_candidate(structures, structures[0].old_loss_increase, structures[0].new_loss_decrease, pol)]
+    assert anchored.name == best.name + " + EWC 1000" and anchored.protect == best.protect
+    assert anchored.old_loss_increase < 0.5 * best.old_loss_increase  # the anchor holds the old task
+    chosen = next(c for c in p.candidates if c.chosen)
+    assert p.ewc_scale == chosen.ewc_scale == 1e3  # no plasticity required: least forgetting wins
+    every = plan(model, batches(1), batches(2), probe_steps=6, lr=1e-2, policy=dataclasses.replace(pol, ewc_on="every"))
+    n = len(structures)
+    assert [c.name for c in every.candidates] == [c.name for c in structures] + [c.name + " + EWC 1000" for c in structures]
+    for free, anchored in zip(every.candidates[:n], every.candidates[n:]):
+        assert anchored.old_loss_increase < 0.5 * free.old_loss_increase
+    none = PlanPolicy(min_freeze_bottom=0, max_freeze_bottom_fraction=0.0, compute_curvature=False, ewc_scales=())
+    q = plan(model, batches(1), batches(2), probe_steps=2, lr=1e-2, policy=none)
+    assert all(c.ewc_scale == 0.0 for c in q.candidates) and q.ewc_scale == 0.0
+
+
+def test_policy_ewc_scales_validation():
+    assert PlanPolicy(ewc_scales=[1, 2.5]).ewc_scales == (1.0, 2.5)
+    for bad in ((0.0,), (-1.0,), (float("nan"),), 3.0, "13", (True,)):
+        with pytest.raises(ValueError, match="ewc_scales"):
+            PlanPolicy(ewc_scales=bad)
+    with pytest.raises(ValueError, match="ewc_fisher"):
+        PlanPolicy(ewc_fisher="diag")
+    with pytest.raises(ValueError, match="ewc_on"):
+        PlanPolicy(ewc_on="all")
+
+
+def test_plan_leaves_the_global_rng_where_it_was():
+    model = tiny_llama(layers=1)
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+
+    def masked_lm(m, batch):  # a loss that draws from the global RNG (random label masking)
+        keep = torch.rand(batch["labels"].shape) < 0.8
+        return m(input_ids=batch["input_ids"], labels=batch["labels"].masked_fill(~keep, -100)).loss
+
+    plan(model, batches(1), batches(2), masked_lm, probe_steps=2, lr=1e-2, policy=PlanPolicy(compute_curvature=False, ewc_scales=(1.0,)))
+    assert torch.equal(torch.rand(4), expected)
