@@ -52,9 +52,10 @@ replay                ``fraction=0.25`` of each batch's rows replaced by rows of
                       but halves the new-task accuracy on biography quick)
 lrcp                  ``mitigate.LowRankCircuitProjection`` defaults (energy 0.99)
 planned               ``mitigate.plan(model, old, new, probe_steps=min(20, steps_per_task))``
-                      then ``.apply`` (the plan's own policy; ``--hp planned.<PlanPolicy
-                      field>=...`` overrides one, e.g. ``max_freeze_bottom_fraction=0.75`` with
-                      ``min_plasticity=0.8``: 64% retained at 0.75x plasticity on quick)
+                      then ``.apply`` (the library's default policy: on quick it probes 30
+                      candidates, 3 bottom depths x with/without heads+LRCP x EWC anchor
+                      scale 0/0.5/1/2/4; ``--hp planned.<PlanPolicy field>=...`` overrides
+                      one, e.g. ``ewc_on=best`` for 10 probes)
 freeze-bottom+curv.   both, each with its defaults
 ====================  ======================================================================
 

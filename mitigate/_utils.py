@@ -224,6 +224,30 @@ def shard_like(local: Tensor, like: Tensor) -> Tensor:
                               shape=like.shape, stride=like.stride())
 
 
+class ShardedByName:
+    """The FSDP2-sharded ``DTensor`` of each parameter, remembered by name.
+
+    FSDP2 swaps the root module's sharded parameters for unsharded plain tensors between its
+    forward and backward; code that runs then (a penalty inside the loss, a projection before
+    the backward finished) must still reach the sharded parameters the optimizer owns.
+    """
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, Tensor] = {}
+
+    def get(self, name: str, p: Tensor) -> Tensor:
+        """``p`` when it is sharded (remembered), else the sharded parameter last seen under
+        ``name``, else ``p``."""
+        if is_dtensor(p):
+            self._by_name[name] = p
+            return p
+        return self._by_name.get(name, p)
+
+    def known(self, name: str) -> bool:
+        """Whether a sharded parameter was seen under ``name``."""
+        return name in self._by_name
+
+
 # ---------------------------------------------------------------- per-parameter stored state
 
 

@@ -86,6 +86,7 @@ from mitigate._utils import (
     Batch,
     LossFn,
     ParamSelector,
+    ShardedByName,
     all_reduce_mean_,
     all_reduce_sum_,
     batch_size_of,
@@ -670,7 +671,7 @@ class GradientProjection(OptimizerWrapper):
         self._warned_idle = False
         # FSDP2: the selected parameters are DTensors, flat vectors are this rank's shard
         self._sharded = False
-        self._sharded_params: dict[str, nn.Parameter] = {}  # name -> sharded parameter
+        self._sharded_params = ShardedByName()
         if self._model is not None and any(is_dtensor(p) for p in self._model.parameters()):
             self._named(self._model)  # records the sharded parameters while they are sharded
 
@@ -686,14 +687,11 @@ class GradientProjection(OptimizerWrapper):
                 p for g in self.param_groups for p in g["params"] if p.requires_grad)]
         named = []
         for n, p in select_parameters(model, self._params_selector).items():
-            if id(p) not in owned and n in self._sharded_params:
-                # FSDP2 keeps the root's parameters unsharded between forward and backward:
-                # the optimizer (and the state here) own the sharded ones
-                p = self._sharded_params[n]
+            # FSDP2 keeps the root's parameters unsharded between forward and backward: the
+            # optimizer (and the state here) own the sharded ones
+            p = p if id(p) in owned else self._sharded_params.get(n, p)
             if id(p) in owned:
-                named.append((n, p))
-                if is_dtensor(p):
-                    self._sharded_params[n] = p
+                named.append((n, self._sharded_params.get(n, p)))
         return named
 
     def _bind(self, model: nn.Module | None) -> list[tuple[str, nn.Parameter]]:

@@ -71,6 +71,7 @@ from mitigate._utils import (
     Batch,
     LossFn,
     ParamSelector,
+    ShardedByName,
     adopt_state_dict_buffers,
     all_reduce_sum_,
     batch_size_of,
@@ -313,7 +314,7 @@ class EWC(nn.Module):
         self._vmap_failed = False
         # FSDP2: name -> sharded (DTensor) parameter, and {rank, world_size} once the stored
         # F / θ* are this rank's shards (the state is then per rank)
-        self._sharded_params: dict[str, nn.Parameter] = {}
+        self._sharded_params = ShardedByName()
         self._shard: dict[str, int] | None = None
         if any(is_dtensor(p) for p in self._model.parameters()):
             self._selected()  # records the sharded parameters while they are sharded
@@ -482,27 +483,21 @@ class EWC(nn.Module):
         """Selected parameters (FSDP2: the sharded ones) and whether they are sharded."""
         named = select_parameters(self._model, self.config.params)
         # FSDP2 keeps the root's parameters unsharded between forward and backward
-        named = {n: p if is_dtensor(p) else self._sharded_params.get(n, p) for n, p in named.items()}
-        sharded = sharded_state(named.items(), "EWC")
-        if sharded:
-            self._sharded_params.update(named)
-        return named, sharded
+        named = {n: self._sharded_params.get(n, p) for n, p in named.items()}
+        return named, sharded_state(named.items(), "EWC")
 
     def _sharded_live(self, names: list[str], params: list[nn.Parameter], fisher: list[Tensor]) -> list[nn.Parameter]:
         """The sharded parameters behind ``params`` (by name), checked against the stored shards."""
         out = []
         for n, p in zip(names, params):
-            if not is_dtensor(p):  # the unsharded copy FSDP2 registers after forward
-                if n not in self._sharded_params:
-                    raise RuntimeError(
-                        f"EWC: {n!r} is not sharded right now (FSDP2 keeps the root module's "
-                        "parameters unsharded between its forward and backward) and EWC has not "
-                        "seen it sharded yet: build EWC(model) after fully_shard, or call ewc() "
-                        "before the model's forward once"
-                    )
-                p = self._sharded_params[n]
-            self._sharded_params[n] = p
-            out.append(p)
+            if not is_dtensor(p) and not self._sharded_params.known(n):  # FSDP2's unsharded copy
+                raise RuntimeError(
+                    f"EWC: {n!r} is not sharded right now (FSDP2 keeps the root module's "
+                    "parameters unsharded between its forward and backward) and EWC has not "
+                    "seen it sharded yet: build EWC(model) after fully_shard, or call ewc() "
+                    "before the model's forward once"
+                )
+            out.append(self._sharded_params.get(n, p))
         local = [tuple(local_tensor(p.detach()).shape) for p in out]
         bad = [f"{n} {tuple(f.shape)} -> {s}" for n, f, s in zip(names, fisher, local) if tuple(f.shape) != s]
         if bad:
