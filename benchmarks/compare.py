@@ -604,6 +604,8 @@ def run_method(method: M.Method, hp: dict[str, Any], scenario: Scenario, base: n
             "cka_per_layer": None if cka is None else [float(x) for x in cka.per_layer],
             "disrupted_heads_fraction": None if heads is None else float(heads.fraction),
         },
+        # what the method decided, when it says (planned: the chosen plan and its candidates)
+        "method_report": ctx.state.get("report"),
     }
     return record
 

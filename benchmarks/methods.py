@@ -97,7 +97,8 @@ class RunContext:
         hp: the method's hyperparameters (defaults updated with user overrides).
         optimizer: the optimizer the loop steps (set after ``setup``).
         task: index of the task being trained (or just finished in ``after_task``).
-        state: the method's objects (regularizers, wrappers, memories).
+        state: the method's objects (regularizers, wrappers, memories); ``state["report"]``, a
+            JSON-able dict, is saved with the run as ``method_report`` (planned: its plan).
         rng: a ``random.Random`` for the method.
     """
 
@@ -359,6 +360,8 @@ def _planned() -> dict:
             opts["policy"] = policy_cls(**policy)
         p = _mitigate("plan")(model, old, new, lr=ctx.scenario.lr, seed=ctx.seed, **opts)
         ctx.state["plan"] = p
+        d = p.to_dict()
+        ctx.state["report"] = {k: d[k] for k in ("freeze_bottom", "freeze_heads", "lrcp_targets", "ewc_scale", "curvature", "candidates", "reasons")}
         log.info("planned method:\n%s", p)
         applied = p.apply(model, optimizer)
         ctx.state["applied"] = applied

@@ -15,7 +15,7 @@ from benchmarks.report import summary_markdown, target_text
 
 OUTPUT_FILES = ("results.json", "results.csv", "summary.csv", "summary.md", "task0_curve.png",
                 "acc_matrix.png", "retention_vs_cost.png")
-E2E_METHODS = ("seq", "freeze-bottom", "replay", "clip", "freeze-bottom+clip")
+E2E_METHODS = ("seq", "freeze-bottom", "replay", "clip", "freeze-bottom+clip", "planned")
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +208,18 @@ def test_results_schema(micro_run):
                     "lambda_max_ratio", "cka_drift_mid", "disrupted_heads_fraction"):
             assert m[key] is not None, (name, key)
         assert m["task0_final"] == R[-1][0]
+
+
+def test_planned_saves_the_plan_it_chose(micro_run):
+    root, _, _ = micro_run
+    res = json.loads((root / "r1" / "results.json").read_text())
+    (seed,) = res["methods"]["planned"]["seeds"]
+    report = seed["method_report"]
+    chosen = [c for c in report["candidates"] if c["chosen"]]
+    assert len(chosen) == 1 and len(report["candidates"]) >= 2
+    assert chosen[0]["freeze_bottom"] == report["freeze_bottom"] and chosen[0]["ewc_scale"] == report["ewc_scale"]
+    assert report["reasons"][0].startswith("verified by probing")
+    assert res["methods"]["seq"]["seeds"][0]["method_report"] is None
 
 
 def test_freezing_leaves_the_frozen_weights_untouched_and_seq_moves_them(micro_run, tmp_path):
