@@ -959,6 +959,7 @@ def plan(
     policy: PlanPolicy | None = None,
     calibration: Sequence[tuple[float, float]] | None = None,
     seed: int = 0,
+    progress: bool = False,
 ) -> MitigationPlan:
     """Diagnose forgetting with a short probe of the new task and plan the mitigation.
 
@@ -980,6 +981,10 @@ def plan(
         policy: decision thresholds (:class:`PlanPolicy`).
         calibration: ``[(early cosine, forgetting), ...]`` to fit the forecast (else the prior).
         seed: seeds the probe, λ_max and the forecast bootstrap.
+        progress: show a tqdm bar over the verification probes. Their number is
+            ``2·(cap + 1)·(1 + len(ewc_scales))`` (``cap`` = ``max_freeze_bottom_fraction · L``
+            blocks, ``ewc_on="every"``) or ``2·(cap + 1) + len(ewc_scales)`` (``"best"``), each
+            ``probe_steps`` steps on a copy: 30 on a 4-block model, 160 on a 30-block one.
 
     Returns:
         :class:`MitigationPlan` (``print(plan)`` for the table, ``plan.to_dict()`` for JSON,
@@ -997,7 +1002,7 @@ def plan(
         diag = diagnose(model, old_batches, new_batches, loss_fn, probe_steps=probe_steps, lr=lr, weight_decay=weight_decay, policy=policy, seed=seed)
         dec = decide(diag, model, policy)
         if policy.verify:
-            dec, candidates = _verify(model, diag, dec, old_batches, new_batches, loss_fn, policy, probe_steps, lr, weight_decay, seed)
+            dec, candidates = _verify(model, diag, dec, old_batches, new_batches, loss_fn, policy, probe_steps, lr, weight_decay, seed, progress)
     forecast = forecast_forgetting(diag.global_cosine if math.isfinite(diag.global_cosine) else 0.0, calibration, seed=seed)
     logger.info("mitigate.plan: %s%s", _candidate_name(dec), " + curvature" if dec["curvature"] else "")
     return MitigationPlan(
@@ -1046,6 +1051,7 @@ def _verify(
     lr: float,
     weight_decay: float,
     seed: int,
+    progress: bool = False,
 ) -> tuple[dict[str, Any], list[Candidate]]:
     """Probe every candidate on a copy (curvature left out of the probes: it is decided by its
     own rule) and keep the best one (:func:`select_candidate`)."""
@@ -1084,14 +1090,22 @@ def _verify(
             del probed
         return Candidate(_candidate_name(dec), dec["freeze_bottom"], bool(dec["freeze_heads"] or dec["lrcp_targets"]), old_inc, new_dec, ewc_scale=dec["ewc_scale"])
 
-    cands = [measure(dec) for dec in decs]
-    # the EWC anchor strengths on top of every structure, or of the best one only ("best":
-    # 2·(cap+1) + len(ewc_scales) probes instead of 2·(cap+1)·(1 + len(ewc_scales)))
-    bases = [decs[select_candidate(cands, base_old, base_new, policy)]] if policy.ewc_on == "best" else list(decs)
-    for base in bases:
-        for scale in policy.ewc_scales:
-            decs.append({**base, "ewc_scale": scale})
-            cands.append(measure(decs[-1]))
+    from tqdm.auto import tqdm
+
+    n_anchored = len(policy.ewc_scales) * (1 if policy.ewc_on == "best" else len(decs))
+    logger.info("mitigate.plan: verifying %d candidates, %d probe steps each", len(decs) + n_anchored, probe_steps)
+    with tqdm(total=len(decs) + n_anchored, desc="plan: verify", disable=not progress, leave=False) as bar:
+        cands = []
+        for dec in decs:
+            cands.append(measure(dec))
+            bar.update()
+        # the EWC anchor strengths on top of every structure, or of the best one only
+        bases = [decs[select_candidate(cands, base_old, base_new, policy)]] if policy.ewc_on == "best" else list(decs)
+        for base in bases:
+            for scale in policy.ewc_scales:
+                decs.append({**base, "ewc_scale": scale})
+                cands.append(measure(decs[-1]))
+                bar.update()
     i = select_candidate(cands, base_old, base_new, policy)
     cands[i].chosen = True
     chosen = dict(decs[i])
