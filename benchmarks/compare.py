@@ -24,7 +24,9 @@ Task 0 every few steps of Task 1. Then the metrics:
 * ``new_task_accuracy`` = mean ``R[j, j]`` for j ≥ 1 and ``plasticity_vs_seq`` (ratio to seq);
 * ``recovery_accuracy``: Task-0 accuracy after fine-tuning a copy on K≈10 Task-0 examples
   (10 AdamW steps at ``--recovery-lr-scale`` × the full-fine-tuning lr, also under LoRA; Zheng et al. 2025: a large recovery means
-  the forgetting was spurious, the knowledge is still there);
+  the forgetting was spurious, the knowledge is still there); the same probe on the model right
+  after Task 0 is saved as the control (``baseline[i]["recovery_control"]``, a line in
+  ``summary.md``): on SmolLM2 the probe itself costs Task-0 accuracy;
 * ``lambda_max_ratio``: top Hessian eigenvalue of the Task-0 loss at the end over its value
   right after Task 0; ``cka_drift_mid``: 1 − linear CKA of the middle layer's hidden states
   (after-Task-0 model vs final model) on Task-0 probe batches (smollm2: RMS-normalised tokens,
@@ -458,6 +460,18 @@ def evaluate_all(model: nn.Module, tasks: list[Task]) -> tuple[list[float], list
     return acc, first
 
 
+def recovery(model: nn.Module, scenario: Scenario, cfg: BenchConfig, seed: int, reference: float) -> Any:
+    """The recovery probe (``--recovery-steps`` steps on Task 0's K examples at the full
+    fine-tuning lr × ``--recovery-lr-scale``) on ``model``, a plain copy; ``None`` if unavailable."""
+    D = _optional("mitigate.diagnostics", _diagnostics)
+    if D is None:
+        return None
+    return _optional("recovery_probe", D.recovery_probe, model, scenario.tasks[0].recovery,
+                     scenario.tasks[0].evaluate, steps=cfg.diag["recovery_steps"],
+                     lr=(scenario.full_lr or scenario.lr) * cfg.recovery_lr_scale, seed=seed,
+                     reference=reference)
+
+
 def lambda_max(model: nn.Module, task: Task, iters: int, seed: int) -> float | None:
     D = _optional("mitigate.diagnostics", _diagnostics)
     if D is None:
@@ -572,13 +586,10 @@ def run_method(method: M.Method, hp: dict[str, Any], scenario: Scenario, base: n
     final = plain_copy(model)
     diag = cfg.diag
     D = _optional("mitigate.diagnostics", _diagnostics)
-    rec = cka = heads = None
+    cka = heads = None
     lam = lambda_max(final, tasks[0], diag["hessian_iters"], seed)
+    rec = recovery(final, scenario, cfg, seed, reference=rows[0][0])
     if D is not None:
-        rec = _optional("recovery_probe", D.recovery_probe, final, tasks[0].recovery,
-                        tasks[0].evaluate, steps=diag["recovery_steps"],
-                        lr=(scenario.full_lr or scenario.lr) * cfg.recovery_lr_scale,
-                        seed=seed, reference=rows[0][0])
         base_plain = plain_copy(base)
         cka = _optional("layerwise_cka", D.layerwise_cka, base_plain, final, tasks[0].probe,
                         token_norm=scenario.cka_token_norm)
@@ -759,8 +770,12 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
         base_lam = lambda_max(plain_copy(base), scenario.tasks[0], cfg.diag["hessian_iters"], seed)
         base_extra = {n: _optional(n, fn, base) for n, fn in scenario.extra_evals.items()}
         base_diag = BaseDiagnostics(row0, first0, base_lam, base_extra)
+        # control: the same recovery probe on the model that has forgotten nothing yet; a drop
+        # here means the probe itself damages Task 0 (it overfits its K examples)
+        control = recovery(plain_copy(base), scenario, cfg, seed, reference=row0[0])
         results["baseline"].append({"seed": seed, "acc_row": row0, "first_token_row": first0,
-                                    "lambda_max_task0": base_lam, "extra_evals": base_extra})
+                                    "lambda_max_task0": base_lam, "extra_evals": base_extra,
+                                    "recovery_control": None if control is None else control.to_dict()})
         print(f"[seed {seed}] after Task 0: accuracy {['%.3f' % a for a in row0]}, "
               f"λ_max(Task 0) = {base_lam}", flush=True)
         reference = ReferenceStepper(base, scenario, device, seed) if cfg.ref_every else None

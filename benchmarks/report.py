@@ -7,7 +7,8 @@
       "config":   {...BenchConfig..., "diag": {...}},
       "machine":  {"python", "platform", "torch", "transformers", "cpu_count", "device", ...},
       "scenario": {"name", "notes", "tasks": [...], "steps_per_task", "lr", "config", "lora"},
-      "baseline": [{"seed", "acc_row", "first_token_row", "lambda_max_task0", "extra_evals"}],
+      "baseline": [{"seed", "acc_row", "first_token_row", "lambda_max_task0", "extra_evals",
+                    "recovery_control"}],
       "methods": {
         "<name>": {
           "help", "hyperparameters", "status": "ok" | "skipped" | "failed", "message",
@@ -120,6 +121,13 @@ def summary_markdown(results: dict[str, Any]) -> str:
     if base:
         a0 = [b["acc_row"][0] for b in base]
         lines += [f"Task-0 accuracy right after Task 0: {100 * sum(a0) / len(a0):.1f}%.", ""]
+        ctrl = [b["recovery_control"]["after"] for b in base if b.get("recovery_control")]
+        if ctrl:
+            lines += [
+                f"Recovery probe applied to that model itself (control): {100 * sum(a0) / len(a0):.1f}% → "
+                f"{100 * sum(ctrl) / len(ctrl):.1f}%: the probe itself moves Task-0 accuracy by the "
+                "difference, so read each method's recovery against this, not against its own "
+                "accuracy before the probe.", ""]
     header = ["method"] + [h for _, h, _ in SUMMARY_COLUMNS] + ["distance to target"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---"] * len(header)) + "|")

@@ -222,6 +222,24 @@ def test_planned_saves_the_plan_it_chose(micro_run):
     assert res["methods"]["seq"]["seeds"][0]["method_report"] is None
 
 
+def test_recovery_control_is_the_probe_on_the_task0_model(micro_run):
+    root, _, _ = micro_run
+    from benchmarks import biography
+    from mitigate.diagnostics import recovery_probe
+
+    res = json.loads((root / "r1" / "results.json").read_text())
+    (base_rec,) = res["baseline"]
+    control = base_rec["recovery_control"]
+    sc = biography.build_scenario("micro", root / "cache", 0)
+    base = C.task0_model(sc, str(root / "cache"), 0, torch.device("cpu"))
+    cfg = C.BenchConfig(preset="micro")
+    explicit = recovery_probe(C.plain_copy(base), sc.tasks[0].recovery, sc.tasks[0].evaluate,
+                              steps=cfg.diag["recovery_steps"], lr=sc.lr * cfg.recovery_lr_scale, seed=0)
+    assert control["before"] == base_rec["acc_row"][0] == explicit.before
+    assert control["after"] == explicit.after and control["losses"] == pytest.approx(explicit.losses)
+    assert "Recovery probe applied to that model itself (control)" in (root / "r1" / "summary.md").read_text()
+
+
 def test_freezing_leaves_the_frozen_weights_untouched_and_seq_moves_them(micro_run, tmp_path):
     # same seeded protocol: the bottom layer's weights only move under seq
     root, _, _ = micro_run
