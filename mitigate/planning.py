@@ -652,6 +652,8 @@ class MitigationPlan:
     ewc_scale: float = 0.0
     old_batches: Sequence[Batch] = field(default_factory=list, repr=False, compare=False)
     loss_fn: LossFn | None = field(default=None, repr=False, compare=False)
+    # verification only: one EWC Fisher shared by the anchor strengths probed on one structure
+    _fisher_cache: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------ views
     def to_dict(self) -> dict[str, Any]:
@@ -768,7 +770,11 @@ class MitigationPlan:
             from mitigate.regularizers.ewc import EWC
 
             ewc = EWC(model, strength=1.0, fisher=self.policy.ewc_fisher)  # type: ignore[arg-type]
-            fisher = ewc.consolidate(self.old_batches, self.loss_fn).values()
+            cache = self._fisher_cache
+            estimate = ewc.consolidate(self.old_batches, self.loss_fn, fisher=None if cache is None else cache.get("fisher"))
+            if cache is not None:
+                cache["fisher"] = estimate
+            fisher = estimate.values()
             total = sum(float(f.double().sum()) for f in fisher)
             count = sum(f.numel() for f in fisher)
             if not total > 0:
@@ -1075,13 +1081,13 @@ def _verify(
     base_old = diag.old_loss[1] - diag.old_loss[0]
     base_new = diag.new_loss[0] - diag.new_loss[1]
 
-    def measure(dec: dict[str, Any]) -> Candidate:
+    def measure(dec: dict[str, Any], fisher_cache: dict[str, Any] | None = None) -> Candidate:
         if not (dec["freeze_bottom"] or dec["freeze_heads"] or dec["lrcp_targets"] or dec["ewc_scale"]):
             old_inc, new_dec = base_old, base_new  # the unmitigated probe: already measured
         else:
             trial = MitigationPlan(
                 forecast=forecast_forgetting(0.0), diagnosis=diag, policy=policy, old_batches=old_batches,
-                loss_fn=loss_fn, **{**dec, "curvature": False, "curvature_strength": 0.0},
+                loss_fn=loss_fn, _fisher_cache=fisher_cache, **{**dec, "curvature": False, "curvature_strength": 0.0},
             )
             prepare = lambda m, o, trial=trial: (lambda a: (a.optimizer, a.penalty))(trial.apply(m, o))  # noqa: E731
             probed, _ = _probe(model, new_batches, loss, probe_steps, lr, weight_decay, seed, prepare=prepare)
@@ -1102,9 +1108,10 @@ def _verify(
         # the EWC anchor strengths on top of every structure, or of the best one only
         bases = [decs[select_candidate(cands, base_old, base_new, policy)]] if policy.ewc_on == "best" else list(decs)
         for base in bases:
+            cache: dict[str, Any] = {}  # the same structure and weights: one Fisher for every strength
             for scale in policy.ewc_scales:
                 decs.append({**base, "ewc_scale": scale})
-                cands.append(measure(decs[-1]))
+                cands.append(measure(decs[-1], cache))
                 bar.update()
     i = select_candidate(cands, base_old, base_new, policy)
     cands[i].chosen = True

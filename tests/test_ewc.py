@@ -203,6 +203,26 @@ def test_consolidate_leaves_grad_and_mode():
     assert all(p.grad is g and bool((g == 1).all()) for p, g in zip(model.parameters(), grads))
 
 
+def test_consolidate_with_a_given_fisher_stores_it_and_skips_the_estimate(monkeypatch):
+    model, batches = tiny_llama(), lm_batches()
+    first = EWC(model, strength=3.0)
+    estimate = first.consolidate(batches)
+    second = EWC(model, strength=3.0)
+    monkeypatch.setattr(EWC, "estimate_fisher", lambda *a, **k: pytest.fail("estimated again"))
+    assert second.consolidate(None, fisher=estimate) == estimate
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    assert torch.equal(first(), second())
+    for n in estimate:
+        assert torch.equal(second.fisher()[n], estimate[n]) and torch.equal(second.anchor()[n], first.anchor()[n])
+    name = next(iter(estimate))
+    with pytest.raises(ValueError, match=f"missing \\['{name}'\\]"):
+        EWC(model).consolidate(None, fisher={n: f for n, f in estimate.items() if n != name})
+    with pytest.raises(ValueError, match="reshaped"):
+        EWC(model).consolidate(None, fisher={**estimate, name: estimate[name].reshape(-1)})
+
+
 def test_peft_stores_trainable_parameters_only():
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))

@@ -416,3 +416,22 @@ def test_plan_leaves_the_global_rng_where_it_was():
 
     plan(model, batches(1), batches(2), masked_lm, probe_steps=2, lr=1e-2, policy=PlanPolicy(compute_curvature=False, ewc_scales=(1.0,)))
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_verification_estimates_the_anchor_fisher_once_per_structure(monkeypatch):
+    calls = []
+    real = mitigate.EWC.estimate_fisher
+
+    def counting(self, *a, **k):
+        calls.append(sorted(n for n, q in self.model.named_parameters() if q.requires_grad))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(mitigate.EWC, "estimate_fisher", counting)
+    model = tiny_llama()
+    base = dict(min_freeze_bottom=0, compute_curvature=False, ewc_scales=(1.0, 2.0, 3.0))
+    p = plan(model, batches(1), batches(2), probe_steps=2, lr=1e-2, policy=PlanPolicy(**base, ewc_on="best"))
+    assert len(calls) == 1 and sum(c.ewc_scale > 0 for c in p.candidates) == 3
+    calls.clear()
+    p = plan(model, batches(1), batches(2), probe_steps=2, lr=1e-2, policy=PlanPolicy(**base))
+    structures = [c for c in p.candidates if c.ewc_scale == 0]
+    assert len(calls) == len(structures) >= 2 and sum(c.ewc_scale > 0 for c in p.candidates) == 3 * len(structures)

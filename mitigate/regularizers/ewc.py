@@ -401,7 +401,9 @@ class EWC(nn.Module):
         return out
 
     @torch.no_grad()
-    def consolidate(self, batches: Batch | Iterable[Batch], loss_fn: LossFn | None = None) -> dict[str, Tensor]:
+    def consolidate(
+        self, batches: Batch | Iterable[Batch], loss_fn: LossFn | None = None, *, fisher: Mapping[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
         """End of a task: estimate the Fisher at the current parameters and anchor ``θ*`` there.
 
         Accumulating mode appends a pair ``(F_t, θ*_t)``; online mode replaces the pair with
@@ -409,17 +411,35 @@ class EWC(nn.Module):
 
         Args:
             batches / loss_fn: as :meth:`estimate_fisher`.
+            fisher: a Fisher estimate to store instead of estimating one (``batches`` and
+                ``loss_fn`` are then unused): the return value of an earlier
+                :meth:`estimate_fisher` or :meth:`consolidate` at the same parameters, e.g. to
+                anchor several strengths on one estimate. Its names and shapes must be exactly
+                the selected parameters'.
 
         Returns:
             the new task's Fisher estimate (before online decay), name -> tensor.
 
         Raises:
-            ValueError: no batches or a non-finite loss.
+            ValueError: no batches or a non-finite loss; a ``fisher`` whose names or shapes are
+                not the selected parameters'.
             StateMismatchError: online mode, when parameters changed shape since the last pair.
         """
         cfg = self.config
-        fisher = self.estimate_fisher(batches, loss_fn)
         named, sharded = self._selected()
+        if fisher is None:
+            fisher = self.estimate_fisher(batches, loss_fn)
+        else:
+            want = {n: tuple(local_tensor(p.detach()).shape) for n, p in named.items()}
+            got = {n: tuple(f.shape) for n, f in fisher.items()}
+            if got != want:
+                raise ValueError(
+                    f"fisher= does not match the selected parameters: missing {sorted(set(want) - set(got))}, "
+                    f"extra {sorted(set(got) - set(want))}, reshaped "
+                    f"{[n for n in want.keys() & got.keys() if want[n] != got[n]]}; pass an estimate from this EWC's "
+                    "estimate_fisher() at the same parameters"
+                )
+            fisher = dict(fisher)
         shard = shard_info() if sharded else None
         if self._tasks and self._shard != shard:
             raise StateMismatchError(
