@@ -476,13 +476,17 @@ def answer_accuracy(model: nn.Module, batches: list[dict[str, torch.Tensor]], eo
     so one teacher-forced forward pass per batch gives the greedy exact match.
 
     Returns:
-        ``{"accuracy": exact match, "exact": same, "first_token": ..., "loss": mean answer NLL}``.
+        ``{"accuracy": exact match, "exact": same, "first_token": ..., "loss": mean answer NLL,
+        "items": per-item exact match (0/1, in batch order), "item_nll": per-item mean answer
+        NLL}`` — the per-item lists let two methods be compared on the same items (McNemar).
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     exact = first = total = 0
     nll_sum = nll_n = 0.0
+    items: list[int] = []
+    item_nll: list[float] = []
     try:
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -492,7 +496,9 @@ def answer_accuracy(model: nn.Module, batches: list[dict[str, torch.Tensor]], eo
             answer = (target != -100) & (target != eos_id)
             pred = logits.argmax(-1)
             correct = (pred == target) | ~answer
-            exact += int(correct.all(dim=1).sum())
+            row_exact = correct.all(dim=1)
+            exact += int(row_exact.sum())
+            items += [int(x) for x in row_exact.tolist()]
             first_pos = answer.float().argmax(dim=1)  # first answer position per row
             rows = torch.arange(target.shape[0], device=device)
             first += int((pred[rows, first_pos] == target[rows, first_pos]).sum())
@@ -501,10 +507,12 @@ def answer_accuracy(model: nn.Module, batches: list[dict[str, torch.Tensor]], eo
             tok_nll = -logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
             nll_sum += float(tok_nll[answer].sum())
             nll_n += float(answer.sum())
+            per_row = (tok_nll * answer).sum(1) / answer.sum(1).clamp_min(1)
+            item_nll += [float(x) for x in per_row.tolist()]
     finally:
         model.train(was_training)
     return {"accuracy": exact / total, "exact": exact / total, "first_token": first / total,
-            "loss": nll_sum / max(nll_n, 1.0)}
+            "loss": nll_sum / max(nll_n, 1.0), "items": items, "item_nll": item_nll}
 
 
 # --------------------------------------------------------------------------------------------

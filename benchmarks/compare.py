@@ -450,13 +450,17 @@ class BaseDiagnostics:
     extra: dict[str, float]
 
 
-def evaluate_all(model: nn.Module, tasks: list[Task]) -> tuple[list[float], list[float]]:
-    """Accuracy and first-token accuracy (NaN if absent) on every task."""
+def evaluate_all(model: nn.Module, tasks: list[Task], items: list | None = None
+                 ) -> tuple[list[float], list[float]]:
+    """Accuracy and first-token accuracy (NaN if absent) on every task; when ``items`` is a list,
+    each task's per-item correctness (``None`` if its evaluation gives none) is appended to it."""
     acc, first = [], []
     for task in tasks:
         r = task.evaluate(model)
         acc.append(float(r["accuracy"]))
         first.append(float(r.get("first_token", float("nan"))))
+        if items is not None:
+            items.append(r.get("items"))
     return acc, first
 
 
@@ -577,7 +581,8 @@ def run_method(method: M.Method, hp: dict[str, Any], scenario: Scenario, base: n
             t0 = time.perf_counter()
             method.after_task(ctx, t)
             consolidation += time.perf_counter() - t0
-            acc, first = evaluate_all(model, tasks)
+            final_items: list = []
+            acc, first = evaluate_all(model, tasks, final_items)
             rows.append(acc)
             rows_first.append(first)
     train_wall = time.perf_counter() - t_start
@@ -601,6 +606,8 @@ def run_method(method: M.Method, hp: dict[str, Any], scenario: Scenario, base: n
     record = {
         "acc_matrix": rows,
         "first_token_matrix": rows_first,
+        # per-item correctness of every task after the last one (paired tests between methods)
+        "final_items": final_items,
         "task0_curve": curve,
         "extra_evals": extra,
         "step_times_ms": [round(x * 1e3, 3) for x in step_times],
@@ -815,8 +822,67 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
         entry["aggregate"] = aggregate(entry["seeds"])
         if entry["status"] != "ok":
             entry["aggregate"] = {k: {"mean": None, "std": None, "n": 0} for k in METRIC_KEYS}
+    results["comparisons"] = paired_comparisons(results)
     results["wall_time_s"] = time.perf_counter() - t_run
     return results
+
+
+COMPARED = (("task0_final", "Task-0 accuracy", 0), ("new_task_accuracy", "new-task accuracy", None))
+
+
+def paired_comparisons(results: dict[str, Any], baseline: str = "seq", alpha: float = 0.05
+                       ) -> dict[str, Any]:
+    """Every method against ``baseline`` (and the best two by mean Task-0 accuracy against each
+    other), paired on seeds: per-seed differences in points, mean ± SE with a t 95 % interval,
+    McNemar's exact test on Task 0's items within each seed, Holm over the comparisons with the
+    baseline (t-test p-values; within-seed McNemar with one seed), and a verdict in words.
+
+    Returns:
+        ``{"baseline", "alpha", "rows": [{"method", "against", "metric", "diffs_pp",
+        "interval", "mcnemar", "p_holm", "verdict"}]}``; no rows without the baseline.
+    """
+    from benchmarks import stats
+
+    methods = results["methods"]
+    out: dict[str, Any] = {"baseline": baseline, "alpha": alpha, "rows": []}
+    ok = {n: {r["seed"]: r for r in e["seeds"]} for n, e in methods.items() if e["status"] == "ok"}
+    if baseline not in ok:
+        return out
+    pairs = [(n, baseline) for n in ok if n != baseline]
+    ranked = sorted((n for n in ok if n != baseline),
+                    key=lambda n: -statistics.fmean(r["metrics"]["task0_final"] for r in ok[n].values()))
+    if len(ranked) >= 2:
+        pairs.append((ranked[0], ranked[1]))
+    for key, label, task in COMPARED:
+        rows = []
+        for name, against in pairs:
+            seeds = sorted(set(ok[name]) & set(ok[against]))
+            diffs = [100.0 * (ok[name][s]["metrics"][key] - ok[against][s]["metrics"][key])
+                     for s in seeds if ok[name][s]["metrics"].get(key) is not None
+                     and ok[against][s]["metrics"].get(key) is not None]
+            if not diffs:
+                continue
+            iv = stats.paired_interval(diffs)
+            mc = []
+            if task is not None:
+                for s in seeds:
+                    a = (ok[name][s].get("final_items") or [None])[task]
+                    b = (ok[against][s].get("final_items") or [None])[task]
+                    if a is not None and b is not None and len(a) == len(b):
+                        mc.append({"seed": s, **stats.mcnemar(a, b).to_dict()})
+            p = iv.p_value if iv.n >= 2 else (mc[0]["p_value"] if len(mc) == 1 else None)
+            rows.append({"method": name, "against": against, "metric": key, "label": label,
+                         "diffs_pp": diffs, "interval": iv.to_dict(), "mcnemar": mc, "p": p})
+        vs_base = [r for r in rows if r["against"] == baseline]
+        for r, ph in zip(vs_base, stats.holm([r["p"] for r in vs_base])):
+            r["p_holm"] = ph
+        for r in rows:
+            if r["against"] != baseline:
+                r["p_holm"] = r["p"]  # a single planned comparison: no correction
+            iv = stats.PairedInterval(**r["interval"])
+            r["verdict"] = stats.verdict(iv, r["p_holm"], alpha)
+        out["rows"] += rows
+    return out
 
 
 def recompute(results: dict[str, Any]) -> dict[str, Any]:
@@ -832,6 +898,7 @@ def recompute(results: dict[str, Any]) -> dict[str, Any]:
         entry["aggregate"] = aggregate(entry["seeds"])
         if entry["status"] != "ok":
             entry["aggregate"] = {k: {"mean": None, "std": None, "n": 0} for k in METRIC_KEYS}
+    results["comparisons"] = paired_comparisons(results)
     return results
 
 

@@ -139,7 +139,38 @@ def summary_markdown(results: dict[str, Any]) -> str:
         agg = entry["aggregate"]
         cells = [_cell(agg, key, kind) for key, _, kind in SUMMARY_COLUMNS]
         lines.append("| " + " | ".join([name, *cells, target_text(agg)]) + " |")
+    lines += comparisons_markdown(results.get("comparisons"))
     return "\n".join(lines) + "\n"
+
+
+def _num(x: float | None, fmt: str = "{:+.1f}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def comparisons_markdown(comp: dict[str, Any] | None) -> list[str]:
+    """The paired-comparison table (see ``compare.paired_comparisons``) as markdown lines."""
+    if not comp or not comp.get("rows"):
+        return []
+    lines = [
+        "",
+        f"## Paired differences (points; per seed, against `{comp['baseline']}` and between the "
+        "best two)",
+        "",
+        "Mean ± SE over seeds with a t 95 % interval; McNemar's exact p on Task 0's items within "
+        f"each seed; Holm over the comparisons with `{comp['baseline']}` (α = {comp['alpha']}). "
+        "Only rows marked distinguishable are differences; one seed gives no interval.",
+        "",
+        "| method | against | metric | Δ mean ± SE | 95 % CI | seeds | McNemar p per seed | Holm p | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in comp["rows"]:
+        iv = r["interval"]
+        se = "" if iv["se"] is None else f" ± {iv['se']:.1f}"
+        ci = "–" if iv["low"] is None else f"[{iv['low']:+.1f}, {iv['high']:+.1f}]"
+        mc = ", ".join(f"{m['p_value']:.2g}" for m in r["mcnemar"]) or "–"
+        lines.append(f"| {r['method']} | {r['against']} | {r['label']} | {iv['mean']:+.1f}{se} | {ci} "
+                     f"| {iv['n']} | {mc} | {_num(r['p_holm'], '{:.2g}')} | {r['verdict']} |")
+    return lines
 
 
 def _json_default(obj: Any) -> Any:

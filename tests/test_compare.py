@@ -315,3 +315,51 @@ def test_bad_config_values_raise():
         C.BenchConfig(seeds=0)
     with pytest.raises(ValueError, match="device='tpu'"):
         C.BenchConfig(device="tpu")
+
+
+def test_paired_comparisons_recount_from_the_items(micro_run):
+    root, results, _ = micro_run
+    res = json.loads((root / "r1" / "results.json").read_text())
+    comp = res["comparisons"]
+    assert comp["baseline"] == "seq"
+    seq = res["methods"]["seq"]["seeds"][0]
+    for name in E2E_METHODS:
+        rec = res["methods"][name]["seeds"][0]
+        items = rec["final_items"]
+        assert len(items) == len(rec["acc_matrix"][-1])
+        for acc, it in zip(rec["acc_matrix"][-1], items):  # the items are the accuracy's items
+            assert sum(it) / len(it) == pytest.approx(acc, abs=1e-12)
+    rows = [r for r in comp["rows"] if r["metric"] == "task0_final" and r["against"] == "seq"]
+    assert sorted(r["method"] for r in rows) == sorted(n for n in E2E_METHODS if n != "seq")
+    for r in rows:
+        rec = res["methods"][r["method"]]["seeds"][0]
+        a, b = rec["final_items"][0], seq["final_items"][0]
+        (mc,) = r["mcnemar"]
+        assert (mc["n10"], mc["n01"]) == (sum(x and not y for x, y in zip(a, b)),
+                                          sum(y and not x for x, y in zip(a, b)))
+        assert r["diffs_pp"] == [pytest.approx(100 * (rec["metrics"]["task0_final"] - seq["metrics"]["task0_final"]))]
+        assert r["verdict"] == "not distinguishable"  # one seed: no interval, never a claim
+    assert "Paired differences" in (root / "r1" / "summary.md").read_text()
+
+
+def _fake_results(task0: dict[str, list[float]]) -> dict:
+    methods = {}
+    for name, vals in task0.items():
+        seeds = [{"seed": s, "metrics": {"task0_final": v, "new_task_accuracy": 0.5}, "final_items": None}
+                 for s, v in enumerate(vals)]
+        methods[name] = {"status": "ok", "seeds": seeds}
+    return {"methods": methods}
+
+
+def test_paired_comparisons_verdicts_and_holm():
+    res = _fake_results({"seq": [0.30, 0.40, 0.35, 0.32], "good": [0.50, 0.61, 0.54, 0.52],
+                         "tie": [0.31, 0.38, 0.37, 0.30]})
+    rows = {(r["method"], r["against"], r["metric"]): r for r in C.paired_comparisons(res)["rows"]}
+    good, tie = rows[("good", "seq", "task0_final")], rows[("tie", "seq", "task0_final")]
+    assert good["diffs_pp"] == pytest.approx([20.0, 21.0, 19.0, 20.0])
+    assert good["interval"]["mean"] == pytest.approx(20.0) and good["verdict"] == "distinguishable"
+    assert tie["verdict"] == "not distinguishable"
+    assert good["p_holm"] == pytest.approx(min(1.0, 2 * min(good["p"], tie["p"])) if good["p"] < tie["p"] else good["p"])
+    assert ("good", "tie", "task0_final") in rows  # the best two against each other
+    # equal new-task accuracy everywhere: zero differences, never distinguishable
+    assert rows[("good", "seq", "new_task_accuracy")]["verdict"] == "not distinguishable"

@@ -54,7 +54,8 @@ def _score(value: float | dict[str, float]) -> tuple[float, dict[str, float]]:
     if isinstance(value, dict):
         if "accuracy" not in value:
             raise ValueError(f"evaluate returned a dict without 'accuracy': keys {sorted(value)}")
-        return float(value["accuracy"]), {k: float(v) for k, v in value.items()}
+        # scalar metrics only (an evaluation may also return per-item lists, which are skipped)
+        return float(value["accuracy"]), {k: float(v) for k, v in value.items() if not isinstance(v, (list, tuple))}
     return float(value), {}
 
 
