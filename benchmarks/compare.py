@@ -828,60 +828,67 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
 
 
 COMPARED = (("task0_final", "Task-0 accuracy", 0), ("new_task_accuracy", "new-task accuracy", None))
+ALPHA = 0.05
 
 
-def paired_comparisons(results: dict[str, Any], baseline: str = "seq", alpha: float = 0.05
-                       ) -> dict[str, Any]:
+def paired_comparisons(results: dict[str, Any], baseline: str = "seq", alpha: float = ALPHA
+                       ) -> list[dict[str, Any]]:
     """Every method against ``baseline`` (and the best two by mean Task-0 accuracy against each
     other), paired on seeds: per-seed differences in points, mean ± SE with a t 95 % interval,
     McNemar's exact test on Task 0's items within each seed, Holm over the comparisons with the
-    baseline (t-test p-values; within-seed McNemar with one seed), and a verdict in words.
+    baseline (per metric; t-test p-values, or the within-seed McNemar p with one seed), and a
+    verdict in words.
 
     Returns:
-        ``{"baseline", "alpha", "rows": [{"method", "against", "metric", "diffs_pp",
-        "interval", "mcnemar", "p_holm", "verdict"}]}``; no rows without the baseline.
+        one row per comparison: ``{"method", "baseline", "metric", "diff" (mean, points),
+        "ci95": [lo, hi] or None, "n_seeds", "p_holm", "distinguishable"}`` and, beside them,
+        ``"label", "se", "diffs" (per seed), "seeds", "p", "mcnemar" (per seed), "verdict"``.
+        Empty without the baseline.
     """
     from benchmarks import stats
 
     methods = results["methods"]
-    out: dict[str, Any] = {"baseline": baseline, "alpha": alpha, "rows": []}
     ok = {n: {r["seed"]: r for r in e["seeds"]} for n, e in methods.items() if e["status"] == "ok"}
     if baseline not in ok:
-        return out
+        return []
     pairs = [(n, baseline) for n in ok if n != baseline]
     ranked = sorted((n for n in ok if n != baseline),
                     key=lambda n: -statistics.fmean(r["metrics"]["task0_final"] for r in ok[n].values()))
     if len(ranked) >= 2:
         pairs.append((ranked[0], ranked[1]))
+    out: list[dict[str, Any]] = []
     for key, label, task in COMPARED:
         rows = []
         for name, against in pairs:
-            seeds = sorted(set(ok[name]) & set(ok[against]))
-            diffs = [100.0 * (ok[name][s]["metrics"][key] - ok[against][s]["metrics"][key])
-                     for s in seeds if ok[name][s]["metrics"].get(key) is not None
+            seeds = [s for s in sorted(set(ok[name]) & set(ok[against]))
+                     if ok[name][s]["metrics"].get(key) is not None
                      and ok[against][s]["metrics"].get(key) is not None]
-            if not diffs:
+            if not seeds:
                 continue
+            diffs = [100.0 * (ok[name][s]["metrics"][key] - ok[against][s]["metrics"][key]) for s in seeds]
             iv = stats.paired_interval(diffs)
             mc = []
             if task is not None:
                 for s in seeds:
-                    a = (ok[name][s].get("final_items") or [None])[task]
-                    b = (ok[against][s].get("final_items") or [None])[task]
+                    a = (ok[name][s].get("final_items") or [None] * (task + 1))[task]
+                    b = (ok[against][s].get("final_items") or [None] * (task + 1))[task]
                     if a is not None and b is not None and len(a) == len(b):
                         mc.append({"seed": s, **stats.mcnemar(a, b).to_dict()})
             p = iv.p_value if iv.n >= 2 else (mc[0]["p_value"] if len(mc) == 1 else None)
-            rows.append({"method": name, "against": against, "metric": key, "label": label,
-                         "diffs_pp": diffs, "interval": iv.to_dict(), "mcnemar": mc, "p": p})
-        vs_base = [r for r in rows if r["against"] == baseline]
+            rows.append({"method": name, "baseline": against, "metric": key, "diff": iv.mean,
+                         "ci95": None if iv.low is None else [iv.low, iv.high], "n_seeds": iv.n,
+                         "label": label, "se": iv.se, "diffs": diffs, "seeds": seeds, "p": p,
+                         "mcnemar": mc})
+        vs_base = [r for r in rows if r["baseline"] == baseline]
         for r, ph in zip(vs_base, stats.holm([r["p"] for r in vs_base])):
             r["p_holm"] = ph
         for r in rows:
-            if r["against"] != baseline:
-                r["p_holm"] = r["p"]  # a single planned comparison: no correction
-            iv = stats.PairedInterval(**r["interval"])
+            if r["baseline"] != baseline:
+                r["p_holm"] = r["p"]  # one planned comparison (the best two): no correction
+            iv = stats.paired_interval(r["diffs"])
             r["verdict"] = stats.verdict(iv, r["p_holm"], alpha)
-        out["rows"] += rows
+            r["distinguishable"] = r["verdict"] == "distinguishable"
+        out += rows
     return out
 
 

@@ -147,29 +147,27 @@ def _num(x: float | None, fmt: str = "{:+.1f}") -> str:
     return "–" if x is None else fmt.format(x)
 
 
-def comparisons_markdown(comp: dict[str, Any] | None) -> list[str]:
-    """The paired-comparison table (see ``compare.paired_comparisons``) as markdown lines."""
-    if not comp or not comp.get("rows"):
+def comparisons_markdown(rows: list[dict[str, Any]] | None, alpha: float = 0.05) -> list[str]:
+    """The paired-comparison table (rows of ``compare.paired_comparisons``) as markdown lines."""
+    if not rows:
         return []
     lines = [
         "",
-        f"## Paired differences (points; per seed, against `{comp['baseline']}` and between the "
-        "best two)",
+        "## Paired differences (points; per seed, against `seq` and between the best two)",
         "",
         "Mean ± SE over seeds with a t 95 % interval; McNemar's exact p on Task 0's items within "
-        f"each seed; Holm over the comparisons with `{comp['baseline']}` (α = {comp['alpha']}). "
-        "Only rows marked distinguishable are differences; one seed gives no interval.",
+        f"each seed; Holm over the comparisons with `seq` (α = {alpha}). Only rows marked "
+        "distinguishable are differences; one seed gives no interval and is never a claim.",
         "",
         "| method | against | metric | Δ mean ± SE | 95 % CI | seeds | McNemar p per seed | Holm p | verdict |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in comp["rows"]:
-        iv = r["interval"]
-        se = "" if iv["se"] is None else f" ± {iv['se']:.1f}"
-        ci = "–" if iv["low"] is None else f"[{iv['low']:+.1f}, {iv['high']:+.1f}]"
+    for r in rows:
+        se = "" if r["se"] is None else f" ± {r['se']:.1f}"
+        ci = "–" if r["ci95"] is None else f"[{r['ci95'][0]:+.1f}, {r['ci95'][1]:+.1f}]"
         mc = ", ".join(f"{m['p_value']:.2g}" for m in r["mcnemar"]) or "–"
-        lines.append(f"| {r['method']} | {r['against']} | {r['label']} | {iv['mean']:+.1f}{se} | {ci} "
-                     f"| {iv['n']} | {mc} | {_num(r['p_holm'], '{:.2g}')} | {r['verdict']} |")
+        lines.append(f"| {r['method']} | {r['baseline']} | {r['label']} | {r['diff']:+.1f}{se} | {ci} "
+                     f"| {r['n_seeds']} | {mc} | {_num(r['p_holm'], '{:.2g}')} | {r['verdict']} |")
     return lines
 
 

@@ -321,7 +321,8 @@ def test_paired_comparisons_recount_from_the_items(micro_run):
     root, results, _ = micro_run
     res = json.loads((root / "r1" / "results.json").read_text())
     comp = res["comparisons"]
-    assert comp["baseline"] == "seq"
+    keys = {"method", "baseline", "metric", "diff", "ci95", "n_seeds", "p_holm", "distinguishable"}
+    assert comp and all(keys <= set(r) for r in comp)
     seq = res["methods"]["seq"]["seeds"][0]
     for name in E2E_METHODS:
         rec = res["methods"][name]["seeds"][0]
@@ -329,7 +330,7 @@ def test_paired_comparisons_recount_from_the_items(micro_run):
         assert len(items) == len(rec["acc_matrix"][-1])
         for acc, it in zip(rec["acc_matrix"][-1], items):  # the items are the accuracy's items
             assert sum(it) / len(it) == pytest.approx(acc, abs=1e-12)
-    rows = [r for r in comp["rows"] if r["metric"] == "task0_final" and r["against"] == "seq"]
+    rows = [r for r in comp if r["metric"] == "task0_final" and r["baseline"] == "seq"]
     assert sorted(r["method"] for r in rows) == sorted(n for n in E2E_METHODS if n != "seq")
     for r in rows:
         rec = res["methods"][r["method"]]["seeds"][0]
@@ -337,8 +338,9 @@ def test_paired_comparisons_recount_from_the_items(micro_run):
         (mc,) = r["mcnemar"]
         assert (mc["n10"], mc["n01"]) == (sum(x and not y for x, y in zip(a, b)),
                                           sum(y and not x for x, y in zip(a, b)))
-        assert r["diffs_pp"] == [pytest.approx(100 * (rec["metrics"]["task0_final"] - seq["metrics"]["task0_final"]))]
-        assert r["verdict"] == "not distinguishable"  # one seed: no interval, never a claim
+        assert r["diffs"] == [pytest.approx(100 * (rec["metrics"]["task0_final"] - seq["metrics"]["task0_final"]))]
+        assert r["ci95"] is None and r["n_seeds"] == 1
+        assert r["verdict"] == "not distinguishable" and not r["distinguishable"]  # one seed: never a claim
     assert "Paired differences" in (root / "r1" / "summary.md").read_text()
 
 
@@ -354,12 +356,16 @@ def _fake_results(task0: dict[str, list[float]]) -> dict:
 def test_paired_comparisons_verdicts_and_holm():
     res = _fake_results({"seq": [0.30, 0.40, 0.35, 0.32], "good": [0.50, 0.61, 0.54, 0.52],
                          "tie": [0.31, 0.38, 0.37, 0.30]})
-    rows = {(r["method"], r["against"], r["metric"]): r for r in C.paired_comparisons(res)["rows"]}
+    rows = {(r["method"], r["baseline"], r["metric"]): r for r in C.paired_comparisons(res)}
     good, tie = rows[("good", "seq", "task0_final")], rows[("tie", "seq", "task0_final")]
-    assert good["diffs_pp"] == pytest.approx([20.0, 21.0, 19.0, 20.0])
-    assert good["interval"]["mean"] == pytest.approx(20.0) and good["verdict"] == "distinguishable"
+    assert good["diffs"] == pytest.approx([20.0, 21.0, 19.0, 20.0])
+    assert good["diff"] == pytest.approx(20.0) and good["verdict"] == "distinguishable" and good["distinguishable"]
+    lo, hi = good["ci95"]
+    assert lo == pytest.approx(20.0 - 3.182446305284263 * (2 / 3) ** 0.5 / 2) and hi > 20.0
     assert tie["verdict"] == "not distinguishable"
-    assert good["p_holm"] == pytest.approx(min(1.0, 2 * min(good["p"], tie["p"])) if good["p"] < tie["p"] else good["p"])
+    # Holm over the two comparisons with seq: the smaller p doubled, the larger kept (monotone)
+    assert good["p"] < tie["p"]
+    assert good["p_holm"] == pytest.approx(2 * good["p"]) and tie["p_holm"] == pytest.approx(max(2 * good["p"], tie["p"]))
     assert ("good", "tie", "task0_final") in rows  # the best two against each other
     # equal new-task accuracy everywhere: zero differences, never distinguishable
     assert rows[("good", "seq", "new_task_accuracy")]["verdict"] == "not distinguishable"
