@@ -61,7 +61,6 @@ import sys
 import threading
 import time
 import traceback
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,26 +72,25 @@ import torch
 from torch import nn
 
 from benchmarks import methods as M
+from benchmarks import report
+from benchmarks.metrics import (  # noqa: F401 - METRIC_KEYS, TARGET, ... re-exported
+    ALPHA,
+    METRIC_KEYS,
+    TARGET,
+    BaseDiagnostics,
+    _diagnostics,
+    _optional,
+    aggregate,
+    compute_metrics,
+    paired_comparisons,
+    recompute,
+)
 from benchmarks.scenario import Scenario, ScenarioUnavailable, Task
 
 log = logging.getLogger("benchmarks.compare")
 
 PRESETS = ("micro", "quick", "default")
 SCENARIOS = ("biography", "smollm2")
-
-METRIC_KEYS = (
-    "task0_after_task0", "task0_final", "task0_retention", "task0_curve_min",
-    "task0_first_token_final", "average_accuracy", "backward_transfer", "forgetting",
-    "mitigation_pct", "new_task_accuracy", "plasticity_vs_seq", "recovery_accuracy",
-    "recovery_gain", "lambda_max_task0", "lambda_max_ratio", "cka_mid_layer", "cka_drift_mid",
-    "disrupted_heads_fraction", "step_time_ms", "ref_step_time_ms", "time_per_step_vs_seq",
-    "peak_memory_mb", "consolidation_s", "wall_s", "retention_gap", "plasticity_gap",
-    "time_gap", "meets_target",
-)
-"""Every key of every method's ``metrics`` (``None`` when unavailable)."""
-
-TARGET = {"retention": 0.90, "plasticity": 0.95, "time": 1.15}
-
 
 # ============================================================================ configuration
 
@@ -327,22 +325,6 @@ class PeakMemory:
             self.peak_mb = max(self._max, _rss_mb()) - self._base
 
 
-def _optional(what: str, fn, *args, **kwargs):
-    """``fn(*args, **kwargs)``, or ``None`` with a warning when the library piece is missing or
-    fails (a benchmark run must not die on a diagnostic)."""
-    try:
-        return fn(*args, **kwargs)
-    except Exception as err:  # noqa: BLE001 - any failure of a diagnostic is reported, not fatal
-        warnings.warn(f"{what} unavailable: {type(err).__name__}: {err}", stacklevel=2)
-        return None
-
-
-def _diagnostics():
-    import mitigate.diagnostics as D
-
-    return D
-
-
 def plain_copy(model: nn.Module) -> nn.Module:
     """A deep copy with every parameter trainable and LoRA adapters merged (for diagnostics:
     every method is measured on the same parameter space)."""
@@ -440,28 +422,46 @@ class BatchOrder:
 # ============================================================================ one method
 
 
-@dataclass
-class BaseDiagnostics:
-    """Measurements of the after-Task-0 model shared by every method of a seed."""
-
-    row0: list[float]
-    row0_first: list[float]
-    lambda_max: float | None
-    extra: dict[str, float]
-
-
-def evaluate_all(model: nn.Module, tasks: list[Task], items: list | None = None
+def evaluate_all(model: nn.Module, tasks: list[Task], detail: dict[str, list] | None = None
                  ) -> tuple[list[float], list[float]]:
-    """Accuracy and first-token accuracy (NaN if absent) on every task; when ``items`` is a list,
-    each task's per-item correctness (``None`` if its evaluation gives none) is appended to it."""
+    """Accuracy and first-token accuracy (NaN if absent) on every task. When ``detail`` is a
+    dict, each task's per-item correctness (``None`` if its evaluation gives none) is appended to
+    ``detail["items"]`` and its mean answer NLL (``None`` if absent) to ``detail["nll"]``."""
     acc, first = [], []
     for task in tasks:
         r = task.evaluate(model)
         acc.append(float(r["accuracy"]))
         first.append(float(r.get("first_token", float("nan"))))
-        if items is not None:
-            items.append(r.get("items"))
+        if detail is not None:
+            detail.setdefault("items", []).append(r.get("items"))
+            detail.setdefault("nll", []).append(None if r.get("loss") is None else float(r["loss"]))
     return acc, first
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a (nested) dict / list / tuple (a ``state_dict()``, a memory)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def stored_state_mb(state: dict[str, Any]) -> float:
+    """MiB a method keeps beyond a plain AdamW run: the state of its loss terms (``nn.Module``s),
+    its optimizer wrappers' own state (their ``state_dict()`` less the wrapped optimizer's), and
+    batch memories (lists of batches, e.g. replay's)."""
+    total = 0
+    for value in state.values():
+        if isinstance(value, nn.Module):
+            total += _tensor_bytes(value.state_dict())
+        elif isinstance(value, torch.optim.Optimizer) and hasattr(value, "optimizer"):
+            total += max(0, _tensor_bytes(value.state_dict()) - _tensor_bytes(value.optimizer.state_dict()))
+        elif isinstance(value, list):
+            total += _tensor_bytes(value)
+    return total / 2**20
 
 
 def recovery(model: nn.Module, scenario: Scenario, cfg: BenchConfig, seed: int, reference: float) -> Any:
@@ -537,6 +537,7 @@ def run_method(method: M.Method, hp: dict[str, Any], scenario: Scenario, base: n
 
         rows = [list(base_diag.row0)]
         rows_first = [list(base_diag.row0_first)]
+        nll_rows = [list(base_diag.nll0)]
         curve: list[tuple[int, float]] = []
         step_times: list[float] = []
         for t in range(1, T + 1):
@@ -581,10 +582,12 @@ def run_method(method: M.Method, hp: dict[str, Any], scenario: Scenario, base: n
             t0 = time.perf_counter()
             method.after_task(ctx, t)
             consolidation += time.perf_counter() - t0
-            final_items: list = []
-            acc, first = evaluate_all(model, tasks, final_items)
+            detail: dict[str, list] = {}
+            acc, first = evaluate_all(model, tasks, detail)
             rows.append(acc)
             rows_first.append(first)
+            nll_rows.append(detail["nll"])
+            final_items = detail["items"]
     train_wall = time.perf_counter() - t_start
 
     # ---- diagnostics on a plain (merged, all-trainable) copy
@@ -606,6 +609,7 @@ def run_method(method: M.Method, hp: dict[str, Any], scenario: Scenario, base: n
     record = {
         "acc_matrix": rows,
         "first_token_matrix": rows_first,
+        "nll_matrix": nll_rows,  # mean answer NLL, like acc_matrix (None where not measured)
         # per-item correctness of every task after the last one (paired tests between methods)
         "final_items": final_items,
         "task0_curve": curve,
@@ -621,111 +625,16 @@ def run_method(method: M.Method, hp: dict[str, Any], scenario: Scenario, base: n
             "recovery": None if rec is None else rec.to_dict(),
             "cka_per_layer": None if cka is None else [float(x) for x in cka.per_layer],
             "disrupted_heads_fraction": None if heads is None else float(heads.fraction),
+            # budgets beyond seq's: training steps outside the tasks' own (planned's probes),
+            # distinct old-task examples the method read after their task, state it stores
+            "extra_train_steps": ctx.budget["extra_train_steps"],
+            "old_examples_used": ctx.budget["old_examples"],
+            "stored_state_mb": stored_state_mb(ctx.state),
         },
         # what the method decided, when it says (planned: the chosen plan and its candidates)
         "method_report": ctx.state.get("report"),
     }
     return record
-
-
-# ============================================================================ metrics
-
-
-def _nan_to_none(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
-def _ref_ratio(raw: dict[str, Any]) -> float | None:
-    if raw.get("step_time_ms") and raw.get("ref_step_time_ms"):
-        return raw["step_time_ms"] / raw["ref_step_time_ms"]
-    return None
-
-
-def compute_metrics(record: dict[str, Any], base: BaseDiagnostics, seq: dict[str, Any] | None
-                    ) -> dict[str, Any]:
-    """Per-seed metrics of one method (``seq``: the seq record of the same seed, if run)."""
-    R = record["acc_matrix"]
-    T = len(R) - 1
-    raw = record["raw"]
-    m: dict[str, Any] = {k: None for k in METRIC_KEYS}
-    m["task0_after_task0"] = R[0][0]
-    m["task0_final"] = R[T][0]
-    m["task0_retention"] = R[T][0] / R[0][0] if R[0][0] > 0 else None
-    curve = record["task0_curve"]
-    m["task0_curve_min"] = min(a for _, a in curve) if curve else None
-    m["task0_first_token_final"] = _nan_to_none(record["first_token_matrix"][T][0])
-    D = _optional("mitigate.diagnostics", _diagnostics)
-    fm = _optional("forgetting_metrics", D.forgetting_metrics, R) if D is not None else None
-    if fm is not None:
-        m["average_accuracy"] = _nan_to_none(fm.average_accuracy)
-        m["backward_transfer"] = _nan_to_none(fm.backward_transfer)
-        m["forgetting"] = _nan_to_none(fm.forgetting)
-    m["new_task_accuracy"] = statistics.fmean(R[j][j] for j in range(1, T + 1))
-    rec = raw["recovery"]
-    if rec is not None:
-        m["recovery_accuracy"] = rec["after"]
-        m["recovery_gain"] = rec["recovered_gain"]
-    lam = raw["lambda_max_task0"]
-    m["lambda_max_task0"] = lam
-    if lam is not None and base.lambda_max:
-        m["lambda_max_ratio"] = lam / base.lambda_max
-    cka = raw["cka_per_layer"]
-    if cka:
-        mid = len(cka) // 2  # hidden state after the middle block (index 0 = embeddings)
-        m["cka_mid_layer"] = cka[mid]
-        m["cka_drift_mid"] = 1.0 - cka[mid]
-    m["disrupted_heads_fraction"] = raw["disrupted_heads_fraction"]
-    m["step_time_ms"] = raw["step_time_ms"]
-    m["ref_step_time_ms"] = raw["ref_step_time_ms"]
-    m["peak_memory_mb"] = raw["peak_memory_mb"]
-    m["consolidation_s"] = raw["consolidation_s"]
-    m["wall_s"] = raw["wall_s"]
-    # ratios to seq. r = step / interleaved reference step; dividing by seq's own r cancels what
-    # the interleaving itself costs the reference (its model's caches are cold after the
-    # method's step), so seq is exactly 1.
-    ratio = _ref_ratio(raw)
-    seq_ratio = _ref_ratio(seq["raw"]) if seq is not None else None
-    if ratio is not None and seq_ratio:
-        m["time_per_step_vs_seq"] = ratio / seq_ratio
-    elif ratio is not None:
-        m["time_per_step_vs_seq"] = ratio
-    elif seq is not None and seq["raw"]["step_time_ms"] and m["step_time_ms"]:
-        m["time_per_step_vs_seq"] = m["step_time_ms"] / seq["raw"]["step_time_ms"]
-    if seq is not None:
-        seq_R = seq["acc_matrix"]
-        seq_new = statistics.fmean(seq_R[j][j] for j in range(1, T + 1))
-        m["plasticity_vs_seq"] = m["new_task_accuracy"] / seq_new if seq_new > 0 else None
-        seq_fm = _optional("forgetting_metrics", D.forgetting_metrics, seq_R) if D else None
-        f_seq = None if seq_fm is None else _nan_to_none(seq_fm.forgetting)
-        if f_seq and m["forgetting"] is not None and f_seq > 0:
-            m["mitigation_pct"] = 100.0 * (f_seq - m["forgetting"]) / f_seq
-    # distance to the issue's target (positive = short of it)
-    if m["task0_retention"] is not None:
-        m["retention_gap"] = TARGET["retention"] - m["task0_retention"]
-    if m["plasticity_vs_seq"] is not None:
-        m["plasticity_gap"] = TARGET["plasticity"] - m["plasticity_vs_seq"]
-    if m["time_per_step_vs_seq"] is not None:
-        m["time_gap"] = m["time_per_step_vs_seq"] - TARGET["time"]
-    gaps = [m["retention_gap"], m["plasticity_gap"], m["time_gap"]]
-    if all(g is not None for g in gaps):
-        m["meets_target"] = all(g <= 0 for g in gaps)
-    return m
-
-
-def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """Mean ± std (sample std; 0 for one seed) of every numeric metric over seeds."""
-    out: dict[str, dict[str, float | None]] = {}
-    for key in METRIC_KEYS:
-        vals = [s["metrics"][key] for s in per_seed if s["metrics"].get(key) is not None]
-        vals = [float(v) for v in vals if isinstance(v, (int, float))]
-        if not vals:
-            out[key] = {"mean": None, "std": None, "n": 0}
-            continue
-        out[key] = {"mean": statistics.fmean(vals),
-                    "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
-    return out
 
 
 # ============================================================================ main
@@ -773,14 +682,16 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
                                "tasks": [t.name for t in scenario.tasks],
                                "steps_per_task": scenario.steps_per_task, "lr": scenario.lr,
                                "config": scenario.config, "lora": scenario.lora}
-        row0, first0 = evaluate_all(base, scenario.tasks)
+        detail0: dict[str, list] = {}
+        row0, first0 = evaluate_all(base, scenario.tasks, detail0)
         base_lam = lambda_max(plain_copy(base), scenario.tasks[0], cfg.diag["hessian_iters"], seed)
         base_extra = {n: _optional(n, fn, base) for n, fn in scenario.extra_evals.items()}
-        base_diag = BaseDiagnostics(row0, first0, base_lam, base_extra)
+        base_diag = BaseDiagnostics(row0, first0, base_lam, base_extra, detail0["nll"])
         # control: the same recovery probe on the model that has forgotten nothing yet; a drop
         # here means the probe itself damages Task 0 (it overfits its K examples)
         control = recovery(plain_copy(base), scenario, cfg, seed, reference=row0[0])
         results["baseline"].append({"seed": seed, "acc_row": row0, "first_token_row": first0,
+                                    "nll_row": detail0["nll"],
                                     "lambda_max_task0": base_lam, "extra_evals": base_extra,
                                     "recovery_control": None if control is None else control.to_dict()})
         print(f"[seed {seed}] after Task 0: accuracy {['%.3f' % a for a in row0]}, "
@@ -827,88 +738,6 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     return results
 
 
-COMPARED = (("task0_final", "Task-0 accuracy", 0), ("new_task_accuracy", "new-task accuracy", None))
-ALPHA = 0.05
-
-
-def paired_comparisons(results: dict[str, Any], baseline: str = "seq", alpha: float = ALPHA
-                       ) -> list[dict[str, Any]]:
-    """Every method against ``baseline`` (and the best two by mean Task-0 accuracy against each
-    other), paired on seeds: per-seed differences in points, mean ± SE with a t 95 % interval,
-    McNemar's exact test on Task 0's items within each seed, Holm over the comparisons with the
-    baseline (per metric; t-test p-values, or the within-seed McNemar p with one seed), and a
-    verdict in words.
-
-    Returns:
-        one row per comparison: ``{"method", "baseline", "metric", "diff" (mean, points),
-        "ci95": [lo, hi] or None, "n_seeds", "p_holm", "distinguishable"}`` and, beside them,
-        ``"label", "se", "diffs" (per seed), "seeds", "p", "mcnemar" (per seed), "verdict"``.
-        Empty without the baseline.
-    """
-    from benchmarks import stats
-
-    methods = results["methods"]
-    ok = {n: {r["seed"]: r for r in e["seeds"]} for n, e in methods.items() if e["status"] == "ok"}
-    if baseline not in ok:
-        return []
-    pairs = [(n, baseline) for n in ok if n != baseline]
-    ranked = sorted((n for n in ok if n != baseline),
-                    key=lambda n: -statistics.fmean(r["metrics"]["task0_final"] for r in ok[n].values()))
-    if len(ranked) >= 2:
-        pairs.append((ranked[0], ranked[1]))
-    out: list[dict[str, Any]] = []
-    for key, label, task in COMPARED:
-        rows = []
-        for name, against in pairs:
-            seeds = [s for s in sorted(set(ok[name]) & set(ok[against]))
-                     if ok[name][s]["metrics"].get(key) is not None
-                     and ok[against][s]["metrics"].get(key) is not None]
-            if not seeds:
-                continue
-            diffs = [100.0 * (ok[name][s]["metrics"][key] - ok[against][s]["metrics"][key]) for s in seeds]
-            iv = stats.paired_interval(diffs)
-            mc = []
-            if task is not None:
-                for s in seeds:
-                    a = (ok[name][s].get("final_items") or [None] * (task + 1))[task]
-                    b = (ok[against][s].get("final_items") or [None] * (task + 1))[task]
-                    if a is not None and b is not None and len(a) == len(b):
-                        mc.append({"seed": s, **stats.mcnemar(a, b).to_dict()})
-            p = iv.p_value if iv.n >= 2 else (mc[0]["p_value"] if len(mc) == 1 else None)
-            rows.append({"method": name, "baseline": against, "metric": key, "diff": iv.mean,
-                         "ci95": None if iv.low is None else [iv.low, iv.high], "n_seeds": iv.n,
-                         "label": label, "se": iv.se, "diffs": diffs, "seeds": seeds, "p": p,
-                         "mcnemar": mc})
-        vs_base = [r for r in rows if r["baseline"] == baseline]
-        for r, ph in zip(vs_base, stats.holm([r["p"] for r in vs_base])):
-            r["p_holm"] = ph
-        for r in rows:
-            if r["baseline"] != baseline:
-                r["p_holm"] = r["p"]  # one planned comparison (the best two): no correction
-            iv = stats.paired_interval(r["diffs"])
-            r["verdict"] = stats.verdict(iv, r["p_holm"], alpha)
-            r["distinguishable"] = r["verdict"] == "distinguishable"
-        out += rows
-    return out
-
-
-def recompute(results: dict[str, Any]) -> dict[str, Any]:
-    """Recompute every metric and aggregate of a loaded ``results.json`` from its raw records
-    (after a change of metric definitions; no training)."""
-    bases = {b["seed"]: BaseDiagnostics(b["acc_row"], b["first_token_row"],
-                                        b["lambda_max_task0"], b.get("extra_evals") or {})
-             for b in results["baseline"]}
-    seqs = {s["seed"]: s for s in results["methods"].get("seq", {}).get("seeds", [])}
-    for entry in results["methods"].values():
-        for rec in entry["seeds"]:
-            rec["metrics"] = compute_metrics(rec, bases[rec["seed"]], seqs.get(rec["seed"]))
-        entry["aggregate"] = aggregate(entry["seeds"])
-        if entry["status"] != "ok":
-            entry["aggregate"] = {k: {"mean": None, "std": None, "n": 0} for k in METRIC_KEYS}
-    results["comparisons"] = paired_comparisons(results)
-    return results
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Entry point: parse ``argv``, run, write the outputs; returns the results dict (with
     ``"output_dir"``), or ``None`` after ``--list`` / when the scenario is unavailable."""
@@ -916,8 +745,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--recompute"]:
         # python benchmarks/compare.py --recompute results/<run>  (metrics and outputs only)
-        from benchmarks import report
-
         out_dir = Path(argv[1])
         results = recompute(json.loads((out_dir / "results.json").read_text()))
         report.write_outputs(results, out_dir, plots="--no-plots" not in argv)
@@ -933,8 +760,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     except ScenarioUnavailable as err:
         print(f"[skip] scenario {cfg.scenario!r} unavailable: {err}", flush=True)
         return None
-    from benchmarks import report
-
     report.write_outputs(results, out_dir, plots=cfg.plots)
     results["output_dir"] = str(out_dir)
     print(report.summary_markdown(results), flush=True)

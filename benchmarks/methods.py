@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +100,9 @@ class RunContext:
         state: the method's objects (regularizers, wrappers, memories); ``state["report"]``, a
             JSON-able dict, is saved with the run as ``method_report`` (planned: its plan).
         rng: a ``random.Random`` for the method.
+        budget: what the method spends beyond seq, reported per run: ``extra_train_steps``
+            (training steps outside the tasks' own, e.g. plan's probes) and ``old_examples``
+            (distinct examples of finished tasks it read: consolidation batches, replay memory).
     """
 
     model: nn.Module
@@ -111,12 +114,27 @@ class RunContext:
     task: int = 0
     state: dict[str, Any] = field(default_factory=dict)
     rng: random.Random = field(default_factory=random.Random)
+    budget: dict[str, int] = field(default_factory=lambda: {"extra_train_steps": 0, "old_examples": 0})
+    _seen: set[tuple[int, int]] = field(default_factory=set, repr=False)
+
+    def count_old(self, t: int, indices: Iterable[int]) -> None:
+        """Count the rows of task ``t``'s training batches ``indices`` as old-task examples used
+        (each batch once), if task ``t`` is finished (``t <= self.task``) and a later task is
+        still to be trained on them (not after the last task)."""
+        if t > self.task or t >= len(self.scenario.tasks) - 1:
+            return
+        for i in indices:
+            if (t, i) not in self._seen:
+                self._seen.add((t, i))
+                self.budget["old_examples"] += int(self.scenario.tasks[t].train[i]["input_ids"].shape[0])
 
     def task_batches(self, t: int, limit: int | None = None) -> list[Batch]:
         """Training batches of task ``t`` (the first ``limit``, default ``consolidate_batches``),
-        moved to the device."""
+        moved to the device; those of a finished task count towards ``budget["old_examples"]``."""
         n = self.hp.get("consolidate_batches", 8) if limit is None else limit
-        return [_to(b, self.device) for b in self.scenario.tasks[t].train[:n]]
+        batches = self.scenario.tasks[t].train[:n]
+        self.count_old(t, range(len(batches)))
+        return [_to(b, self.device) for b in batches]
 
 
 def _to(batch: Batch, device: torch.device) -> Batch:
@@ -302,6 +320,7 @@ def _clip() -> dict:
 def _replay() -> dict:
     def after_task(ctx, t):
         ctx.state.setdefault("memory", []).extend(ctx.scenario.tasks[t].train)
+        ctx.count_old(t, range(len(ctx.scenario.tasks[t].train)))  # the whole task is memory
 
     def batch(ctx, new):
         memory = ctx.state.get("memory")
@@ -361,6 +380,8 @@ def _planned() -> dict:
         p = _mitigate("plan")(model, old, new, lr=ctx.scenario.lr, seed=ctx.seed, **opts)
         ctx.state["plan"] = p
         d = p.to_dict()
+        # the diagnostic probe and one verification probe per candidate, probe_steps each
+        ctx.budget["extra_train_steps"] += (1 + len(d["candidates"])) * opts["probe_steps"]
         ctx.state["report"] = {k: d[k] for k in ("freeze_bottom", "freeze_heads", "lrcp_targets", "ewc_scale", "curvature", "candidates", "reasons")}
         log.info("planned method:\n%s", p)
         applied = p.apply(model, optimizer)

@@ -32,6 +32,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from benchmarks.metrics import ALPHA, METRIC_KEYS
+
 SUMMARY_COLUMNS = (
     ("task0_final", "Task-0 acc", "pct"),
     ("task0_retention", "retained", "pct"),
@@ -42,12 +44,18 @@ SUMMARY_COLUMNS = (
     ("forgetting", "forgetting", "pp"),
     ("mitigation_pct", "mitigation", "pct100"),
     ("new_task_accuracy", "new-task acc", "pct"),
+    ("plasticity_gain", "new-task gain", "pp"),
     ("plasticity_vs_seq", "plasticity vs seq", "ratio"),
+    ("task0_nll_final", "Task-0 NLL", "float"),
     ("lambda_max_ratio", "λ_max ratio", "ratio"),
     ("cka_drift_mid", "CKA drift (mid)", "float"),
     ("disrupted_heads_fraction", "disrupted heads", "pct"),
     ("time_per_step_vs_seq", "time/step vs seq", "ratio"),
     ("peak_memory_mb", "peak mem (MiB)", "float1"),
+    ("extra_train_steps", "extra steps", "int"),
+    ("old_examples_used", "old examples", "int"),
+    ("stored_state_mb", "state (MiB)", "float2"),
+    ("wall_s", "wall (s)", "float1"),
 )
 
 
@@ -63,6 +71,10 @@ def _fmt(value: float | None, kind: str) -> str:
     if kind == "ratio":
         return f"{value:.2f}×"
     if kind == "float1":
+        return f"{value:.0f}"
+    if kind == "float2":
+        return f"{value:.2f}"
+    if kind == "int":
         return f"{value:.0f}"
     return f"{value:.3f}"
 
@@ -147,7 +159,7 @@ def _num(x: float | None, fmt: str = "{:+.1f}") -> str:
     return "–" if x is None else fmt.format(x)
 
 
-def comparisons_markdown(rows: list[dict[str, Any]] | None, alpha: float = 0.05) -> list[str]:
+def comparisons_markdown(rows: list[dict[str, Any]] | None, alpha: float = ALPHA) -> list[str]:
     """The paired-comparison table (rows of ``compare.paired_comparisons``) as markdown lines."""
     if not rows:
         return []
@@ -191,7 +203,6 @@ def _clean(obj: Any) -> Any:
 
 
 def write_csvs(results: dict[str, Any], out_dir: Path) -> None:
-    from benchmarks.compare import METRIC_KEYS
 
     with open(out_dir / "results.csv", "w", newline="") as f:
         w = csv.writer(f)

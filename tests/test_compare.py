@@ -369,3 +369,32 @@ def test_paired_comparisons_verdicts_and_holm():
     assert ("good", "tie", "task0_final") in rows  # the best two against each other
     # equal new-task accuracy everywhere: zero differences, never distinguishable
     assert rows[("good", "seq", "new_task_accuracy")]["verdict"] == "not distinguishable"
+
+
+def test_budgets_and_gain_columns(micro_run):
+    root, results, _ = micro_run
+    res = json.loads((root / "r1" / "results.json").read_text())
+    m = {name: res["methods"][name]["seeds"][0]["metrics"] for name in E2E_METHODS}
+    seq = m["seq"]
+    assert (seq["extra_train_steps"], seq["old_examples_used"], seq["stored_state_mb"]) == (0, 0, 0.0)
+    # replay keeps the whole Task-0 training set as memory (micro preset: one later task)
+    from benchmarks import biography
+
+    sc = biography.build_scenario("micro", str(root / "cache"), 0)
+    n0 = sum(int(b["input_ids"].shape[0]) for b in sc.tasks[0].train)
+    assert m["replay"]["old_examples_used"] == n0
+    # its stored state at the end: the memory of every finished task (ready for a next one)
+    assert m["replay"]["stored_state_mb"] == pytest.approx(
+        sum(v.numel() * v.element_size() for t in sc.tasks for b in t.train for v in b.values()) / 2**20)
+    assert m["replay"]["extra_train_steps"] == 0
+    plan = res["methods"]["planned"]["seeds"][0]["method_report"]
+    probe = res["methods"]["planned"]["hyperparameters"].get("probe_steps") or min(20, res["scenario"]["steps_per_task"])
+    assert m["planned"]["extra_train_steps"] == (1 + len(plan["candidates"])) * probe > 0
+    for name in E2E_METHODS:
+        rec = res["methods"][name]["seeds"][0]
+        R, N = rec["acc_matrix"], rec["nll_matrix"]
+        assert m[name]["plasticity_gain"] == pytest.approx(R[1][1] - R[0][1])
+        assert m[name]["task0_nll_final"] == N[-1][0] and N[-1][0] > 0
+    md = (root / "r1" / "summary.md").read_text()
+    for col in ("new-task gain", "Task-0 NLL", "extra steps", "old examples", "state (MiB)", "wall (s)"):
+        assert col in md
