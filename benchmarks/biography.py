@@ -574,6 +574,27 @@ def _qa_examples(codec: WordCodec, people: Sequence[Person]) -> list[tuple[list[
     return [codec.qa_example(*qa_pair(p, a)) for p in people for a in ATTRIBUTES]
 
 
+def describe(preset: str | BiographyConfig = "quick", **overrides) -> dict:
+    """What a run of this scenario scores, from its config alone (nothing is built or trained).
+
+    Returns:
+        ``{"tasks": [{"name", "eval_items", "train_examples"}], "general": [], "steps_per_task",
+        "task0_steps"}``: Task 0 scores the QA of the held-out half of population 0 (one item
+        per person and attribute), task ``t`` that of population ``t``'s held-out half.
+    """
+    cfg = resolve_config(preset, **overrides)
+    per_person = len(ATTRIBUTES)
+    tasks = [{"name": "task0", "eval_items": (cfg.population - cfg.population // 2) * per_person,
+              "train_examples": cfg.population // 2 * per_person}]
+    n = cfg.new_population_size
+    for t in range(1, cfg.num_new_tasks + 1):
+        qa = n // 2 * per_person
+        bios = n * cfg.bios_per_person
+        mixed = qa if cfg.qa_fraction >= 1 else bios + max(1, round(bios * cfg.qa_fraction / (1 - cfg.qa_fraction)))
+        tasks.append({"name": f"task{t}", "eval_items": (n - n // 2) * per_person, "train_examples": mixed})
+    return {"tasks": tasks, "general": [], "steps_per_task": cfg.steps_per_task, "task0_steps": cfg.task0_steps}
+
+
 def build_scenario(preset: str | BiographyConfig = "quick", cache_dir: str | Path =
                    ".cache/mitigate-bench", seed: int = 0, **overrides) -> Scenario:
     """Build (or load from cache) the ``biography`` scenario.

@@ -159,8 +159,10 @@ def _parse_value(text: str) -> Any:
 
 def parse_args(argv: list[str] | None = None) -> BenchConfig | None:
     """Command line -> :class:`BenchConfig` (``None`` after ``--list``)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """Keeps the description's layout and shows every option's default."""
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=Formatter)
     p.add_argument("--scenario", default="biography", choices=SCENARIOS)
     p.add_argument("--preset", default=None, choices=PRESETS)
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
@@ -188,6 +190,9 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig | None:
                         "1 for biography)")
     p.add_argument("--lora", action="store_true", help="smollm2: fine-tune with LoRA adapters")
     p.add_argument("--list", action="store_true", help="list the methods and exit")
+    p.add_argument("--describe", action="store_true",
+                   help="print what the run would score (tasks and items, methods, seeds, an "
+                        "estimated wall time) as one JSON object, and exit without training")
     a = p.parse_args(argv)
     if a.list:
         for name, m in M.METHODS.items():
@@ -200,7 +205,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig | None:
         if not sep or "." not in key:
             p.error(f"--hp {item!r}: expected method.key=value")
         hp[key] = _parse_value(value)
-    return BenchConfig(
+    cfg = BenchConfig(
         scenario=a.scenario, preset=preset, methods=None if a.methods is None else [m for m in a.methods.split(",") if m],
         seeds=a.seeds, seed_base=a.seed_base, device=a.device, run=a.run, out=a.out,
         cache_dir=a.cache_dir, hp=hp, recovery_steps=a.recovery_steps,
@@ -208,6 +213,37 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig | None:
         hessian_iters=a.hessian_iters, ref_every=a.ref_every, strict=a.strict,
         plots=not a.no_plots, threads=a.threads, lora=a.lora,
     )
+    if a.describe:
+        print(json.dumps(describe(cfg), indent=2), flush=True)
+        return None
+    return cfg
+
+
+# Measured seconds per method and seed on the 2-core reference machine (docs/BENCHMARKS.md:
+# quick 1 min 55 s and default 7 min 2 s for twelve methods, one seed), for --describe's estimate.
+SECONDS_PER_METHOD_SEED = {("biography", "micro"): 2.0, ("biography", "quick"): 9.6,
+                           ("biography", "default"): 35.0, ("smollm2", "quick"): 300.0}
+
+
+def describe(cfg: BenchConfig) -> dict[str, Any]:
+    """What ``cfg`` would run, from configs alone (nothing is built or trained): the tasks with
+    their scored item counts (Task 0 first), the general-capability evaluations, the methods,
+    the seeds and an estimated wall time."""
+    if cfg.scenario == "biography":
+        from benchmarks import biography
+
+        d = biography.describe(cfg.preset)
+    else:
+        from benchmarks import smollm2
+
+        d = smollm2.describe(cfg.preset, cfg.seed_base)
+    per = SECONDS_PER_METHOD_SEED.get((cfg.scenario, cfg.preset))
+    return {"scenario": cfg.scenario, "preset": cfg.preset, "lora": cfg.lora, **d,
+            "methods": list(cfg.methods or []),
+            "seeds": list(range(cfg.seed_base, cfg.seed_base + cfg.seeds)),
+            "estimated_wall_s": None if per is None else round(per * len(cfg.methods or []) * cfg.seeds),
+            "estimate_basis": "seconds per method and seed measured on the 2-core reference machine"
+                              if per is not None else "no measurement for this scenario and preset"}
 
 
 # ============================================================================ plumbing
@@ -678,6 +714,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
         base = task0_model(scenario, cfg.cache_dir, seed, device)
         print(f"[seed {seed}] scenario {scenario.name} ready in {time.perf_counter() - t0:.1f}s"
               f" ({scenario.notes})", flush=True)
+        results["tasks"] = describe(cfg)["tasks"]
         results["scenario"] = {"name": scenario.name, "notes": scenario.notes,
                                "tasks": [t.name for t in scenario.tasks],
                                "steps_per_task": scenario.steps_per_task, "lr": scenario.lr,
@@ -694,8 +731,9 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
                                     "nll_row": detail0["nll"],
                                     "lambda_max_task0": base_lam, "extra_evals": base_extra,
                                     "recovery_control": None if control is None else control.to_dict()})
+        lam_text = "n/a" if base_lam is None else f"{base_lam:.4g}"
         print(f"[seed {seed}] after Task 0: accuracy {['%.3f' % a for a in row0]}, "
-              f"λ_max(Task 0) = {base_lam}", flush=True)
+              f"λ_max(Task 0) = {lam_text}", flush=True)
         reference = ReferenceStepper(base, scenario, device, seed) if cfg.ref_every else None
         records: dict[str, dict] = {}
         for method in chosen:

@@ -827,6 +827,25 @@ def build_from_model(base: nn.Module, tokenizer, cfg: SmolConfig, seed: int, *,
     )
 
 
+def describe(preset: str | SmolConfig = "reduced", seed: int = 0, **overrides) -> dict:
+    """What a run of this scenario scores, from its config and generated text alone (no model,
+    no tokenizer, no weights are loaded).
+
+    Returns:
+        ``{"tasks": [{"name", "eval_items", "train_examples", "other_evals": {name: items}}],
+        "general": [{"name", "items", "unit"}], "steps_per_task", "task0_steps"}``. The fact
+        probe's count is an upper bound: it scores the facts the untouched model answers.
+    """
+    cfg = resolve_config(preset, **overrides)
+    tasks = [{"name": d.name, "eval_items": len(d.evals["main"]), "train_examples": len(d.train),
+              "other_evals": {k: len(v) for k, v in d.evals.items() if k != "main"}}
+             for d in generate_tasks(cfg, seed)]
+    general = [{"name": "stdlib_nll", "items": cfg.stdlib_passages * cfg.stdlib_tokens, "unit": "tokens (at most)"},
+               {"name": "fact_probe", "items": len(FACTS), "unit": "facts (at most: those the model answers)"}]
+    return {"tasks": tasks, "general": general, "steps_per_task": cfg.steps_per_task,
+            "task0_steps": cfg.task0_steps}
+
+
 def build_scenario(preset: str | SmolConfig = "reduced", cache_dir: str | Path =
                    ".cache/mitigate-bench", seed: int = 0, *, lora: bool = False,
                    **overrides) -> Scenario:

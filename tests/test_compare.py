@@ -398,3 +398,28 @@ def test_budgets_and_gain_columns(micro_run):
     md = (root / "r1" / "summary.md").read_text()
     for col in ("new-task gain", "Task-0 NLL", "extra steps", "old examples", "state (MiB)", "wall (s)"):
         assert col in md
+
+
+def test_describe_states_the_scored_items_without_training(micro_run, capsys):
+    root, results, _ = micro_run
+    assert C.main(["--describe", "--preset", "micro", "--methods", "seq,ewc", "--seeds", "2"]) is None
+    d = json.loads(capsys.readouterr().out)
+    assert [t["name"] for t in d["tasks"]] == ["task0", "task1"]
+    assert d["methods"] == ["seq", "ewc"] and d["seeds"] == [0, 1] and d["estimated_wall_s"] > 0
+    # the counts are the items the run really scores, and results.json carries them
+    res = json.loads((root / "r1" / "results.json").read_text())
+    assert res["tasks"] == d["tasks"]
+    items = res["methods"]["seq"]["seeds"][0]["final_items"]
+    assert [t["eval_items"] for t in d["tasks"]] == [len(x) for x in items]
+    sc = __import__("benchmarks.biography", fromlist=["x"]).build_scenario("micro", str(root / "cache"), 0)
+    assert [t["train_examples"] for t in d["tasks"]] == [sum(int(b["input_ids"].shape[0]) for b in t.train) for t in sc.tasks]
+
+
+def test_smollm2_describe_needs_no_model():
+    from benchmarks import smollm2
+
+    d = smollm2.describe("micro")
+    cfg = smollm2.resolve_config("micro")
+    assert [t["name"] for t in d["tasks"]] == list(cfg.tasks)
+    assert all(t["eval_items"] == len(x.evals["main"]) for t, x in zip(d["tasks"], smollm2.generate_tasks(cfg, 0)))
+    assert {g["name"] for g in d["general"]} == {"stdlib_nll", "fact_probe"}
