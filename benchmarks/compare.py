@@ -117,6 +117,7 @@ class BenchConfig:
     plots: bool = True
     threads: int | None = None
     lora: bool = False
+    workers: int | None = None  # None: 2 on a CPU with >= 2 cores (one thread each), else 1
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
@@ -133,6 +134,9 @@ class BenchConfig:
             raise ValueError(f"recovery_lr_scale={self.recovery_lr_scale} must be > 0")
         if self.ref_every < 0:
             raise ValueError(f"ref_every={self.ref_every} must be >= 0 (0 disables)")
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 1):
+            raise ValueError(f"workers={self.workers!r} must be a positive int (or None: automatic)")
         if self.methods is None:
             self.methods = M.default_methods(self.scenario, self.preset)
         for name in self.methods:
@@ -190,6 +194,10 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig | None:
                         "1 for biography)")
     p.add_argument("--lora", action="store_true", help="smollm2: fine-tune with LoRA adapters")
     p.add_argument("--list", action="store_true", help="list the methods and exit")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes over methods x seeds, one thread each (default: 2 on a "
+                        "CPU with >= 2 cores, 1 on CUDA); workers import benchmarks.methods afresh, "
+                        "so a method registered at run time needs --workers 1")
     p.add_argument("--describe", action="store_true",
                    help="print what the run would score (tasks and items, methods, seeds, an "
                         "estimated wall time) as one JSON object, and exit without training")
@@ -211,7 +219,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig | None:
         cache_dir=a.cache_dir, hp=hp, recovery_steps=a.recovery_steps,
         recovery_lr_scale=a.recovery_lr_scale,
         hessian_iters=a.hessian_iters, ref_every=a.ref_every, strict=a.strict,
-        plots=not a.no_plots, threads=a.threads, lora=a.lora,
+        plots=not a.no_plots, threads=a.threads, lora=a.lora, workers=a.workers,
     )
     if a.describe:
         print(json.dumps(describe(cfg), indent=2), flush=True)
@@ -555,6 +563,8 @@ def run_method(method: M.Method, hp: dict[str, Any], scenario: Scenario, base: n
 
     tasks = scenario.tasks
     T = len(tasks) - 1
+    if reference is not None:
+        reference.times = []  # this method's own interleaved reference steps (same load)
     t_start = time.perf_counter()
     torch.manual_seed(seed)
     with PeakMemory(device) as mem:
@@ -689,8 +699,72 @@ def _method_hp(method: M.Method, overrides: dict[str, Any]) -> dict[str, Any]:
     return hp
 
 
+def _prepare_seed(cfg: BenchConfig, seed: int, device: torch.device) -> tuple[Scenario, nn.Module]:
+    """The scenario and Task-0 model of ``seed`` (built or loaded from the cache)."""
+    scenario = load_scenario(cfg.scenario, cfg.preset, cfg.cache_dir, seed, cfg.lora)
+    if device.type == "cpu" and not cfg.threads and scenario.cpu_threads:
+        torch.set_num_threads(scenario.cpu_threads)
+    return scenario, task0_model(scenario, cfg.cache_dir, seed, device)
+
+
+def _run_unit(cfg: BenchConfig, seed: int, name: str, scenario: Scenario, base: nn.Module,
+              base_diag: BaseDiagnostics, device: torch.device, reference: ReferenceStepper | None
+              ) -> tuple[str, Any]:
+    """One method on one seed: ``("ok", record)``, ``("skipped", message)`` or
+    ``("failed", message)`` (``--strict`` re-raises)."""
+    method = M.get(name)
+    try:
+        return "ok", run_method(method, _method_hp(method, cfg.hp), scenario, base, base_diag, cfg,
+                                seed, device, reference)
+    except M.MethodUnavailable as err:
+        return "skipped", str(err)
+    except Exception as err:  # noqa: BLE001 - one broken method must not sink the run
+        if cfg.strict:
+            raise
+        log.debug("%s", traceback.format_exc())
+        return "failed", f"{type(err).__name__}: {err}"
+
+
+_WORKER: dict[int, tuple[Scenario, nn.Module, ReferenceStepper | None]] = {}
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the parent prints one progress line per unit
+
+
+def _worker_unit(cfg: BenchConfig, seed: int, name: str, base_diag: BaseDiagnostics
+                 ) -> tuple[str, Any]:
+    """A worker process's unit: the seed's scenario, Task-0 model and reference stepper are
+    loaded once per process (from the cache the parent filled) and kept for its next units."""
+    device = resolve_device(cfg.device)
+    if seed not in _WORKER:
+        _WORKER.clear()
+        scenario, base = _prepare_seed(cfg, seed, device)
+        torch.set_num_threads(1)
+        reference = ReferenceStepper(base, scenario, device, seed) if cfg.ref_every else None
+        _WORKER[seed] = (scenario, base, reference)
+    scenario, base, reference = _WORKER[seed]
+    return _run_unit(cfg, seed, name, scenario, base, base_diag, device, reference)
+
+
+def _workers_for(cfg: BenchConfig, device: torch.device, units: int) -> int:
+    if cfg.workers is not None:
+        return min(cfg.workers, units)
+    if device.type != "cpu":
+        return 1
+    return max(1, min(2, os.cpu_count() or 1, units))
+
+
 def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
-    """Run every method on every seed; return the results dict (see ``benchmarks/report.py``)."""
+    """Run every method on every seed; return the results dict (see ``benchmarks/report.py``).
+
+    The after-Task-0 measurements of each seed run here; the (seed, method) units then run in
+    ``cfg.workers`` processes (one thread each; each keeps its own interleaved reference
+    stepper, so time ratios compare steps taken under the same load). Units are seeded alone,
+    so their records do not depend on the number of workers.
+    """
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -701,20 +775,18 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
         "config": {**asdict(cfg), "diag": cfg.diag},
         "machine": machine_info(device),
         "scenario": None,
+        "tasks": describe(cfg)["tasks"],
         "baseline": [],
         "methods": {m.name: {"help": m.help, "hyperparameters": _method_hp(m, cfg.hp),
                              "status": "ok", "message": None, "seeds": []} for m in chosen},
     }
-    for s in range(cfg.seeds):
-        seed = cfg.seed_base + s
+    seeds = [cfg.seed_base + s for s in range(cfg.seeds)]
+    prepared: dict[int, tuple[Scenario, nn.Module, BaseDiagnostics]] = {}
+    for seed in seeds:
         t0 = time.perf_counter()
-        scenario = load_scenario(cfg.scenario, cfg.preset, cfg.cache_dir, seed, cfg.lora)
-        if device.type == "cpu" and not cfg.threads and scenario.cpu_threads:
-            torch.set_num_threads(scenario.cpu_threads)
-        base = task0_model(scenario, cfg.cache_dir, seed, device)
+        scenario, base = _prepare_seed(cfg, seed, device)
         print(f"[seed {seed}] scenario {scenario.name} ready in {time.perf_counter() - t0:.1f}s"
               f" ({scenario.notes})", flush=True)
-        results["tasks"] = describe(cfg)["tasks"]
         results["scenario"] = {"name": scenario.name, "notes": scenario.notes,
                                "tasks": [t.name for t in scenario.tasks],
                                "steps_per_task": scenario.steps_per_task, "lr": scenario.lr,
@@ -734,40 +806,74 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
         lam_text = "n/a" if base_lam is None else f"{base_lam:.4g}"
         print(f"[seed {seed}] after Task 0: accuracy {['%.3f' % a for a in row0]}, "
               f"λ_max(Task 0) = {lam_text}", flush=True)
-        reference = ReferenceStepper(base, scenario, device, seed) if cfg.ref_every else None
-        records: dict[str, dict] = {}
-        for method in chosen:
-            entry = results["methods"][method.name]
-            if entry["status"] == "skipped":
-                continue
-            hp = _method_hp(method, cfg.hp)
-            try:
-                rec = run_method(method, hp, scenario, base, base_diag, cfg, seed, device,
-                                 reference)
-            except M.MethodUnavailable as err:
-                entry.update(status="skipped", message=str(err))
-                print(f"[skip] {method.name}: {err}", flush=True)
-                continue
-            except Exception as err:  # noqa: BLE001 - one broken method must not sink the run
-                if cfg.strict:
-                    raise
-                entry.update(status="failed", message=f"{type(err).__name__}: {err}")
-                print(f"[fail] {method.name}: {type(err).__name__}: {err}", flush=True)
-                log.debug("%s", traceback.format_exc())
-                continue
-            records[method.name] = rec
+        prepared[seed] = (scenario, base, base_diag)
+
+    units = [(seed, m.name) for seed in seeds for m in chosen]
+    n_workers = _workers_for(cfg, device, len(units))
+    results["config"]["workers"] = n_workers
+    outcomes: dict[tuple[int, str], tuple[str, Any]] = {}
+    t_units = time.perf_counter()
+
+    def progress(seed: int, name: str) -> None:
+        status, rec = outcomes[(seed, name)]
+        done = len(outcomes)
+        elapsed = time.perf_counter() - t_units
+        eta = elapsed / done * (len(units) - done)
+        if status == "ok":
             R = rec["acc_matrix"]
-            print(f"[seed {seed}] {method.name:24s} task0 {R[0][0]:.3f} -> {R[-1][0]:.3f}  "
-                  f"new {statistics.fmean(R[j][j] for j in range(1, len(R))):.3f}  "
-                  f"step {rec['raw']['step_time_ms']:.1f} ms  ({rec['raw']['wall_s']:.1f}s)",
-                  flush=True)
+            what = (f"task0 {R[0][0]:.3f} -> {R[-1][0]:.3f}  new "
+                    f"{statistics.fmean(R[j][j] for j in range(1, len(R))):.3f}  "
+                    f"step {rec['raw']['step_time_ms']:.1f} ms  ({rec['raw']['wall_s']:.1f}s)")
+        else:
+            what = f"[{'skip' if status == 'skipped' else 'fail'}] {name}: {rec}"
+        print(f"[{done}/{len(units)}] seed {seed} {name:24s} {what}  · {elapsed:.0f}s elapsed, "
+              f"ETA {eta:.0f}s", flush=True)
+
+    if n_workers <= 1:
+        for seed in seeds:
+            scenario, base, base_diag = prepared[seed]
+            reference = ReferenceStepper(base, scenario, device, seed) if cfg.ref_every else None
+            for m in chosen:
+                outcomes[(seed, m.name)] = _run_unit(cfg, seed, m.name, scenario, base, base_diag,
+                                                     device, reference)
+                progress(seed, m.name)
+            del reference
+    else:
+        import concurrent.futures as cf
+        import importlib
+        import multiprocessing as mp
+
+        worker = importlib.import_module("benchmarks.compare")  # picklable under spawn
+        print(f"running {len(units)} method x seed units in {n_workers} worker processes "
+              f"(one thread each)", flush=True)
+        with cf.ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn"),
+                                    initializer=worker._worker_init) as pool:
+            futures = {pool.submit(worker._worker_unit, cfg, seed, name, prepared[seed][2]): (seed, name)
+                       for seed, name in units}
+            for fut in cf.as_completed(futures):
+                seed, name = futures[fut]
+                outcomes[(seed, name)] = fut.result()  # --strict: a unit's error re-raises here
+                progress(seed, name)
+    for seed in seeds:
+        base_diag = prepared[seed][2]
+        records: dict[str, dict] = {}
+        for m in chosen:
+            status, rec = outcomes[(seed, m.name)]
+            entry = results["methods"][m.name]
+            if status != "ok":
+                if entry["status"] == "ok":
+                    entry.update(status=status, message=rec)
+                continue
+            records[m.name] = rec
         seq = records.get("seq")
         for name, rec in records.items():
             rec["metrics"] = compute_metrics(rec, base_diag, seq)
             rec["seed"] = seed
             results["methods"][name]["seeds"].append(rec)
-        del reference, base
+    del prepared
     for entry in results["methods"].values():
+        if entry["status"] != "ok":
+            entry["seeds"] = []
         entry["aggregate"] = aggregate(entry["seeds"])
         if entry["status"] != "ok":
             entry["aggregate"] = {k: {"mean": None, "std": None, "n": 0} for k in METRIC_KEYS}

@@ -24,8 +24,8 @@ def micro_run(tmp_path_factory):
     argv = ["--preset", "micro", "--methods", ",".join(E2E_METHODS), "--out", str(root),
             "--cache-dir", str(root / "cache"), "--ref-every", "2", "--strict"]
     torch.set_num_threads(1)
-    results = C.main([*argv, "--run", "r1"])
-    again = C.main([*argv, "--run", "r2", "--no-plots"])
+    results = C.main([*argv, "--run", "r1", "--workers", "2"])
+    again = C.main([*argv, "--run", "r2", "--no-plots", "--workers", "1"])  # same records in-process
     return root, results, again
 
 
@@ -298,7 +298,7 @@ def test_unavailable_method_is_skipped_not_fatal(tmp_path, capsys):
     try:
         res = C.main(["--preset", "micro", "--methods", "seq,_test-missing", "--out",
                       str(tmp_path), "--run", "x", "--cache-dir", str(tmp_path / "c"),
-                      "--no-plots", "--ref-every", "0"])
+                      "--no-plots", "--ref-every", "0", "--workers", "1"])  # registered here only
     finally:
         M.METHODS.pop("_test-missing")
     entry = res["methods"]["_test-missing"]
