@@ -14,6 +14,14 @@ therefore held exactly: a gradient hook zeroes their gradient (so moments and cl
 it) and a global optimizer step post-hook (``torch.optim.optimizer.register_optimizer_step_post_hook``)
 copies the stored values back after every step of every ``torch.optim`` optimizer, including ones
 created after the call. Frozen slices stay bit-identical.
+
+The held values follow weight loads: they are the slice's value at the last write made outside
+an optimizer step. A ``load_state_dict`` reaching the module that owns the slice (on that module
+or any parent, e.g. ``Trainer``'s ``resume_from_checkpoint``, PEFT's ``load_adapter``,
+safetensors ``load_model``) re-reads them through a post-hook (``assign=True`` moves the hold to
+the new parameter), and a step pre-hook re-reads them when the parameter's version counter shows
+an in-place write since the last restore (``param.copy_(...)``). Writes through ``param.data``
+are invisible to the version counter and are undone by the next step.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from mitigate.architectures import AttentionInfo, ModelMap, ProjectionSlice, model_map
 
@@ -36,15 +44,31 @@ logger = logging.getLogger(__name__)
 
 
 class _SliceHold:
-    """Keeps ``param.index_select(dim, index)`` bit-identical across optimizer steps."""
+    """Keeps ``param.index_select(dim, index)`` bit-identical across optimizer steps.
 
-    def __init__(self, param: nn.Parameter, dim: int, index: Tensor, label: str) -> None:
+    The held values are the slice's value at the last write made *outside* an optimizer step:
+    read when the hold is made, and read again after a ``load_state_dict`` that reaches the owning
+    module (``owner``, a post-hook; with ``assign=True`` the hold moves to the new parameter) and
+    before a step when the parameter's version counter shows an in-place write since the last
+    restore (``param.copy_``, safetensors ``load_model``, any loader writing in place).
+    """
+
+    def __init__(
+        self, param: nn.Parameter, dim: int, index: Tensor, label: str,
+        owner: nn.Module | None = None, leaf: str | None = None,
+    ) -> None:
         self.param_ref = weakref.ref(param)
         self.dim = dim
         self.index = index.to(param.device)
         self.label = label
+        self.leaf = leaf
         self.values = param.detach().index_select(dim, self.index).clone()
+        self.version = param._version  # in-place writes since this bump mean "re-read the values"
         self._hook = param.register_hook(self._zero_grad)
+        self._load_hook = (
+            owner.register_load_state_dict_post_hook(self._after_load)
+            if owner is not None and leaf is not None else None
+        )
         _REGISTRY.setdefault(id(param), []).append(self)
         _ensure_global_hook()
 
@@ -58,7 +82,27 @@ class _SliceHold:
             self.values = self.values.to(param.device)
         param.index_copy_(self.dim, self.index, self.values.to(param.dtype))
 
-    def release(self) -> None:
+    def reread(self, param: Tensor) -> None:
+        """Take the slice's current value in ``param`` as the value to hold."""
+        if self.index.device != param.device:
+            self.index = self.index.to(param.device)
+        self.values = param.detach().index_select(self.dim, self.index).clone()
+        self.version = param._version
+
+    def _after_load(self, module: nn.Module, incompatible_keys: Any) -> None:
+        """``load_state_dict`` post-hook of the owning module: hold the loaded values."""
+        param = module._parameters.get(self.leaf) if self.leaf is not None else None
+        if param is None:
+            return
+        if param is not self.param_ref():  # load_state_dict(assign=True) replaced the parameter
+            self._detach_from_param()
+            self.param_ref = weakref.ref(param)
+            self._hook = param.register_hook(self._zero_grad)
+            _REGISTRY.setdefault(id(param), []).append(self)
+        with torch.no_grad():
+            self.reread(param)
+
+    def _detach_from_param(self) -> None:
         self._hook.remove()
         param = self.param_ref()
         holds = _REGISTRY.get(id(param), []) if param is not None else []
@@ -67,9 +111,33 @@ class _SliceHold:
             if not holds:
                 del _REGISTRY[id(param)]
 
+    def release(self) -> None:
+        self._detach_from_param()
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
+
 
 _REGISTRY: dict[int, list[_SliceHold]] = {}
-_GLOBAL_HOOK: Any = None
+_GLOBAL_HOOKS: Any = None
+
+
+def _holds_of(p: Tensor) -> list[_SliceHold]:
+    return [h for h in _REGISTRY.get(id(p), ()) if h.param_ref() is p]
+
+
+def _follow_writes_before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Step pre-hook: a held parameter written in place since its last restore (a weight load
+    that bypassed ``load_state_dict``) has new values to hold."""
+    if not _REGISTRY:
+        return
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                holds = _holds_of(p)
+                if any(h.version != p._version for h in holds):
+                    for hold in holds:
+                        hold.reread(p)
 
 
 def _restore_after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -78,15 +146,20 @@ def _restore_after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
     with torch.no_grad():
         for group in optimizer.param_groups:
             for p in group["params"]:
-                for hold in _REGISTRY.get(id(p), ()):
-                    if hold.param_ref() is p:
-                        hold.restore(p)
+                holds = _holds_of(p)
+                for hold in holds:
+                    hold.restore(p)
+                for hold in holds:  # after every restore: the step's own writes are not a load
+                    hold.version = p._version
 
 
 def _ensure_global_hook() -> None:
-    global _GLOBAL_HOOK
-    if _GLOBAL_HOOK is None:
-        _GLOBAL_HOOK = register_optimizer_step_post_hook(_restore_after_step)
+    global _GLOBAL_HOOKS
+    if _GLOBAL_HOOKS is None:
+        _GLOBAL_HOOKS = (
+            register_optimizer_step_pre_hook(_follow_writes_before_step),
+            register_optimizer_step_post_hook(_restore_after_step),
+        )
 
 
 # ----------------------------------------------------------------------------- report
@@ -155,7 +228,7 @@ def _count(model: nn.Module) -> tuple[int, int]:
             frozen += p.numel()
             continue
         held = 0
-        holds = [h for h in _REGISTRY.get(id(p), []) if h.param_ref() is p]
+        holds = _holds_of(p)
         if holds:  # union of the held rows (holds may overlap or use different dims)
             cover = torch.zeros(p.shape, dtype=torch.bool)
             for h in holds:
@@ -208,7 +281,8 @@ class _Freezer:
         if rows.numel() == p.shape[dim]:
             self.whole(name)
             return
-        hold = _SliceHold(p, dim, rows, name)
+        owner_name, _, leaf = name.rpartition(".")
+        hold = _SliceHold(p, dim, rows, name, self.model.get_submodule(owner_name), leaf)
         self.report._holds.append(hold)
         self.report.frozen.append(_describe_rows(name, dim, rows))
 

@@ -332,3 +332,69 @@ def test_fused_index_partitions_and_matches_reference_reshape(nkv, g, hd, layout
         ref_k = rearrange(pos[nh * hd : (nh + nkv) * hd], "(h d) -> h d", h=nkv)
         ref_v = rearrange(pos[(nh + nkv) * hd :], "(h d) -> h d", h=nkv)
     assert torch.equal(q, ref_q) and torch.equal(k, ref_k) and torch.equal(v, ref_v)
+
+
+# ----------------------------------------------------------------------------- held slices follow loads
+
+
+def _write_safetensors(model, path):
+    from safetensors.torch import save_model
+    save_model(model, str(path))
+
+
+def _load_plain(model, other, tmp_path):
+    model.load_state_dict(other.state_dict())
+
+
+def _load_submodule(model, other, tmp_path):  # on the block, not the top-level model
+    model.get_decoder().layers[0].load_state_dict(other.get_decoder().layers[0].state_dict())
+
+
+def _load_safetensors(model, other, tmp_path):
+    from safetensors.torch import load_model
+    _write_safetensors(other, tmp_path / "other.safetensors")
+    load_model(model, str(tmp_path / "other.safetensors"))
+
+
+def _load_assign(model, other, tmp_path):  # the parameters are replaced, not written
+    model.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=True)
+
+
+def _load_copy(model, other, tmp_path):  # in place, bypassing load_state_dict
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), other.parameters()):
+            p.copy_(q)
+
+
+LOADS = {"load_state_dict": _load_plain, "submodule": _load_submodule, "safetensors": _load_safetensors,
+         "assign": _load_assign, "copy_": _load_copy}
+
+
+@pytest.mark.parametrize(
+    "arch,load",
+    [(a, ld) for a in ("llama", "gpt2", "gpt_neox") for ld in sorted(LOADS) if ld != "submodule"]
+    + [("llama", "submodule")],  # one architecture is enough for a block-level load
+)
+def test_held_rows_follow_a_weight_load(arch, load, tmp_path):
+    """A load after freezing (or a resume) sets the held values: an lr=0 step keeps the loaded
+    rows bit-identical, and later steps hold them there."""
+    model, other = build(arch), build(arch, seed=1)
+    heads = {0: [1], 1: [0, 3]}
+    report = mitigate.freeze_attention_qk(model, heads=heads)
+    mm = mitigate.model_map(model)
+    att0 = mm.attention(mm.blocks[0])[0]
+    old = _rows(model, att0.q, [1])
+    LOADS[load](model, other, tmp_path)
+    assert not torch.equal(old, _rows(other, att0.q, [1]))  # the load changes the held rows
+    _train(model, steps=1, lr=0.0)  # lr=0: nothing may move, the held rows least of all
+    for b in mm.blocks[: 1 if load == "submodule" else None]:
+        for i, att in enumerate(mm.attention(b)):
+            for proj in "qk":
+                sl = getattr(att, proj)
+                assert torch.equal(_rows(model, sl), _rows(other, sl)), f"{arch}/{load}: {b.name} {proj}"
+    # and the hold still holds (on the new parameters after assign=True), at the loaded values
+    q_held = _rows(model, att0.q, [1])
+    _train(model, steps=2)
+    assert torch.equal(q_held, _rows(model, att0.q, [1]))
+    assert not torch.equal(_rows(other, att0.q, [0]), _rows(model, att0.q, [0]))  # head 0 trains
+    report.undo()

@@ -342,3 +342,30 @@ def assert_same(a, b, path="state"):
             assert_same(x, y, f"{path}[{i}]")
     else:
         assert a == b, path
+
+
+def _head_freeze_run(tmp_path, model, *, resume: str | None):
+    heads = Freeze(mitigate.freeze_attention_qk, kwargs={"heads": {0: [1], 1: [0, 2]}})
+    args = targs(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, optim="adamw_torch",
+                 learning_rate=5e-3, weight_decay=0.1)
+    trainer = MitigationTrainer(model=model, args=args, train_dataset=dataset(1), mitigations=[heads])
+    trainer.train(resume_from_checkpoint=resume)
+    return params_of(model)
+
+
+def test_resume_with_frozen_heads_holds_the_checkpoint_rows(tmp_path):
+    from safetensors.torch import load_file
+    # run A fine-tunes a model trained on task 0 (seed 1 here) with heads frozen; the resumed run
+    # starts, like a fresh script, from the base model (seed 0) and loads the checkpoint
+    straight = _head_freeze_run(tmp_path / "a", tiny_llama(seed=1), resume=None)
+    ckpt = tmp_path / "a" / "checkpoint-2"
+    saved = load_file(str(ckpt / "model.safetensors"))
+    base = params_of(tiny_llama(seed=0))
+    resumed = _head_freeze_run(tmp_path / "b", tiny_llama(seed=0), resume=str(ckpt))
+    q0 = "model.layers.0.self_attn.q_proj.weight"
+    held = slice(8, 16)  # query head 1 of layer 0 (head_dim 8)
+    assert not torch.equal(saved[q0][held], base[q0][held])  # the test can fail
+    assert torch.equal(resumed[q0][held], saved[q0][held])
+    assert torch.equal(straight[q0][held], saved[q0][held])
+    for n in straight:  # the whole resumed run is the straight run
+        assert torch.equal(straight[n], resumed[n]), n
