@@ -27,7 +27,9 @@ are invisible to the version counter and are undone by the next step.
 from __future__ import annotations
 
 import logging
+import numbers
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -315,16 +317,63 @@ def _tied_note(model: nn.Module, frozen_names: set[str]) -> list[str]:
 # ----------------------------------------------------------------------------- public API
 
 
-def _check_layers(layers: Any, mm: ModelMap, arg: str) -> list[int]:
-    if isinstance(layers, int) or not all(isinstance(i, int) for i in layers):
-        raise ValueError(f"{arg}={layers!r} must be a list of int layer indices, e.g. [0, 1]")
+def _is_index(x: Any) -> bool:
+    """An integer index: ``int`` (or numpy integer), never ``bool``."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _index_list(value: Any) -> list[Any] | None:
+    """``value`` as a list when it is a list/tuple/set/range, else ``None``."""
+    return list(value) if isinstance(value, (list, tuple, set, frozenset, range)) else None
+
+
+def _check_layers(layers: Any, mm: ModelMap) -> list[int]:
+    """Validate ``layers=`` of :func:`freeze_attention_qk`; sorted, de-duplicated, non-negative."""
+    items = _index_list(layers)
+    if items is None or not items or not all(_is_index(i) for i in items):
+        raise ValueError(
+            f"layers={layers!r} must be a non-empty list of int layer indices, e.g. layers=[0, 1] "
+            "(layers=None freezes every layer)"
+        )
     n = mm.num_layers
-    out = []
-    for i in layers:
+    for i in items:
         if not -n <= i < n:
-            raise ValueError(f"{arg} contains layer {i}, but the model has {n} layers (0..{n - 1})")
-        out.append(i % n)
-    return sorted(set(out))
+            raise ValueError(f"layers contains layer {i}, but the model has {n} layers (0..{n - 1}, or -{n}..-1)")
+    return sorted({int(i) % n for i in items})
+
+
+def _check_heads(heads: Any, mm: ModelMap) -> dict[int, list[int]]:
+    """Validate ``heads=`` of :func:`freeze_attention_qk` (nothing is changed on the model).
+
+    Returns:
+        ``{layer: sorted heads}`` with non-negative layer indices. Keys naming the same layer
+        (``0`` and ``-num_layers``) are merged: their heads are united.
+    """
+    example = "e.g. heads={0: [1, 3]} (layer 0, query heads 1 and 3)"
+    if not isinstance(heads, Mapping) or not heads:
+        raise ValueError(f"heads={heads!r} must be a non-empty dict {{layer: [head, ...]}}, {example}")
+    n, nh = mm.num_layers, mm.n_heads
+    by_layer: dict[int, set[int]] = {}
+    for layer, hs in heads.items():
+        if not _is_index(layer):
+            raise ValueError(f"heads has key {layer!r}; keys must be int layer indices, {example}")
+        if not -n <= layer < n:
+            raise ValueError(
+                f"heads has layer {layer}, but the model has {n} layers (0..{n - 1}, or -{n}..-1)"
+            )
+        items = _index_list(hs)
+        if items is None or not items:
+            raise ValueError(
+                f"heads[{layer}]={hs!r} must be a non-empty list of int head indices, {example}"
+            )
+        bad = [h for h in items if not (_is_index(h) and 0 <= h < nh)]
+        if bad:
+            raise ValueError(
+                f"heads[{layer}] has {bad}; heads must be ints in 0..{nh - 1} (the model has {nh} "
+                f"query heads per layer), {example}"
+            )
+        by_layer.setdefault(int(layer) % n, set()).update(int(h) for h in items)
+    return {i: sorted(hs) for i, hs in sorted(by_layer.items())}
 
 
 def freeze_bottom_layers(
@@ -389,6 +438,9 @@ def freeze_attention_qk(
         model: a Hugging Face (or PEFT-wrapped) model.
         layers: block indices (per stack; negative counts from the top); all when ``None``.
         heads: ``{layer: [head, ...]}`` to freeze only those query heads (and their K heads).
+            Keys are layer indices (negative counts from the top), values non-empty lists (or
+            tuples, sets) of query-head indices ``0..num_heads-1``. Two keys naming the same
+            layer (``0`` and ``-num_layers``) are merged: the union of their heads is frozen.
             Mutually exclusive with ``layers``.
         arch: a :func:`~mitigate.model_map` result for models outside the table.
 
@@ -396,25 +448,32 @@ def freeze_attention_qk(
         A :class:`FreezeReport`; ``report.undo()`` unfreezes.
 
     Raises:
-        ValueError: both ``layers`` and ``heads`` given, or an index out of range.
+        ValueError: both ``layers`` and ``heads`` given; ``layers`` not a non-empty list of int
+            layer indices; ``heads`` not a non-empty dict of int layer -> non-empty list of int
+            heads; a layer or head out of range; a ``bool`` where an index belongs. The message
+            names the bad value; it is raised before anything on the model changes.
         UnsupportedArchitectureError: the architecture cannot be mapped.
     """
     if layers is not None and heads is not None:
         raise ValueError("pass either layers= (whole layers) or heads= ({layer: [head, ...]}), not both")
     mm = arch or model_map(model)
+    by_layer: dict[int, list[int]] | None = None
     if heads is not None:
-        if not isinstance(heads, dict):
-            raise ValueError(f"heads={heads!r} must be a dict {{layer: [head, ...]}}")
-        chosen = _check_layers(list(heads), mm, "heads")
-        by_layer = {i % mm.num_layers: sorted(set(h)) for i, h in heads.items()}
-        for i, hs in by_layer.items():
-            bad = [h for h in hs if not (isinstance(h, int) and 0 <= h < mm.n_heads)]
-            if bad:
-                raise ValueError(f"heads[{i}] has {bad}; heads must be ints in 0..{mm.n_heads - 1}")
+        by_layer = _check_heads(heads, mm)
+        chosen = list(by_layer)
     else:
-        chosen = list(range(mm.num_layers)) if layers is None else _check_layers(list(layers), mm, "layers")
-        by_layer = None
+        chosen = list(range(mm.num_layers)) if layers is None else _check_layers(layers, mm)
     fz = _Freezer(model)
+    try:
+        _freeze_qk(fz, mm, chosen, by_layer)
+    except BaseException:
+        fz.report.undo()  # all or nothing: a failure part-way leaves the model as it was
+        raise
+    return fz.finish()
+
+
+def _freeze_qk(fz: _Freezer, mm: ModelMap, chosen: list[int], by_layer: dict[int, list[int]] | None) -> None:
+    """The body of :func:`freeze_attention_qk` once its arguments are validated."""
     gqa_noted = False
     for block in mm.blocks_at(chosen):
         for att in mm.attention(block):
@@ -432,7 +491,6 @@ def freeze_attention_qk(
         fz.report.notes.append(
             "LoRA adapters on sliced projections: their B rows and whole A matrix are frozen"
         )
-    return fz.finish()
 
 
 def _any_fused(mm: ModelMap) -> bool:
