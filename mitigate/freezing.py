@@ -14,18 +14,28 @@ therefore held exactly: a gradient hook zeroes their gradient (so moments and cl
 it) and a global optimizer step post-hook (``torch.optim.optimizer.register_optimizer_step_post_hook``)
 copies the stored values back after every step of every ``torch.optim`` optimizer, including ones
 created after the call. Frozen slices stay bit-identical.
+
+The held values follow weight loads: they are the slice's value at the last write made outside
+an optimizer step. A ``load_state_dict`` reaching the module that owns the slice (on that module
+or any parent, e.g. ``Trainer``'s ``resume_from_checkpoint``, PEFT's ``load_adapter``,
+safetensors ``load_model``) re-reads them through a post-hook (``assign=True`` moves the hold to
+the new parameter), and a step pre-hook re-reads them when the parameter's version counter shows
+an in-place write since the last restore (``param.copy_(...)``). Writes through ``param.data``
+are invisible to the version counter and are undone by the next step.
 """
 
 from __future__ import annotations
 
 import logging
+import numbers
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from mitigate.architectures import AttentionInfo, ModelMap, ProjectionSlice, model_map
 
@@ -36,15 +46,31 @@ logger = logging.getLogger(__name__)
 
 
 class _SliceHold:
-    """Keeps ``param.index_select(dim, index)`` bit-identical across optimizer steps."""
+    """Keeps ``param.index_select(dim, index)`` bit-identical across optimizer steps.
 
-    def __init__(self, param: nn.Parameter, dim: int, index: Tensor, label: str) -> None:
+    The held values are the slice's value at the last write made *outside* an optimizer step:
+    read when the hold is made, and read again after a ``load_state_dict`` that reaches the owning
+    module (``owner``, a post-hook; with ``assign=True`` the hold moves to the new parameter) and
+    before a step when the parameter's version counter shows an in-place write since the last
+    restore (``param.copy_``, safetensors ``load_model``, any loader writing in place).
+    """
+
+    def __init__(
+        self, param: nn.Parameter, dim: int, index: Tensor, label: str,
+        owner: nn.Module | None = None, leaf: str | None = None,
+    ) -> None:
         self.param_ref = weakref.ref(param)
         self.dim = dim
         self.index = index.to(param.device)
         self.label = label
+        self.leaf = leaf
         self.values = param.detach().index_select(dim, self.index).clone()
+        self.version = param._version  # in-place writes since this bump mean "re-read the values"
         self._hook = param.register_hook(self._zero_grad)
+        self._load_hook = (
+            owner.register_load_state_dict_post_hook(self._after_load)
+            if owner is not None and leaf is not None else None
+        )
         _REGISTRY.setdefault(id(param), []).append(self)
         _ensure_global_hook()
 
@@ -58,7 +84,27 @@ class _SliceHold:
             self.values = self.values.to(param.device)
         param.index_copy_(self.dim, self.index, self.values.to(param.dtype))
 
-    def release(self) -> None:
+    def reread(self, param: Tensor) -> None:
+        """Take the slice's current value in ``param`` as the value to hold."""
+        if self.index.device != param.device:
+            self.index = self.index.to(param.device)
+        self.values = param.detach().index_select(self.dim, self.index).clone()
+        self.version = param._version
+
+    def _after_load(self, module: nn.Module, incompatible_keys: Any) -> None:
+        """``load_state_dict`` post-hook of the owning module: hold the loaded values."""
+        param = module._parameters.get(self.leaf) if self.leaf is not None else None
+        if param is None:
+            return
+        if param is not self.param_ref():  # load_state_dict(assign=True) replaced the parameter
+            self._detach_from_param()
+            self.param_ref = weakref.ref(param)
+            self._hook = param.register_hook(self._zero_grad)
+            _REGISTRY.setdefault(id(param), []).append(self)
+        with torch.no_grad():
+            self.reread(param)
+
+    def _detach_from_param(self) -> None:
         self._hook.remove()
         param = self.param_ref()
         holds = _REGISTRY.get(id(param), []) if param is not None else []
@@ -67,9 +113,33 @@ class _SliceHold:
             if not holds:
                 del _REGISTRY[id(param)]
 
+    def release(self) -> None:
+        self._detach_from_param()
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
+
 
 _REGISTRY: dict[int, list[_SliceHold]] = {}
-_GLOBAL_HOOK: Any = None
+_GLOBAL_HOOKS: Any = None
+
+
+def _holds_of(p: Tensor) -> list[_SliceHold]:
+    return [h for h in _REGISTRY.get(id(p), ()) if h.param_ref() is p]
+
+
+def _follow_writes_before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Step pre-hook: a held parameter written in place since its last restore (a weight load
+    that bypassed ``load_state_dict``) has new values to hold."""
+    if not _REGISTRY:
+        return
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                holds = _holds_of(p)
+                if any(h.version != p._version for h in holds):
+                    for hold in holds:
+                        hold.reread(p)
 
 
 def _restore_after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -78,15 +148,20 @@ def _restore_after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
     with torch.no_grad():
         for group in optimizer.param_groups:
             for p in group["params"]:
-                for hold in _REGISTRY.get(id(p), ()):
-                    if hold.param_ref() is p:
-                        hold.restore(p)
+                holds = _holds_of(p)
+                for hold in holds:
+                    hold.restore(p)
+                for hold in holds:  # after every restore: the step's own writes are not a load
+                    hold.version = p._version
 
 
 def _ensure_global_hook() -> None:
-    global _GLOBAL_HOOK
-    if _GLOBAL_HOOK is None:
-        _GLOBAL_HOOK = register_optimizer_step_post_hook(_restore_after_step)
+    global _GLOBAL_HOOKS
+    if _GLOBAL_HOOKS is None:
+        _GLOBAL_HOOKS = (
+            register_optimizer_step_pre_hook(_follow_writes_before_step),
+            register_optimizer_step_post_hook(_restore_after_step),
+        )
 
 
 # ----------------------------------------------------------------------------- report
@@ -155,7 +230,7 @@ def _count(model: nn.Module) -> tuple[int, int]:
             frozen += p.numel()
             continue
         held = 0
-        holds = [h for h in _REGISTRY.get(id(p), []) if h.param_ref() is p]
+        holds = _holds_of(p)
         if holds:  # union of the held rows (holds may overlap or use different dims)
             cover = torch.zeros(p.shape, dtype=torch.bool)
             for h in holds:
@@ -208,7 +283,8 @@ class _Freezer:
         if rows.numel() == p.shape[dim]:
             self.whole(name)
             return
-        hold = _SliceHold(p, dim, rows, name)
+        owner_name, _, leaf = name.rpartition(".")
+        hold = _SliceHold(p, dim, rows, name, self.model.get_submodule(owner_name), leaf)
         self.report._holds.append(hold)
         self.report.frozen.append(_describe_rows(name, dim, rows))
 
@@ -241,16 +317,63 @@ def _tied_note(model: nn.Module, frozen_names: set[str]) -> list[str]:
 # ----------------------------------------------------------------------------- public API
 
 
-def _check_layers(layers: Any, mm: ModelMap, arg: str) -> list[int]:
-    if isinstance(layers, int) or not all(isinstance(i, int) for i in layers):
-        raise ValueError(f"{arg}={layers!r} must be a list of int layer indices, e.g. [0, 1]")
+def _is_index(x: Any) -> bool:
+    """An integer index: ``int`` (or numpy integer), never ``bool``."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _index_list(value: Any) -> list[Any] | None:
+    """``value`` as a list when it is a list/tuple/set/range, else ``None``."""
+    return list(value) if isinstance(value, (list, tuple, set, frozenset, range)) else None
+
+
+def _check_layers(layers: Any, mm: ModelMap) -> list[int]:
+    """Validate ``layers=`` of :func:`freeze_attention_qk`; sorted, de-duplicated, non-negative."""
+    items = _index_list(layers)
+    if items is None or not items or not all(_is_index(i) for i in items):
+        raise ValueError(
+            f"layers={layers!r} must be a non-empty list of int layer indices, e.g. layers=[0, 1] "
+            "(layers=None freezes every layer)"
+        )
     n = mm.num_layers
-    out = []
-    for i in layers:
+    for i in items:
         if not -n <= i < n:
-            raise ValueError(f"{arg} contains layer {i}, but the model has {n} layers (0..{n - 1})")
-        out.append(i % n)
-    return sorted(set(out))
+            raise ValueError(f"layers contains layer {i}, but the model has {n} layers (0..{n - 1}, or -{n}..-1)")
+    return sorted({int(i) % n for i in items})
+
+
+def _check_heads(heads: Any, mm: ModelMap) -> dict[int, list[int]]:
+    """Validate ``heads=`` of :func:`freeze_attention_qk` (nothing is changed on the model).
+
+    Returns:
+        ``{layer: sorted heads}`` with non-negative layer indices. Keys naming the same layer
+        (``0`` and ``-num_layers``) are merged: their heads are united.
+    """
+    example = "e.g. heads={0: [1, 3]} (layer 0, query heads 1 and 3)"
+    if not isinstance(heads, Mapping) or not heads:
+        raise ValueError(f"heads={heads!r} must be a non-empty dict {{layer: [head, ...]}}, {example}")
+    n, nh = mm.num_layers, mm.n_heads
+    by_layer: dict[int, set[int]] = {}
+    for layer, hs in heads.items():
+        if not _is_index(layer):
+            raise ValueError(f"heads has key {layer!r}; keys must be int layer indices, {example}")
+        if not -n <= layer < n:
+            raise ValueError(
+                f"heads has layer {layer}, but the model has {n} layers (0..{n - 1}, or -{n}..-1)"
+            )
+        items = _index_list(hs)
+        if items is None or not items:
+            raise ValueError(
+                f"heads[{layer}]={hs!r} must be a non-empty list of int head indices, {example}"
+            )
+        bad = [h for h in items if not (_is_index(h) and 0 <= h < nh)]
+        if bad:
+            raise ValueError(
+                f"heads[{layer}] has {bad}; heads must be ints in 0..{nh - 1} (the model has {nh} "
+                f"query heads per layer), {example}"
+            )
+        by_layer.setdefault(int(layer) % n, set()).update(int(h) for h in items)
+    return {i: sorted(hs) for i, hs in sorted(by_layer.items())}
 
 
 def freeze_bottom_layers(
@@ -315,6 +438,9 @@ def freeze_attention_qk(
         model: a Hugging Face (or PEFT-wrapped) model.
         layers: block indices (per stack; negative counts from the top); all when ``None``.
         heads: ``{layer: [head, ...]}`` to freeze only those query heads (and their K heads).
+            Keys are layer indices (negative counts from the top), values non-empty lists (or
+            tuples, sets) of query-head indices ``0..num_heads-1``. Two keys naming the same
+            layer (``0`` and ``-num_layers``) are merged: the union of their heads is frozen.
             Mutually exclusive with ``layers``.
         arch: a :func:`~mitigate.model_map` result for models outside the table.
 
@@ -322,25 +448,32 @@ def freeze_attention_qk(
         A :class:`FreezeReport`; ``report.undo()`` unfreezes.
 
     Raises:
-        ValueError: both ``layers`` and ``heads`` given, or an index out of range.
+        ValueError: both ``layers`` and ``heads`` given; ``layers`` not a non-empty list of int
+            layer indices; ``heads`` not a non-empty dict of int layer -> non-empty list of int
+            heads; a layer or head out of range; a ``bool`` where an index belongs. The message
+            names the bad value; it is raised before anything on the model changes.
         UnsupportedArchitectureError: the architecture cannot be mapped.
     """
     if layers is not None and heads is not None:
         raise ValueError("pass either layers= (whole layers) or heads= ({layer: [head, ...]}), not both")
     mm = arch or model_map(model)
+    by_layer: dict[int, list[int]] | None = None
     if heads is not None:
-        if not isinstance(heads, dict):
-            raise ValueError(f"heads={heads!r} must be a dict {{layer: [head, ...]}}")
-        chosen = _check_layers(list(heads), mm, "heads")
-        by_layer = {i % mm.num_layers: sorted(set(h)) for i, h in heads.items()}
-        for i, hs in by_layer.items():
-            bad = [h for h in hs if not (isinstance(h, int) and 0 <= h < mm.n_heads)]
-            if bad:
-                raise ValueError(f"heads[{i}] has {bad}; heads must be ints in 0..{mm.n_heads - 1}")
+        by_layer = _check_heads(heads, mm)
+        chosen = list(by_layer)
     else:
-        chosen = list(range(mm.num_layers)) if layers is None else _check_layers(list(layers), mm, "layers")
-        by_layer = None
+        chosen = list(range(mm.num_layers)) if layers is None else _check_layers(layers, mm)
     fz = _Freezer(model)
+    try:
+        _freeze_qk(fz, mm, chosen, by_layer)
+    except BaseException:
+        fz.report.undo()  # all or nothing: a failure part-way leaves the model as it was
+        raise
+    return fz.finish()
+
+
+def _freeze_qk(fz: _Freezer, mm: ModelMap, chosen: list[int], by_layer: dict[int, list[int]] | None) -> None:
+    """The body of :func:`freeze_attention_qk` once its arguments are validated."""
     gqa_noted = False
     for block in mm.blocks_at(chosen):
         for att in mm.attention(block):
@@ -358,7 +491,6 @@ def freeze_attention_qk(
         fz.report.notes.append(
             "LoRA adapters on sliced projections: their B rows and whole A matrix are frozen"
         )
-    return fz.finish()
 
 
 def _any_fused(mm: ModelMap) -> bool:

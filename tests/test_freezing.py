@@ -332,3 +332,163 @@ def test_fused_index_partitions_and_matches_reference_reshape(nkv, g, hd, layout
         ref_k = rearrange(pos[nh * hd : (nh + nkv) * hd], "(h d) -> h d", h=nkv)
         ref_v = rearrange(pos[(nh + nkv) * hd :], "(h d) -> h d", h=nkv)
     assert torch.equal(q, ref_q) and torch.equal(k, ref_k) and torch.equal(v, ref_v)
+
+
+# ----------------------------------------------------------------------------- held slices follow loads
+
+
+def _write_safetensors(model, path):
+    from safetensors.torch import save_model
+    save_model(model, str(path))
+
+
+def _load_plain(model, other, tmp_path):
+    model.load_state_dict(other.state_dict())
+
+
+def _load_submodule(model, other, tmp_path):  # on the block, not the top-level model
+    model.get_decoder().layers[0].load_state_dict(other.get_decoder().layers[0].state_dict())
+
+
+def _load_safetensors(model, other, tmp_path):
+    from safetensors.torch import load_model
+    _write_safetensors(other, tmp_path / "other.safetensors")
+    load_model(model, str(tmp_path / "other.safetensors"))
+
+
+def _load_assign(model, other, tmp_path):  # the parameters are replaced, not written
+    model.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=True)
+
+
+def _load_copy(model, other, tmp_path):  # in place, bypassing load_state_dict
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), other.parameters()):
+            p.copy_(q)
+
+
+LOADS = {"load_state_dict": _load_plain, "submodule": _load_submodule, "safetensors": _load_safetensors,
+         "assign": _load_assign, "copy_": _load_copy}
+
+
+@pytest.mark.parametrize(
+    "arch,load",
+    [(a, ld) for a in ("llama", "gpt2", "gpt_neox") for ld in sorted(LOADS) if ld != "submodule"]
+    + [("llama", "submodule")],  # one architecture is enough for a block-level load
+)
+def test_held_rows_follow_a_weight_load(arch, load, tmp_path):
+    """A load after freezing (or a resume) sets the held values: an lr=0 step keeps the loaded
+    rows bit-identical, and later steps hold them there."""
+    model, other = build(arch), build(arch, seed=1)
+    heads = {0: [1], 1: [0, 3]}
+    report = mitigate.freeze_attention_qk(model, heads=heads)
+    mm = mitigate.model_map(model)
+    att0 = mm.attention(mm.blocks[0])[0]
+    old = _rows(model, att0.q, [1])
+    LOADS[load](model, other, tmp_path)
+    assert not torch.equal(old, _rows(other, att0.q, [1]))  # the load changes the held rows
+    _train(model, steps=1, lr=0.0)  # lr=0: nothing may move, the held rows least of all
+    for b in mm.blocks[: 1 if load == "submodule" else None]:
+        for i, att in enumerate(mm.attention(b)):
+            for proj in "qk":
+                sl = getattr(att, proj)
+                assert torch.equal(_rows(model, sl), _rows(other, sl)), f"{arch}/{load}: {b.name} {proj}"
+    # and the hold still holds (on the new parameters after assign=True), at the loaded values
+    q_held = _rows(model, att0.q, [1])
+    _train(model, steps=2)
+    assert torch.equal(q_held, _rows(model, att0.q, [1]))
+    assert not torch.equal(_rows(other, att0.q, [0]), _rows(model, att0.q, [0]))  # head 0 trains
+    report.undo()
+
+
+# ----------------------------------------------------------------------------- heads= / layers= validation
+
+
+def _model_state(model):
+    """Everything a freezing call may change: flags, gradient hooks, load hooks, held slices."""
+    from mitigate.freezing import _REGISTRY
+    return (
+        {n: p.requires_grad for n, p in model.named_parameters()},
+        {n: len(p._backward_hooks or {}) for n, p in model.named_parameters()},
+        {n: len(m._load_state_dict_post_hooks) for n, m in model.named_modules()},
+        sum(len(v) for v in _REGISTRY.values()),
+    )
+
+
+BAD_QK_ARGS = [
+    (dict(heads={0: []}), r"heads\[0\]=\[\] must be a non-empty list"),
+    (dict(heads={0: 1}), r"heads\[0\]=1 must be a non-empty list"),
+    (dict(heads={0: "1"}), r"heads\[0\]='1' must be a non-empty list"),
+    (dict(heads={0: [True]}), r"heads\[0\] has \[True\]; heads must be ints in 0\.\.3"),
+    (dict(heads={0: [0, -1]}), r"heads\[0\] has \[-1\]"),
+    (dict(heads={1: [4]}), r"heads\[1\] has \[4\]"),
+    (dict(heads={0: [1.0]}), r"heads\[0\] has \[1\.0\]"),
+    (dict(heads={2: [0]}), r"heads has layer 2, but the model has 2 layers"),
+    (dict(heads={-3: [0]}), r"heads has layer -3"),
+    (dict(heads={"0": [0]}), r"heads has key '0'; keys must be int layer indices"),
+    (dict(heads={True: [0]}), r"heads has key True"),
+    (dict(heads={0.0: [0]}), r"heads has key 0\.0"),
+    (dict(heads={}), r"heads=\{\} must be a non-empty dict"),
+    (dict(heads=[0, 1]), r"heads=\[0, 1\] must be a non-empty dict"),
+    (dict(layers=0), r"layers=0 must be a non-empty list of int layer indices, e\.g\. layers=\[0, 1\]"),
+    (dict(layers=[]), r"layers=\[\] must be a non-empty list"),
+    (dict(layers=[True]), r"layers=\[True\] must be"),
+    (dict(layers=[0, "1"]), r"layers=\[0, '1'\] must be"),
+    (dict(layers=[2]), r"layers contains layer 2, but the model has 2 layers"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", BAD_QK_ARGS, ids=[repr(k) for k, _ in BAD_QK_ARGS])
+def test_bad_heads_and_layers_raise_before_any_change(kwargs, match):
+    model = build("llama")
+    held = mitigate.freeze_attention_qk(model, heads={1: [2]})  # an earlier freeze stays as it is
+    before = _model_state(model)
+    with pytest.raises(ValueError, match=match) as err:
+        mitigate.freeze_attention_qk(model, **kwargs)
+    assert "e.g." in str(err.value) or "layers (0..1" in str(err.value)  # says what to pass
+    assert _model_state(model) == before
+    held.undo()
+
+
+def test_heads_naming_one_layer_twice_are_merged():
+    model, ref = build("llama"), build("llama")
+    report = mitigate.freeze_attention_qk(model, heads={0: [0], -2: [1]})  # -2 is layer 0
+    ref_report = mitigate.freeze_attention_qk(ref, heads={0: [0, 1]})
+    assert report.frozen == ref_report.frozen
+    assert (report.num_frozen, report.num_trainable) == (ref_report.num_frozen, ref_report.num_trainable)
+    q = model.model.layers[0].self_attn.q_proj.weight
+    before = q.detach().clone()
+    _train(model, steps=2)
+    assert torch.equal(q[:16], before[:16])  # query heads 0 and 1 (head_dim 8)
+    assert not torch.equal(q[16:], before[16:])
+    report.undo()
+    ref_report.undo()
+
+
+@settings(max_examples=20, deadline=None)
+@given(heads=st.dictionaries(
+    st.integers(-2, 1), st.lists(st.integers(0, 3), min_size=1, max_size=4), min_size=1, max_size=4))
+def test_any_valid_heads_hold_exactly_those_rows(heads):
+    """Tiny Llama: 2 layers, 4 query heads and 2 K heads of head_dim 8; query head h shares K head
+    h // 2. After AdamW steps (weight decay moves every free element) exactly the rows of the
+    named heads are unchanged, in the named layers only."""
+    model = build("llama")
+    report = mitigate.freeze_attention_qk(model, heads=heads)
+    try:
+        want: dict[int, set[int]] = {0: set(), 1: set()}
+        for layer, hs in heads.items():
+            want[layer % 2].update(hs)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        _train(model, steps=1)
+        for n, p in model.named_parameters():
+            moved = (p.detach() != before[n])
+            expect = torch.ones_like(moved)
+            for layer in (0, 1):
+                if n == f"model.layers.{layer}.self_attn.q_proj.weight":
+                    for h in want[layer]:
+                        expect[8 * h : 8 * h + 8] = False
+                if n == f"model.layers.{layer}.self_attn.k_proj.weight":
+                    for h in want[layer]:
+                        expect[8 * (h // 2) : 8 * (h // 2) + 8] = False
+            assert torch.equal(moved, expect), (n, heads)
+    finally:
+        report.undo()

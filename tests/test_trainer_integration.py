@@ -342,3 +342,84 @@ def assert_same(a, b, path="state"):
             assert_same(x, y, f"{path}[{i}]")
     else:
         assert a == b, path
+
+
+def _head_freeze_run(tmp_path, model, *, resume: str | None):
+    heads = Freeze(mitigate.freeze_attention_qk, kwargs={"heads": {0: [1], 1: [0, 2]}})
+    args = targs(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, optim="adamw_torch",
+                 learning_rate=5e-3, weight_decay=0.1)
+    trainer = MitigationTrainer(model=model, args=args, train_dataset=dataset(1), mitigations=[heads])
+    trainer.train(resume_from_checkpoint=resume)
+    return params_of(model)
+
+
+def test_resume_with_frozen_heads_holds_the_checkpoint_rows(tmp_path):
+    from safetensors.torch import load_file
+    # run A fine-tunes a model trained on task 0 (seed 1 here) with heads frozen; the resumed run
+    # starts, like a fresh script, from the base model (seed 0) and loads the checkpoint
+    straight = _head_freeze_run(tmp_path / "a", tiny_llama(seed=1), resume=None)
+    ckpt = tmp_path / "a" / "checkpoint-2"
+    saved = load_file(str(ckpt / "model.safetensors"))
+    base = params_of(tiny_llama(seed=0))
+    resumed = _head_freeze_run(tmp_path / "b", tiny_llama(seed=0), resume=str(ckpt))
+    q0 = "model.layers.0.self_attn.q_proj.weight"
+    held = slice(8, 16)  # query head 1 of layer 0 (head_dim 8)
+    assert not torch.equal(saved[q0][held], base[q0][held])  # the test can fail
+    assert torch.equal(resumed[q0][held], saved[q0][held])
+    assert torch.equal(straight[q0][held], saved[q0][held])
+    for n in straight:  # the whole resumed run is the straight run
+        assert torch.equal(straight[n], resumed[n]), n
+
+
+def test_agem_memory_carries_into_a_next_task_trainer_that_freezes(tmp_path):
+    """Task 0 with A-GEM, task 1 with the same A-GEM spec plus Freeze: the memory (batches) carries
+    over and projects the gradient of the parameters that still train."""
+    model = tiny_llama()
+    proj = OptimizerMitigation(mitigate.GradientProjection, mode="agem")
+    task0 = MitigationTrainer(model=model, args=targs(tmp_path / "t0"), train_dataset=dataset(0), mitigations=[proj])
+    with pytest.warns(UserWarning, match="before any remember"):  # task 0: nothing to project yet
+        task0.train()
+    task0.end_task(dataset(0), max_batches=2)
+    first = proj.wrapper
+    assert first.stats()["memory_batches"] == 2
+    freeze = Freeze(mitigate.freeze_bottom_layers, (1,))
+    task1 = MitigationTrainer(model=model, args=targs(tmp_path / "t1"), train_dataset=dataset(1),
+                              mitigations=[proj, freeze])
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and any(".layers.0." in n for n in frozen)
+    before = params_of(model)
+    task1.train()
+    second = proj.wrapper
+    assert second is not first
+    stats = second.stats()
+    assert stats["memory_batches"] == 2 and stats["tasks"] == 1 and stats["steps"] == 8
+    assert stats["mean_cosine"] != 0.0  # reference gradients were computed from the memory
+    assert_same(second.memory, first.memory)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert second.parameter_names == trainable  # the reference gradient is over these now
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) == (n in frozen), n
+    task1.end_task(dataset(1), max_batches=2)  # remembering under the freeze works too
+    assert second.stats()["memory_batches"] == 4
+
+
+def test_agem_cached_reference_follows_a_freeze_by_name():
+    """The cached reference gradient (ref_every > 1) keeps the segments of the parameters that
+    still train, by name, instead of being refused or recomputed."""
+    model = tiny_llama()
+    batch = {k: torch.tensor(v) for k, v in dataset(0, 4)[:4].items()}
+    opt = mitigate.GradientProjection(torch.optim.SGD(model.parameters(), lr=0.0), mode="agem", ref_every=3)
+    opt.remember(model, [batch])
+    model(**batch).loss.backward()
+    opt.step()
+    names = opt.parameter_names
+    sizes = [p.numel() for _, p in model.named_parameters()]
+    cached = dict(zip(names, opt._ref.split(sizes)))
+    mitigate.freeze_bottom_layers(model, 1)  # embeddings and block 0 stop training
+    opt.zero_grad()
+    model(**batch).loss.backward()
+    opt.step()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert opt.parameter_names == trainable and len(trainable) < len(names)
+    assert opt._ref_age == 2  # the cache was used, not recomputed
+    assert torch.equal(opt._ref, torch.cat([cached[n] for n in trainable]))

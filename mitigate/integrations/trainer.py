@@ -152,6 +152,10 @@ class OptimizerMitigation:
 class Freeze:
     """A freezing function to apply to the model before the optimizer is built.
 
+    It runs in the Trainer's ``__init__``, before ``train(resume_from_checkpoint=...)`` loads the
+    checkpoint's weights; slices held by :func:`mitigate.freeze_attention_qk` (single heads,
+    fused QKV rows) then hold the loaded values, not the ones at ``__init__``.
+
     Args:
         fn: ``fn(model, *args, **kwargs) -> FreezeReport``, e.g. :func:`mitigate.freeze_bottom_layers`.
         args: positional arguments after the model.

@@ -32,8 +32,10 @@ parameter tensor separately instead. Arithmetic is float32 (float64 stays float6
 no host synchronisation (statistics are accumulated on the device).
 
 Faults: a non-finite gradient (fp16 overflow) is passed to the base optimizer untouched and
-counted; ``step()`` with nothing remembered is a no-op (one warning); a memory/basis recorded for
-other parameter names or shapes raises :class:`~mitigate.errors.StateMismatchError`.
+counted; ``step()`` with nothing remembered is a no-op (one warning); an OGD basis recorded for
+other parameter names or shapes, or an agem/pcgrad memory for other shapes, raises
+:class:`~mitigate.errors.StateMismatchError`. The agem/pcgrad memory holds batches: it follows
+parameters frozen or unfrozen since (a next task's ``Freeze``), the cached reference by name.
 
 Modes and side effects: memory gradients (agem/pcgrad, at step time) are taken in the model's
 current train/eval mode; OGD directions (at ``remember()``) in eval mode. Neither changes the
@@ -715,6 +717,9 @@ class GradientProjection(OptimizerWrapper):
         added = [n for n in current if n not in saved]
         reshaped = [f"{n} {list(saved[n])}->{list(current[n])}"
                     for n in saved if n in current and saved[n] != current[n]]
+        if self.config.mode != "ogd" and not reshaped:  # frozen/unfrozen parameters: the memory holds batches
+            self._follow_parameters(current)
+            return
         order = list(saved) != [n for n in current if n in saved]
         raise StateMismatchError(
             "GradientProjection memory/basis was recorded for other parameters: "
@@ -722,6 +727,31 @@ class GradientProjection(OptimizerWrapper):
             + (", order changed" if order else "")
             + "; rebuild the wrapper (or remember() again) for the changed model"
         )
+
+    def _follow_parameters(self, current: dict[str, tuple[int, ...]]) -> None:
+        """agem/pcgrad, after parameters were frozen or unfrozen (same shapes where names match).
+
+        The replay memory holds batches, valid for any parameter set, and carries over. The cached
+        reference gradient is per parameter: its segments are kept by name, or it is recomputed
+        at the next step when a parameter is new (or the vector is an FSDP2 shard).
+
+        Args:
+            current: name -> shape of the parameters selected now, in model order.
+        """
+        saved = self._signature
+        assert saved is not None
+        if self._ref is not None:
+            sizes = [torch.Size(shape).numel() for shape in saved.values()]
+            if self._sharded or any(n not in saved for n in current) or self._ref.numel() != sum(sizes):
+                self._ref = None
+            else:
+                parts = dict(zip(saved, self._ref.split(sizes)))
+                self._ref = torch.cat([parts[n] for n in current])
+        logger.info(
+            "GradientProjection(mode=%r): the selected parameters changed (%d -> %d tensors); the "
+            "replay memory carries over", self.config.mode, len(saved), len(current),
+        )
+        self._signature = dict(current)
 
     # ------------------------------------------------------------------ remember
 
