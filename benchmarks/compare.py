@@ -90,7 +90,7 @@ from benchmarks.scenario import Scenario, ScenarioUnavailable, Task
 log = logging.getLogger("benchmarks.compare")
 
 PRESETS = ("micro", "quick", "default")
-SCENARIOS = ("biography", "smollm2")
+SCENARIOS = ("biography", "smollm2", "lm")  # lm: --model DIR --tasks FILE ... (benchmarks/lm_tasks.py)
 
 # ============================================================================ configuration
 
@@ -118,6 +118,15 @@ class BenchConfig:
     threads: int | None = None
     lora: bool = False
     workers: int | None = None  # None: 2 on a CPU with >= 2 cores (one thread each), else 1
+    # scenario "lm" (--model DIR --tasks a.jsonl b.jsonl ...): your model and task files
+    model: str | None = None
+    tasks: list[str] | None = None
+    eval_fraction: float = 0.2
+    general: str | None = None
+    steps_per_task: int | None = None  # None: 3 epochs of the later tasks' mean training rows
+    task0_steps: int | None = None  # None: 3 epochs of Task 0; 0: the model already knows Task 0
+    lr: float | None = None  # None: 1e-4 (full fine-tuning) / 1e-3 (LoRA)
+    batch_size: int = 8
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
@@ -128,8 +137,17 @@ class BenchConfig:
             raise ValueError(f"seeds={self.seeds} must be >= 1")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device={self.device!r}: use auto, cpu or cuda")
-        if self.lora and self.scenario != "smollm2":
-            raise ValueError("lora=True is only for --scenario smollm2 (biography trains every weight)")
+        if self.lora and self.scenario == "biography":
+            raise ValueError("lora=True is for --scenario smollm2 or --model (biography trains every weight)")
+        if (self.scenario == "lm") != (self.model is not None):
+            raise ValueError("--model DIR and --tasks FILE ... go together (scenario 'lm'); "
+                             f"got scenario={self.scenario!r}, model={self.model!r}")
+        if self.scenario == "lm":
+            self.lm_files()  # validates --tasks / --eval-fraction before anything runs
+            for name in ("steps_per_task", "task0_steps"):
+                v = getattr(self, name)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "task0_steps" else 1)):
+                    raise ValueError(f"{name}={v!r} must be a positive int (task0_steps: >= 0)")
         if not self.recovery_lr_scale > 0:
             raise ValueError(f"recovery_lr_scale={self.recovery_lr_scale} must be > 0")
         if self.ref_every < 0:
@@ -141,6 +159,28 @@ class BenchConfig:
             self.methods = M.default_methods(self.scenario, self.preset)
         for name in self.methods:
             M.get(name)  # raises ValueError naming the registered methods
+
+    def lm_files(self):
+        """The task files of an ``lm`` run (:class:`benchmarks.lm_tasks.TaskFiles`)."""
+        from benchmarks.lm_tasks import TaskFiles
+
+        return TaskFiles(paths=list(self.tasks or []), eval_fraction=self.eval_fraction,
+                         general=self.general)
+
+    def lm_settings(self, described: dict):
+        """Training settings of an ``lm`` run (:class:`benchmarks.lm_tasks.LMSettings`); step
+        counts default to 3 epochs of the training rows in ``described["tasks"]``."""
+        from benchmarks.lm_tasks import LORA_DEFAULT, LMSettings
+
+        rows = [t["train_examples"] for t in described["tasks"]]
+        epochs = 1 if self.preset in ("micro", "quick") else 3
+        steps = self.steps_per_task or max(1, math.ceil(epochs * statistics.fmean(rows[1:]) / self.batch_size))
+        task0 = self.task0_steps if self.task0_steps is not None else max(1, math.ceil(epochs * rows[0] / self.batch_size))
+        lr = self.lr or (1e-3 if self.lora else 1e-4)
+        return LMSettings(steps_per_task=steps, task0_steps=task0, batch_size=self.batch_size,
+                          lr=1e-4 if self.lora else lr, lora_lr=lr if self.lora else 1e-3,
+                          lora=dict(LORA_DEFAULT) if self.lora else None,
+                          curve_steps=min(100, steps), curve_every=max(1, min(10, steps // 5)))
 
     @property
     def diag(self) -> dict[str, int]:
@@ -194,6 +234,24 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig | None:
                         "1 for biography)")
     p.add_argument("--lora", action="store_true", help="smollm2: fine-tune with LoRA adapters")
     p.add_argument("--list", action="store_true", help="list the methods and exit")
+    p.add_argument("--model", default=None,
+                   help="a local Hugging Face causal LM directory (save_pretrained): run the "
+                        "methods on it and --tasks (scenario 'lm', see benchmarks/lm_tasks.py)")
+    p.add_argument("--tasks", nargs="+", default=None, metavar="FILE.jsonl",
+                   help="with --model: Task 0's file, then the later tasks' (rows of "
+                        "prompt/answer or text)")
+    p.add_argument("--eval-fraction", type=float, default=0.2,
+                   help="with --model: share of each task file held out and scored")
+    p.add_argument("--general", default=None, metavar="FILE.jsonl",
+                   help="with --model: text rows for the general-capability NLL (default: "
+                        "stdlib docstring prose)")
+    p.add_argument("--steps-per-task", type=int, default=None,
+                   help="with --model: steps per later task (default: 3 epochs; quick: 1)")
+    p.add_argument("--task0-steps", type=int, default=None,
+                   help="with --model: Task 0 steps (default: 3 epochs; 0: the model already knows it)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="with --model: AdamW lr (default 1e-4, LoRA 1e-3)")
+    p.add_argument("--batch-size", type=int, default=8, help="with --model: batch size")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes over methods x seeds, one thread each (default: 2 on a "
                         "CPU with >= 2 cores, 1 on CUDA); workers import benchmarks.methods afresh, "
@@ -214,7 +272,10 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig | None:
             p.error(f"--hp {item!r}: expected method.key=value")
         hp[key] = _parse_value(value)
     cfg = BenchConfig(
-        scenario=a.scenario, preset=preset, methods=None if a.methods is None else [m for m in a.methods.split(",") if m],
+        scenario="lm" if a.model is not None or a.tasks is not None else a.scenario, preset=preset,
+        model=a.model, tasks=a.tasks, eval_fraction=a.eval_fraction, general=a.general,
+        steps_per_task=a.steps_per_task, task0_steps=a.task0_steps, lr=a.lr,
+        batch_size=a.batch_size, methods=None if a.methods is None else [m for m in a.methods.split(",") if m],
         seeds=a.seeds, seed_base=a.seed_base, device=a.device, run=a.run, out=a.out,
         cache_dir=a.cache_dir, hp=hp, recovery_steps=a.recovery_steps,
         recovery_lr_scale=a.recovery_lr_scale,
@@ -241,6 +302,12 @@ def describe(cfg: BenchConfig) -> dict[str, Any]:
         from benchmarks import biography
 
         d = biography.describe(cfg.preset)
+    elif cfg.scenario == "lm":
+        from benchmarks import lm_tasks
+
+        d = lm_tasks.describe(cfg.lm_files(), cfg.seed_base)
+        st = cfg.lm_settings(d)
+        d.update(steps_per_task=st.steps_per_task, task0_steps=st.task0_steps, model=cfg.model)
     else:
         from benchmarks import smollm2
 
@@ -265,9 +332,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_scenario(name: str, preset: str, cache_dir: str, seed: int, lora: bool = False
-                  ) -> Scenario:
-    """Build a scenario; :class:`ScenarioUnavailable` when its optional dependencies are missing."""
+def load_scenario(name: str, preset: str, cache_dir: str, seed: int, lora: bool = False,
+                  cfg: BenchConfig | None = None) -> Scenario:
+    """Build a scenario; :class:`ScenarioUnavailable` when its optional dependencies are missing
+    (``lm`` needs ``cfg``: its model and task files)."""
+    if name == "lm":
+        from benchmarks import lm_tasks
+
+        if cfg is None:
+            raise ValueError("scenario 'lm' needs the run's BenchConfig (--model and --tasks)")
+        files = cfg.lm_files()
+        settings = cfg.lm_settings(lm_tasks.describe(files, seed))
+        return lm_tasks.build_scenario(cfg.model, files, settings, seed)
     if name == "biography":
         from benchmarks import biography
 
@@ -701,7 +777,7 @@ def _method_hp(method: M.Method, overrides: dict[str, Any]) -> dict[str, Any]:
 
 def _prepare_seed(cfg: BenchConfig, seed: int, device: torch.device) -> tuple[Scenario, nn.Module]:
     """The scenario and Task-0 model of ``seed`` (built or loaded from the cache)."""
-    scenario = load_scenario(cfg.scenario, cfg.preset, cfg.cache_dir, seed, cfg.lora)
+    scenario = load_scenario(cfg.scenario, cfg.preset, cfg.cache_dir, seed, cfg.lora, cfg)
     if device.type == "cpu" and not cfg.threads and scenario.cpu_threads:
         torch.set_num_threads(scenario.cpu_threads)
     return scenario, task0_model(scenario, cfg.cache_dir, seed, device)

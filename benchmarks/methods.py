@@ -469,6 +469,8 @@ DEFAULT_METHODS = ("seq", "freeze-bottom", "freeze-qk", "agem", "ogd", "curvatur
 # planned (probes every candidate plan on a copy); name them with --methods to run them anyway.
 SCENARIO_DEFAULT_METHODS: dict[tuple[str, str], tuple[str, ...]] = {
     ("smollm2", "quick"): ("seq", "freeze-bottom", "freeze-qk", "agem", "ewc", "clip", "replay", "lrcp"),
+    # your own model (--model): the same eight on --quick; every method otherwise
+    ("lm", "quick"): ("seq", "freeze-bottom", "freeze-qk", "agem", "ewc", "clip", "replay", "lrcp"),
 }
 
 

@@ -57,7 +57,6 @@ LoRA step ~2.2 s; evaluating the three tasks ~10 s and the retention checks ~10 
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import logging
 import os
@@ -71,8 +70,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.biography import answer_accuracy
-from benchmarks.scenario import Scenario, ScenarioUnavailable, Task, pad_batch
+from benchmarks.lm_tasks import LMSettings, TaskData, TextRetention, assemble_scenario
+from benchmarks.scenario import Scenario, ScenarioUnavailable, pad_batch
 from benchmarks.stdlib_text import passage_set_id, stdlib_passages
 from mitigate._utils import model_device
 
@@ -324,16 +323,6 @@ def extraction_examples(n: int, rng: random.Random, exclude: set[str] | None = N
     if len(out) < n:
         raise ValueError(f"could only draw {len(out)} distinct extraction examples, asked {n}")
     return out
-
-
-@dataclass
-class TaskData:
-    """Generated text of one task: training pairs and named evaluation sets (``"accuracy"``
-    is computed on ``evals["main"]``; every other entry is reported under its own name)."""
-
-    name: str
-    train: list[QA]
-    evals: dict[str, list[QA]]
 
 
 def _arithmetic(cfg: SmolConfig, rng: random.Random) -> TaskData:
@@ -664,58 +653,6 @@ def fact_probe(model: nn.Module, tokenizer, facts: Sequence[QA]) -> float:
     return sum(hits) / len(hits)
 
 
-class TextRetention:
-    """Next-token NLL and top-1 accuracy of a model on fixed text (lower NLL: more retained).
-
-    ``nll = mean_t -log p(x_t | x_<t)`` over every predicted token of every passage (token
-    weighted), ``top1 = mean_t [argmax p(· | x_<t) = x_t]``. Both come from one pass; the last
-    result is kept for a model whose parameters are unchanged (checked by a checksum of every
-    parameter), so asking for ``nll`` then ``top1`` costs one pass.
-
-    Args:
-        batches: right-padded batches with ``input_ids``, ``attention_mask`` and ``labels``
-            (-100 on padding).
-    """
-
-    def __init__(self, batches: list[dict[str, torch.Tensor]]) -> None:
-        self.batches = batches
-        self._last: tuple[tuple, dict[str, float]] | None = None
-
-    @staticmethod
-    def _fingerprint(model: nn.Module) -> tuple:
-        with torch.no_grad():
-            total = sum(float(p.double().sum()) for p in model.parameters())
-        return id(model), total
-
-    @torch.no_grad()
-    def measure(self, model: nn.Module) -> dict[str, float]:
-        """``{"nll": ..., "top1": ...}`` of ``model`` (train/eval mode restored)."""
-        key = self._fingerprint(model)
-        if self._last is not None and self._last[0] == key:
-            return dict(self._last[1])
-        was_training = model.training
-        model.eval()
-        device = model_device(model)
-        nll = hits = count = 0.0
-        try:
-            for batch in self.batches:
-                ids = batch["input_ids"].to(device)
-                logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)
-                               ).logits[:, :-1].float()  # (B, L-1, V)
-                target = batch["labels"][:, 1:].to(device)  # (B, L-1)
-                keep = target != -100
-                logp = torch.log_softmax(logits, -1)
-                tok = -logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-                nll += float(tok[keep].sum())
-                hits += float((logits.argmax(-1) == target)[keep].sum())
-                count += float(keep.sum())
-        finally:
-            model.train(was_training)
-        result = {"nll": nll / max(count, 1.0), "top1": hits / max(count, 1.0)}
-        self._last = (key, result)
-        return dict(result)
-
-
 def text_batches(tokenizer, passages: Sequence[str], tokens: int, batch_size: int
                  ) -> list[dict[str, torch.Tensor]]:
     """Language-modelling batches of the first ``tokens`` tokens of each passage."""
@@ -751,33 +688,6 @@ def build_from_model(base: nn.Module, tokenizer, cfg: SmolConfig, seed: int, *,
         The :class:`Scenario` (``first_task_pretrained=False``: the harness trains Task 0).
     """
     codec = ChatCodec(tokenizer, chat=cfg.chat, max_length=cfg.max_length)
-    rng = random.Random(seed)
-    tasks = []
-    for data in generate_tasks(cfg, seed):
-        train = codec.batches(data.train, cfg.batch_size, random.Random(rng.random()))
-        evals = {k: codec.batches(v, cfg.eval_batch_size) for k, v in data.evals.items()}
-        pick = random.Random(rng.random())
-        probe = codec.batches(pick.sample(data.evals["main"],
-                                          min(cfg.probe_examples, len(data.evals["main"]))),
-                              cfg.probe_examples)
-        # recovery examples the evaluation does not score (people: facts outside the eval sample)
-        evaluated = set(data.evals["main"])
-        pool = sorted(set(data.train) - evaluated)
-        if len(pool) < cfg.recovery_examples:
-            pool = sorted(set(data.train))
-        recovery = codec.batches(pick.sample(pool, min(cfg.recovery_examples, len(pool))),
-                                 cfg.recovery_examples)
-
-        def evaluate(model: nn.Module, _evals=evals) -> dict[str, float]:
-            out = answer_accuracy(model, _evals["main"], codec.end_id)
-            for key, batches in _evals.items():
-                if key != "main":
-                    out[key] = answer_accuracy(model, batches, codec.end_id)["accuracy"]
-            return out
-
-        tasks.append(Task(name=data.name, train=train, evaluate=evaluate, probe=probe,
-                          recovery=recovery))
-
     passages = stdlib_passages(cfg.stdlib_passages)
     retention = TextRetention(text_batches(tokenizer, passages, cfg.stdlib_tokens,
                                            cfg.eval_batch_size))
@@ -791,40 +701,27 @@ def build_from_model(base: nn.Module, tokenizer, cfg: SmolConfig, seed: int, *,
     else:
         log.warning("the starting model answers none of the %d probe facts: no fact_probe",
                     len(FACTS))
-
-    def model_factory() -> nn.Module:
-        return copy.deepcopy(base).float().train()
-
+    settings = LMSettings(
+        steps_per_task=cfg.steps_per_task, task0_steps=cfg.task0_steps, batch_size=cfg.batch_size,
+        eval_batch_size=cfg.eval_batch_size, lr=cfg.lr, lora_lr=cfg.lora_lr,
+        lora=dict(LORA_CONFIG, target_modules=list(LORA_CONFIG["target_modules"])) if lora else None,
+        curve_every=cfg.curve_every, curve_steps=cfg.curve_steps, probe_examples=cfg.probe_examples,
+        recovery_examples=cfg.recovery_examples,
+        cka_token_norm=True,  # massive activations: layer 15's first token ~25 000 vs ~100
+    )
     lr = cfg.lora_lr if lora else cfg.lr
     config = {"scenario": name, "seed": seed, "lora": lora, **asdict(cfg),
               "tasks": list(cfg.tasks), "model": model_meta or {},
               "stdlib_set": passage_set_id(passages), "stdlib_count": len(passages),
               "python": f"{sys.version_info.major}.{sys.version_info.minor}",
               "facts_known": len(facts), "version": 1}
-    return Scenario(
-        name=name,
-        model_factory=model_factory,
-        tasks=tasks,
-        steps_per_task=cfg.steps_per_task,
-        lr=lr,
-        extra_evals=extra,
-        first_task_pretrained=False,
-        lora=(dict(LORA_CONFIG, target_modules=list(LORA_CONFIG["target_modules"]))
-              if lora else None),
-        notes=(f"{name}: {' -> '.join(cfg.tasks)}, {cfg.steps_per_task} steps/task at lr {lr:g} "
-               f"({'LoRA r=8' if lora else 'full fine-tuning'}), batch {cfg.batch_size}; "
-               f"retention on {len(passages)} stdlib passages and {len(facts)}/{len(FACTS)} "
-               "known facts"),
-        task0_steps=cfg.task0_steps,
-        task0_curve_every=cfg.curve_every,
-        task0_curve_steps=cfg.curve_steps,
-        config=config,
-        # One thread: on a dedicated 2-core machine two threads are ~1.7x faster, but on a shared
-        # one (CI runners, several jobs) their hand-offs made a step 4x slower (3.7 s -> 15 s).
-        cpu_threads=1,
-        full_lr=cfg.lr,  # the recovery probe trains every weight of a merged copy, LoRA or not
-        cka_token_norm=True,  # massive activations: layer 15's first token ~25 000 vs ~100
-    )
+    notes = (f"{name}: {' -> '.join(cfg.tasks)}, {cfg.steps_per_task} steps/task at lr {lr:g} "
+             f"({'LoRA r=8' if lora else 'full fine-tuning'}), batch {cfg.batch_size}; "
+             f"retention on {len(passages)} stdlib passages and {len(facts)}/{len(FACTS)} "
+             "known facts")
+    # the recovery probe trains every weight of a merged copy, LoRA or not: full_lr = cfg.lr
+    return assemble_scenario(base, codec, generate_tasks(cfg, seed), settings, name=name, seed=seed,
+                             extra_evals=extra, config=config, notes=notes, full_lr=cfg.lr)
 
 
 def describe(preset: str | SmolConfig = "reduced", seed: int = 0, **overrides) -> dict:
