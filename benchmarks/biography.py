@@ -165,6 +165,9 @@ class BiographyConfig:
         qa_fraction: share of QA examples in the batches of tasks 1..T (rest: biographies).
         curve_every / curve_steps: Task-0 evaluation cadence over the first steps of Task 1.
         probe_examples / recovery_examples: sizes of the diagnostic and recovery sets.
+        tune_fraction: share of each population's held-out half kept as *tuning* people
+            (``Task.tune_evaluate``; hyperparameters are chosen on them, never on the test
+            people that ``Task.evaluate`` scores). 0: no tuning split.
     """
 
     population: int = 200
@@ -187,8 +190,11 @@ class BiographyConfig:
     curve_steps: int = 150
     probe_examples: int = 32
     recovery_examples: int = 10
+    tune_fraction: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.tune_fraction < 1.0:
+            raise ValueError(f"tune_fraction={self.tune_fraction} must be in [0, 1) (0: no tuning people)")
         if self.population < 4 or self.population % 2:
             raise ValueError(f"population={self.population} must be an even number >= 4")
         if self.num_new_tasks < 1:
@@ -235,7 +241,7 @@ PRESETS: dict[str, BiographyConfig] = {
         population=16, num_new_tasks=1, bios_per_person=2, hidden_size=32, num_layers=2,
         num_heads=2, intermediate_size=64, pretrain_steps=30, pretrain_batch=16, task0_steps=10,
         steps_per_task=8, batch_size=8, curve_every=4, curve_steps=8, probe_examples=8,
-        recovery_examples=4,
+        recovery_examples=4, tune_fraction=0.25,
     ),
     # under 3 minutes for every method on 2 CPU cores (seq keeps ~35-40% of Task 0)
     "quick": BiographyConfig(
@@ -337,6 +343,13 @@ class BiographyData:
         """(QA-trained half, held-out evaluation half) of population ``t``."""
         pop = self.populations[t]
         return pop[: len(pop) // 2], pop[len(pop) // 2 :]
+
+    def tune_test_split(self, t: int, tune_fraction: float) -> tuple[list[Person], list[Person]]:
+        """(tuning people, test people): the held-out half of population ``t`` cut in two, the
+        first ``round(tune_fraction · n)`` people for tuning (none when 0)."""
+        held = self.qa_split(t)[1]
+        k = round(tune_fraction * len(held))
+        return held[:k], held[k:]
 
     def to_json(self) -> dict:
         return {"populations": [[asdict(p) for p in pop] for pop in self.populations],
@@ -584,14 +597,20 @@ def describe(preset: str | BiographyConfig = "quick", **overrides) -> dict:
     """
     cfg = resolve_config(preset, **overrides)
     per_person = len(ATTRIBUTES)
-    tasks = [{"name": "task0", "eval_items": (cfg.population - cfg.population // 2) * per_person,
+    def held(n: int) -> tuple[int, int]:  # (test, tuning) items of a population of n
+        k = round(cfg.tune_fraction * (n - n // 2))
+        return (n - n // 2 - k) * per_person, k * per_person
+
+    test0, tune0 = held(cfg.population)
+    tasks = [{"name": "task0", "eval_items": test0, "tune_items": tune0,
               "train_examples": cfg.population // 2 * per_person}]
     n = cfg.new_population_size
     for t in range(1, cfg.num_new_tasks + 1):
         qa = n // 2 * per_person
         bios = n * cfg.bios_per_person
         mixed = qa if cfg.qa_fraction >= 1 else bios + max(1, round(bios * cfg.qa_fraction / (1 - cfg.qa_fraction)))
-        tasks.append({"name": f"task{t}", "eval_items": (n - n // 2) * per_person, "train_examples": mixed})
+        test, tune = held(n)
+        tasks.append({"name": f"task{t}", "eval_items": test, "tune_items": tune, "train_examples": mixed})
     return {"tasks": tasks, "general": [], "steps_per_task": cfg.steps_per_task, "task0_steps": cfg.task0_steps}
 
 
@@ -656,9 +675,11 @@ def build_scenario(preset: str | BiographyConfig = "quick", cache_dir: str | Pat
     rng = random.Random(seed + 1)
     tasks = []
     for t in range(cfg.num_new_tasks + 1):
-        train_people, eval_people = data.qa_split(t)
+        train_people = data.qa_split(t)[0]
+        tune_people, eval_people = data.tune_test_split(t, cfg.tune_fraction)
         qa_train = _qa_examples(codec, train_people)
         qa_eval = _qa_examples(codec, eval_people)
+        qa_tune = _qa_examples(codec, tune_people)
         if t == 0:
             train_examples = qa_train
         else:
@@ -680,8 +701,13 @@ def build_scenario(preset: str | BiographyConfig = "quick", cache_dir: str | Pat
         def evaluate(model: nn.Module, _b=eval_batches) -> dict[str, float]:
             return answer_accuracy(model, _b, codec.eos_id)
 
+        tune_evaluate = None
+        if qa_tune:
+            def tune_evaluate(model: nn.Module, _b=codec.batches(qa_tune, 256)) -> dict[str, float]:
+                return answer_accuracy(model, _b, codec.eos_id)
+
         tasks.append(Task(name=f"task{t}", train=train, evaluate=evaluate, probe=probe,
-                          recovery=recovery))
+                          recovery=recovery, tune_evaluate=tune_evaluate))
 
     return Scenario(
         name="biography",

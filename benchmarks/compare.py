@@ -127,6 +127,10 @@ class BenchConfig:
     task0_steps: int | None = None  # None: 3 epochs of Task 0; 0: the model already knows Task 0
     lr: float | None = None  # None: 1e-4 (full fine-tuning) / 1e-3 (LoRA)
     batch_size: int = 8
+    # "test": score the test items (what tables report); "tune": score the tuning items instead
+    # (benchmarks/tune.py chooses hyperparameters on these, never on the test items)
+    evaluate_on: str = "test"
+    tuned: str | None = None  # a tune.py result file whose chosen hyperparameters to apply
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
@@ -139,6 +143,8 @@ class BenchConfig:
             raise ValueError(f"device={self.device!r}: use auto, cpu or cuda")
         if self.lora and self.scenario == "biography":
             raise ValueError("lora=True is for --scenario smollm2 or --model (biography trains every weight)")
+        if self.evaluate_on not in ("test", "tune"):
+            raise ValueError(f"evaluate_on={self.evaluate_on!r} must be 'test' or 'tune'")
         if (self.scenario == "lm") != (self.model is not None):
             raise ValueError("--model DIR and --tasks FILE ... go together (scenario 'lm'); "
                              f"got scenario={self.scenario!r}, model={self.model!r}")
@@ -252,6 +258,10 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig | None:
     p.add_argument("--lr", type=float, default=None,
                    help="with --model: AdamW lr (default 1e-4, LoRA 1e-3)")
     p.add_argument("--batch-size", type=int, default=8, help="with --model: batch size")
+    p.add_argument("--tuned", default=None, metavar="FILE",
+                   help="hyperparameters chosen by benchmarks/tune.py on tuning seeds and people "
+                        "(default: benchmarks/tuned/<scenario>-<preset>.json when it exists; "
+                        "'none': the registered defaults)")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes over methods x seeds, one thread each (default: 2 on a "
                         "CPU with >= 2 cores, 1 on CUDA); workers import benchmarks.methods afresh, "
@@ -275,7 +285,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig | None:
         scenario="lm" if a.model is not None or a.tasks is not None else a.scenario, preset=preset,
         model=a.model, tasks=a.tasks, eval_fraction=a.eval_fraction, general=a.general,
         steps_per_task=a.steps_per_task, task0_steps=a.task0_steps, lr=a.lr,
-        batch_size=a.batch_size, methods=None if a.methods is None else [m for m in a.methods.split(",") if m],
+        batch_size=a.batch_size, tuned=a.tuned, methods=None if a.methods is None else [m for m in a.methods.split(",") if m],
         seeds=a.seeds, seed_base=a.seed_base, device=a.device, run=a.run, out=a.out,
         cache_dir=a.cache_dir, hp=hp, recovery_steps=a.recovery_steps,
         recovery_lr_scale=a.recovery_lr_scale,
@@ -775,9 +785,60 @@ def _method_hp(method: M.Method, overrides: dict[str, Any]) -> dict[str, Any]:
     return hp
 
 
+def default_tuned_file(cfg: BenchConfig) -> Path:
+    """Where ``benchmarks/tune.py`` writes the choices for ``cfg``'s scenario and preset."""
+    return Path(__file__).resolve().parent / "tuned" / f"{cfg.scenario}-{cfg.preset}.json"
+
+
+def apply_tuned(cfg: BenchConfig, seeds: list[int]) -> dict[str, Any] | None:
+    """Merge a tuning record's chosen hyperparameters into ``cfg.hp`` (explicit ``--hp`` values
+    win) and return what was applied; ``cfg.tuned`` ``None`` uses the default file when it
+    exists, ``"none"`` applies nothing.
+
+    Raises:
+        ValueError: a test run on seeds the record was tuned on, or a record of another
+            scenario or preset.
+    """
+    from benchmarks.tune import load_tuned
+
+    if cfg.tuned == "none" or cfg.evaluate_on == "tune":
+        return None
+    path = Path(cfg.tuned) if cfg.tuned else default_tuned_file(cfg)
+    if not path.is_file():
+        if cfg.tuned:
+            raise FileNotFoundError(f"--tuned {cfg.tuned!r} does not exist (write it with benchmarks/tune.py)")
+        return None
+    rec = load_tuned(path, cfg.scenario, cfg.preset)
+    overlap = sorted(set(seeds) & set(rec["tuning_seeds"]))
+    if overlap:
+        raise ValueError(f"seeds {overlap} were used to tune {path.name}; report on other seeds "
+                         f"(--seed-base) or pass --tuned none")
+    applied = {}
+    for name, m in rec["methods"].items():
+        for k, v in m["hp"].items():
+            key = f"{name}.{k}"
+            if key not in cfg.hp:
+                cfg.hp[key] = v
+                applied[key] = v
+    return {"file": str(path), "tuning_seeds": rec["tuning_seeds"], "rule": rec["rule"],
+            "applied": applied}
+
+
 def _prepare_seed(cfg: BenchConfig, seed: int, device: torch.device) -> tuple[Scenario, nn.Module]:
-    """The scenario and Task-0 model of ``seed`` (built or loaded from the cache)."""
+    """The scenario and Task-0 model of ``seed`` (built or loaded from the cache); with
+    ``evaluate_on="tune"`` every task scores its tuning items instead of its test items.
+
+    Raises:
+        ValueError: ``evaluate_on="tune"`` on a scenario without tuning items.
+    """
     scenario = load_scenario(cfg.scenario, cfg.preset, cfg.cache_dir, seed, cfg.lora, cfg)
+    if cfg.evaluate_on == "tune":
+        missing = [t.name for t in scenario.tasks if t.tune_evaluate is None]
+        if missing:
+            raise ValueError(f"evaluate_on='tune' but tasks {missing} have no tuning items "
+                             "(biography: a preset with tune_fraction > 0)")
+        for t in scenario.tasks:
+            t.evaluate = t.tune_evaluate  # type: ignore[assignment]
     if device.type == "cpu" and not cfg.threads and scenario.cpu_threads:
         torch.set_num_threads(scenario.cpu_threads)
     return scenario, task0_model(scenario, cfg.cache_dir, seed, device)
@@ -845,6 +906,8 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t_run = time.perf_counter()
+    seeds = [cfg.seed_base + s for s in range(cfg.seeds)]
+    tuning = apply_tuned(cfg, seeds)
     chosen = [M.get(name) for name in cfg.methods]
     results: dict[str, Any] = {
         "schema_version": 1,
@@ -852,11 +915,14 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
         "machine": machine_info(device),
         "scenario": None,
         "tasks": describe(cfg)["tasks"],
+        # which seeds (and items) were used for what: tables report test seeds on test items
+        "seed_roles": {"tuning" if cfg.evaluate_on == "tune" else "test": seeds},
+        "evaluated_on": cfg.evaluate_on,
+        "tuning": tuning,
         "baseline": [],
         "methods": {m.name: {"help": m.help, "hyperparameters": _method_hp(m, cfg.hp),
                              "status": "ok", "message": None, "seeds": []} for m in chosen},
     }
-    seeds = [cfg.seed_base + s for s in range(cfg.seeds)]
     prepared: dict[int, tuple[Scenario, nn.Module, BaseDiagnostics]] = {}
     for seed in seeds:
         t0 = time.perf_counter()

@@ -33,6 +33,9 @@ class Task:
             metric (in [0, 1]); may add ``"first_token"`` and ``"exact"``.
         probe: a few batches for diagnostics (CKA, attention entropy, λ_max, gradient alignment).
         recovery: about K=10 examples (as batches) for the recovery probe.
+        tune_evaluate: the same evaluation on *tuning* items, disjoint from ``evaluate``'s test
+            items (``None``: the scenario has no tuning split); hyperparameters are chosen on
+            these (``benchmarks/tune.py``), results are reported on ``evaluate``'s.
     """
 
     name: str
@@ -40,6 +43,7 @@ class Task:
     evaluate: Callable[[nn.Module], dict[str, float]]
     probe: list[dict[str, torch.Tensor]]
     recovery: list[dict[str, torch.Tensor]]
+    tune_evaluate: Callable[[nn.Module], dict[str, float]] | None = None
 
 
 @dataclass
