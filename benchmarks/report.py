@@ -249,7 +249,7 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
 
     # Task-0 accuracy along Task 1 (mean over seeds at common steps)
     colors = plt.get_cmap("tab20").colors
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for idx, (name, e) in enumerate(ok.items()):
         curves = [dict(s["task0_curve"]) for s in e["seeds"] if s["task0_curve"]]
         if not curves:
@@ -262,7 +262,8 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
     ax.set_ylabel("Task-0 accuracy (%)")
     ax.set_title("Task-0 accuracy during the first steps of Task 1")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    # outside the axes: with a dozen methods an inside legend covers the curves
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     fig.savefig(out_dir / "task0_curve.png", dpi=120)
     plt.close(fig)
@@ -295,21 +296,26 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
     written.append("acc_matrix.png")
 
     # retention against cost
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for idx, (name, e) in enumerate(ok.items()):
         agg = e["aggregate"]
-        x = (agg.get("time_per_step_vs_seq") or {}).get("mean")
-        y = (agg.get("task0_retention") or {}).get("mean")
+        tx, ty = agg.get("time_per_step_vs_seq") or {}, agg.get("task0_retention") or {}
+        x, y = tx.get("mean"), ty.get("mean")
         if x is None or y is None:
             continue
-        ax.scatter([x], [100 * y], s=40, color=colors[(2 * idx) % 20 + (idx >= 10)])
-        ax.annotate(name, (x, 100 * y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        # numbered markers with the names in a legend beside the axes (labels next to the
+        # points overlapped where methods cost the same), ± one std over seeds as bars
+        ax.errorbar([x], [100 * y], xerr=[tx.get("std") or 0.0], yerr=[100 * (ty.get("std") or 0.0)],
+                    fmt="o", ms=7, capsize=2, color=colors[(2 * idx) % 20 + (idx >= 10)],
+                    label=f"{idx + 1}  {name}")
+        ax.annotate(str(idx + 1), (x, 100 * y), fontsize=6, ha="center", va="center", color="white")
     ax.axhline(100 * 0.90, color="gray", linestyle=":", linewidth=1)
     ax.axvline(1.15, color="gray", linestyle=":", linewidth=1)
     ax.set_xlabel("time per step relative to seq")
     ax.set_ylabel("Task-0 accuracy retained (%)")
     ax.set_title("Retention against cost (target: top-left of the dotted lines)")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     fig.savefig(out_dir / "retention_vs_cost.png", dpi=120)
     plt.close(fig)
