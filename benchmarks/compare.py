@@ -536,6 +536,36 @@ def task0_model(scenario: Scenario, cache_dir: str, seed: int, device: torch.dev
     return model
 
 
+def null_model(scenario: Scenario, cache_dir: str, seed: int, device: torch.device,
+               base: nn.Module) -> nn.Module:
+    """The control for the disrupted-heads diagnostic: the Task-0 model trained as many steps
+    again on Task 0 itself as the methods train on the later tasks (plain AdamW, no
+    interference), cached beside the Task-0 model. Its heads' weight distances from the Task-0
+    model are the null that a method's head changes are measured against."""
+    from safetensors.torch import load_file, save_file
+
+    model = copy.deepcopy(base).to(device)
+    key = _config_key(scenario)
+    path = Path(cache_dir) / f"{scenario.name}-{key}" / f"null-{seed}.safetensors" if key else None
+    if path is not None and path.exists():
+        model.load_state_dict(load_file(str(path)), strict=True)
+        return model.eval()
+    steps = scenario.steps_per_task * (len(scenario.tasks) - 1)
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed + 7)
+        trained = _wrap_lora(model, scenario.lora)
+        train_plain(trained, scenario.tasks[0], steps, scenario.lr, device, seed + 7,
+                    desc="null control (Task 0 again)", weight_decay=scenario.weight_decay)
+        if scenario.lora:
+            model = trained.merge_and_unload()
+    model.eval()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()},
+                  str(path))
+    return model
+
+
 class BatchOrder:
     """Cyclic, reshuffled-per-epoch order over ``n`` batches (deterministic in ``seed``)."""
 
@@ -734,6 +764,10 @@ def run_method(method: M.Method, hp: dict[str, Any], scenario: Scenario, base: n
         cka = _optional("layerwise_cka", D.layerwise_cka, base_plain, final, tasks[0].probe,
                         token_norm=scenario.cka_token_norm)
         heads = _optional("disrupted_heads", D.disrupted_heads, base_plain, final, tasks[0].probe)
+        control = _optional("null control", null_model, scenario, cfg.cache_dir, seed, device, base)
+        heads_null = None if control is None else _optional(
+            "disrupted_heads (null)", D.disrupted_heads, base_plain, final, tasks[0].probe,
+            null_model=plain_copy(control))
     extra = {name: _optional(name, fn, final) for name, fn in scenario.extra_evals.items()}
     del final, model
 
@@ -757,6 +791,8 @@ def run_method(method: M.Method, hp: dict[str, Any], scenario: Scenario, base: n
             "recovery": None if rec is None else rec.to_dict(),
             "cka_per_layer": None if cka is None else [float(x) for x in cka.per_layer],
             "disrupted_heads_fraction": None if heads is None else float(heads.fraction),
+            "disrupted_heads_null_fraction": None if heads_null is None else float(heads_null.fraction),
+            "disrupted_heads_null_lower_fraction": None if heads_null is None else float(heads_null.lower_fraction),
             # budgets beyond seq's: training steps outside the tasks' own (planned's probes),
             # distinct old-task examples the method read after their task, state it stores
             "extra_train_steps": ctx.budget["extra_train_steps"],
@@ -948,6 +984,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
         lam_text = "n/a" if base_lam is None else f"{base_lam:.4g}"
         print(f"[seed {seed}] after Task 0: accuracy {['%.3f' % a for a in row0]}, "
               f"λ_max(Task 0) = {lam_text}", flush=True)
+        null_model(scenario, cfg.cache_dir, seed, device, base)  # the heads' null, cached for every unit
         prepared[seed] = (scenario, base, base_diag)
 
     units = [(seed, m.name) for seed in seeds for m in chosen]

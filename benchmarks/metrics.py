@@ -21,6 +21,7 @@ METRIC_KEYS = (
     "peak_memory_mb", "consolidation_s", "wall_s", "retention_gap", "plasticity_gap",
     "time_gap", "meets_target", "plasticity_gain", "task0_nll_final", "new_task_nll",
     "extra_train_steps", "old_examples_used", "stored_state_mb",
+    "disrupted_heads_null_fraction", "disrupted_heads_null_lower_fraction",
 )
 """Every key of every method's ``metrics`` (``None`` when unavailable)."""
 
@@ -95,7 +96,8 @@ def compute_metrics(record: dict[str, Any], base: BaseDiagnostics, seq: dict[str
         m["task0_nll_final"] = N[T][0]
         new_nll = [N[j][j] for j in range(1, T + 1) if N[j][j] is not None]
         m["new_task_nll"] = statistics.fmean(new_nll) if new_nll else None
-    for key in ("extra_train_steps", "old_examples_used", "stored_state_mb"):
+    for key in ("extra_train_steps", "old_examples_used", "stored_state_mb",
+                "disrupted_heads_null_fraction", "disrupted_heads_null_lower_fraction"):
         m[key] = raw.get(key)
     rec = raw["recovery"]
     if rec is not None:

@@ -50,6 +50,7 @@ SUMMARY_COLUMNS = (
     ("lambda_max_ratio", "λ_max ratio", "ratio"),
     ("cka_drift_mid", "CKA drift (mid)", "float"),
     ("disrupted_heads_fraction", "disrupted heads", "pct"),
+    ("disrupted_heads_null_lower_fraction", "disrupted heads vs null (lower half)", "pct"),
     ("time_per_step_vs_seq", "time/step vs seq", "ratio"),
     ("peak_memory_mb", "peak mem (MiB)", "float1"),
     ("extra_train_steps", "extra steps", "int"),

@@ -205,7 +205,8 @@ def test_results_schema(micro_run):
         for key in ("task0_final", "task0_retention", "average_accuracy", "new_task_accuracy",
                     "step_time_ms", "ref_step_time_ms", "time_per_step_vs_seq",
                     "peak_memory_mb", "recovery_accuracy", "lambda_max_task0",
-                    "lambda_max_ratio", "cka_drift_mid", "disrupted_heads_fraction"):
+                    "lambda_max_ratio", "cka_drift_mid", "disrupted_heads_fraction",
+                    "disrupted_heads_null_fraction", "disrupted_heads_null_lower_fraction"):
             assert m[key] is not None, (name, key)
         assert m["task0_final"] == R[-1][0]
 

@@ -168,3 +168,31 @@ def test_fused_gpt2_qkv_rows_are_sliced_per_head():
     expected[1, 3] = 32 * 8
     expected[1, 1] = 8
     torch.testing.assert_close(d, expected)
+
+
+def test_null_reference_reaches_past_the_cantelli_cap():
+    # every head moves a little in the control and a lot in the run: against the heads
+    # themselves (z across heads) at most 1 / (1 + 2.5²) = 13.8 % can be flagged; against the
+    # null every head is
+    before = build("llama")
+    control, after = copy.deepcopy(before), copy.deepcopy(before)
+    for layer in range(2):
+        for head in range(4):
+            _perturb_rows(control, layer=layer, proj="q", head=head, scale=0.01 * (1 + head))
+            _perturb_rows(after, layer=layer, proj="q", head=head, scale=0.5)
+    own = disrupted_heads(before, after, _batches(), entropy_threshold=1e9)
+    assert own.reference == "heads" and own.fraction <= 1 / (1 + 2.5**2)
+    res = disrupted_heads(before, after, _batches(), entropy_threshold=1e9, null_model=control)
+    assert res.reference == "null" and res.fraction == 1.0 and res.lower_fraction == 1.0
+    d, d0 = head_weight_distance(before, after), head_weight_distance(before, control)
+    torch.testing.assert_close(res.weight_z, (d - d0.mean()) / d0.std(unbiased=False))
+    # the control itself is not disrupted against itself beyond its own spread
+    same = disrupted_heads(before, control, _batches(), entropy_threshold=1e9, null_model=control)
+    assert same.fraction <= 1 / (1 + 2.5**2)
+    # lower_fraction counts the lower half of the layers only
+    one = copy.deepcopy(before)
+    _perturb_rows(one, layer=1, proj="q", head=0, scale=0.5)
+    r1 = disrupted_heads(before, one, _batches(), entropy_threshold=1e9, null_model=control)
+    assert r1.mask[1, 0] and r1.lower_fraction == 0.0 and r1.fraction == pytest.approx(1 / 8)
+    with pytest.raises(ValueError, match="2 and 3 blocks"):
+        disrupted_heads(before, after, _batches(), null_model=build("llama", num_hidden_layers=3))

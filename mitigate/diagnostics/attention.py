@@ -175,6 +175,10 @@ class DisruptedHeads(Result):
         fraction: fraction of disrupted heads (seed: 0.15–0.23).
         fraction_per_layer: ``(L,)``.
         entropy_threshold, z_threshold: the thresholds used.
+        reference: ``"heads"`` (z across the model's own heads) or ``"null"`` (z against a
+            control model's head distances, see :func:`disrupted_heads`).
+        lower_fraction: fraction of disrupted heads in the lower half of the layers
+            (``⌈L/2⌉`` blocks; the seed's "15–23 % of heads in lower layers").
     """
 
     mask: Tensor
@@ -187,6 +191,8 @@ class DisruptedHeads(Result):
     fraction_per_layer: Tensor
     entropy_threshold: float
     z_threshold: float
+    reference: str = "heads"
+    lower_fraction: float = 0.0
 
 
 @torch.no_grad()
@@ -197,14 +203,23 @@ def disrupted_heads(
     *,
     entropy_threshold: float = 1.8,
     z_threshold: float = 2.5,
+    null_model: nn.Module | None = None,
 ) -> DisruptedHeads:
     """Find attention heads disrupted by fine-tuning (arXiv 2601.18699, mechanism 1).
 
     A head ``(l, h)`` is disrupted when ``H_after − H_before > entropy_threshold`` bits (mean
     attention entropy over the valid query rows of ``batches``), **or** when the z-score of its
-    Q/K weight distance ``d = ‖ΔW_q,h‖² + ‖ΔW_k,g(h)‖²`` across all heads of the model,
-    ``z = (d − mean d) / std d`` (population std; 0 when all distances are equal), exceeds
-    ``z_threshold``.
+    Q/K weight distance ``d = ‖ΔW_q,h‖² + ‖ΔW_k,g(h)‖²`` exceeds ``z_threshold``. The z-score
+    is taken against a reference distribution:
+
+    * ``null_model=None``: across all heads of the model, ``z = (d − mean d) / std d``
+      (population std; 0 when all distances are equal). By Cantelli's inequality at most
+      ``1 / (1 + z_threshold²)`` of the heads can exceed it (13.8 % at 2.5σ), so the seed's
+      15–23 % is out of reach by construction.
+    * ``null_model`` given — a *control* run that changed the model without the interference
+      in question, e.g. the model trained as long again on the old task itself: the distances
+      ``d⁰`` of its heads from ``model_before`` are the null, ``z = (d − mean d⁰) / std d⁰``,
+      and any share of heads (up to all) can exceed it.
 
     Both models run in eval mode with ``output_attentions=True`` (eager attention needed); modes
     and ``.grad`` are restored.
@@ -215,6 +230,8 @@ def disrupted_heads(
         batches: dict batches (``input_ids``, ``attention_mask``).
         entropy_threshold: entropy increase in bits (seed: 1.8).
         z_threshold: weight-distance z-score (seed: 2.5σ).
+        null_model: the control model whose head distances from ``model_before`` are the null
+            (same architecture; ``None``: z across the heads themselves).
 
     Returns:
         :class:`DisruptedHeads`.
@@ -234,10 +251,20 @@ def disrupted_heads(
             f"entropy shapes {tuple(ent_b.shape)}/{tuple(ent_a.shape)} and per-head weight distances "
             f"{tuple(dist.shape)} disagree: the attentions do not match the model map's blocks"
         )
-    std = dist.std(unbiased=False)
-    z = (dist - dist.mean()) / std if float(std) > 0 else torch.zeros_like(dist)
+    null = dist if null_model is None else head_weight_distance(model_before, null_model)
+    if null.shape != dist.shape:
+        raise ValueError(f"null_model has head distances of shape {tuple(null.shape)}, the models "
+                         f"{tuple(dist.shape)}: pass a control of the same architecture")
+    std = null.std(unbiased=False)
+    if float(std) > 0:
+        z = (dist - null.mean()) / std
+    elif null_model is None:
+        z = torch.zeros_like(dist)
+    else:  # a null without spread: any head that moved more than it is infinitely far out
+        z = torch.where(dist > null.mean(), torch.inf, torch.zeros_like(dist)).to(dist.dtype)
     change = ent_a - ent_b
     mask = (change > entropy_threshold) | (z > z_threshold)
+    lower = mask[: (mask.shape[0] + 1) // 2]
     return DisruptedHeads(
         mask=mask,
         entropy_before=ent_b,
@@ -249,4 +276,6 @@ def disrupted_heads(
         fraction_per_layer=mask.double().mean(1),
         entropy_threshold=float(entropy_threshold),
         z_threshold=float(z_threshold),
+        reference="heads" if null_model is None else "null",
+        lower_fraction=float(lower.double().mean()),
     )
