@@ -404,6 +404,58 @@ def test_load_into_other_mode_raises():
         other.load_state_dict(opt.state_dict())
 
 
+def _snapshot(sd) -> bytes:
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("target", ["ogd", "clipping"])
+def test_refused_load_changes_nothing(target):
+    # issue 15 item 8: the target's lr and moments used to be overwritten before the error
+    model = mlp()
+    agem = mitigate.GradientProjection(torch.optim.AdamW(model.parameters(), lr=0.5), mode="agem", loss_fn=mse)
+    agem.remember(model, batches(2, 0))
+    train(model, agem, batches(2, 1))
+    other_model = mlp()
+    base = torch.optim.AdamW(other_model.parameters(), lr=1e-3)
+    if target == "ogd":
+        other = mitigate.GradientProjection(base, mode="ogd", loss_fn=mse)
+        other.remember(other_model, batches(2, 2))
+    else:
+        other = mitigate.GradientClipping(base, max_norm=1.0)
+    train(other_model, other, batches(2, 3))
+    before = _snapshot(other.state_dict())
+    with pytest.raises(ValueError, match="agem|GradientProjection"):
+        other.load_state_dict(agem.state_dict())
+    assert _snapshot(other.state_dict()) == before
+    assert other.param_groups[0]["lr"] == 1e-3
+
+
+def test_refused_load_for_other_parameters_changes_nothing():
+    model = mlp()
+    opt = mitigate.GradientProjection(torch.optim.AdamW(model.parameters()), mode="agem", loss_fn=mse)
+    opt.remember(model, batches(2, 0))
+    sd = opt.state_dict()
+    sd["mitigate"]["state"]["signature"]["names"][0] = "renamed.weight"
+    other_model = mlp()
+    other = mitigate.GradientProjection(torch.optim.AdamW(other_model.parameters(), lr=0.25), mode="agem",
+                                        model=other_model, loss_fn=mse)
+    other.remember(other_model, batches(1, 1))
+    train(other_model, other, batches(1, 2))
+    before = _snapshot(other.state_dict())
+    with pytest.raises(StateMismatchError, match="renamed.weight"):
+        other.load_state_dict(sd)
+    assert _snapshot(other.state_dict()) == before
+
+
+def test_mode_is_accepted_positionally():
+    # issue 16 item 4: GradientProjection(opt, "agem") raised a raw TypeError
+    model = mlp()
+    opt = mitigate.GradientProjection(torch.optim.SGD(model.parameters(), lr=0.1), "ogd")
+    assert opt.config.mode == "ogd"
+
+
 # ---------------------------------------------------------------- faults and options
 
 

@@ -114,6 +114,20 @@ class GradientClipping(OptimizerWrapper):
             "acc": {k: v.detach().cpu().clone() for k, v in self._acc.items()},
         }
 
+    def validate_wrapper_state_dict(self, state: dict[str, Any]) -> None:
+        """Refuse a state that is not a :meth:`wrapper_state_dict` output; change nothing.
+
+        Raises:
+            ValueError: keys missing or counters not tensors.
+        """
+        missing = [k for k in ("steps", "acc") if k not in state]
+        if missing or not isinstance(state["acc"], dict) or not all(
+                isinstance(v, Tensor) for v in state["acc"].values()):
+            raise ValueError(
+                f"not a GradientClipping state (keys {sorted(state)}, missing {missing}); "
+                "load a state dict saved by GradientClipping"
+            )
+
     def load_wrapper_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the counters (the clipping threshold stays the constructor's)."""
         self._steps = int(state["steps"])

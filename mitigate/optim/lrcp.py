@@ -384,8 +384,8 @@ class LowRankCircuitProjection(OptimizerWrapper):
                     out[att.q.module_name] = torch.cat([att.q.rows(), att.k.rows()]).sort().values
         return out
 
-    def _resolve_units(self, model: nn.Module) -> dict[str, _Unit]:
-        cfg = self.config
+    def _resolve_units(self, model: nn.Module, config: LRCPConfig | None = None) -> dict[str, _Unit]:
+        cfg = self.config if config is None else config
         cands = _candidates(model)
         qk_only: set[str] = set()
         tg = "seed" if cfg.targets is None else cfg.targets
@@ -740,26 +740,45 @@ class LowRankCircuitProjection(OptimizerWrapper):
             "removed_sum": {n: float(v) for n, v in self._removed_frac_sum.items()},
         }
 
+    def _units_for(self, state: dict[str, Any]) -> tuple[LRCPConfig, dict[str, _Unit]]:
+        """The saved config and the units it resolves to on this model, checked against the
+        saved modules (nothing is changed)."""
+        if not isinstance(state, dict) or "config" not in state or "modules" not in state:
+            raise ValueError("not a LowRankCircuitProjection state (keys 'config'/'modules' missing)")
+        saved_cfg = LRCPConfig(**state["config"])
+        units = self._units if saved_cfg == self.config else self._resolve_units(self._unwrap(self.model), saved_cfg)
+        saved = state["modules"]
+        missing = sorted(set(saved) - set(units))
+        extra = sorted(set(units) - set(saved))
+        bad = [n for n in saved if n in units and int(saved[n]["d_in"]) != units[n].d_in]
+        if missing or extra or bad:
+            raise StateMismatchError(
+                f"LRCP state does not match the model: saved modules missing from it {missing[:5]}, "
+                f"protected modules absent from the state {extra[:5]}, input sizes changed {bad[:5]}"
+            )
+        return saved_cfg, units
+
+    def validate_wrapper_state_dict(self, state: dict[str, Any]) -> None:
+        """Check a :meth:`wrapper_state_dict` output against the model; change nothing.
+
+        Raises:
+            ValueError: not an LRCP state, or its config is invalid.
+            StateMismatchError: a saved module is missing from the model or has another ``d_in``.
+        """
+        self._units_for(state)
+
     def load_wrapper_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`wrapper_state_dict`'s output (the saved config replaces the current one).
 
         Raises:
             StateMismatchError: a saved module is missing from the model or has another ``d_in``.
         """
-        saved_cfg = LRCPConfig(**state["config"])
+        saved_cfg, units = self._units_for(state)
         if saved_cfg != self.config:
             logger.warning("LRCP.load_state_dict: adopting the saved config %s (was %s)", saved_cfg, self.config)
             self.config = saved_cfg
-            self._units = self._resolve_units(self._unwrap(self.model))
+            self._units = units
         saved = state["modules"]
-        missing = sorted(set(saved) - set(self._units))
-        extra = sorted(set(self._units) - set(saved))
-        bad = [n for n in saved if n in self._units and int(saved[n]["d_in"]) != self._units[n].d_in]
-        if missing or extra or bad:
-            raise StateMismatchError(
-                f"LRCP state does not match the model: saved modules missing from it {missing[:5]}, "
-                f"protected modules absent from the state {extra[:5]}, input sizes changed {bad[:5]}"
-            )
         for n, s in saved.items():
             u = self._units[n]
             dev = u.projs[0].param.device

@@ -634,8 +634,8 @@ class GradientProjection(OptimizerWrapper):
     def __init__(
         self,
         optimizer: Optimizer,
-        *,
         mode: Mode | None = None,
+        *,
         model: nn.Module | None = None,
         params: ParamSelector = None,
         loss_fn: LossFn | None = None,
@@ -706,9 +706,11 @@ class GradientProjection(OptimizerWrapper):
             )
         return named
 
-    def _check_signature(self, named: list[tuple[str, nn.Parameter]]) -> None:
+    def _check_signature(
+        self, named: list[tuple[str, nn.Parameter]], saved: dict[str, tuple[int, ...]] | None = None
+    ) -> None:
         current = {n: tuple(p.shape) for n, p in named}
-        saved = self._signature
+        saved = self._signature if saved is None else saved
         if saved is None or current == saved:
             return
         missing = [n for n in saved if n not in current]
@@ -1078,17 +1080,30 @@ class GradientProjection(OptimizerWrapper):
             "shard": shard_info() if self._sharded else None,
         }
 
-    def load_wrapper_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`wrapper_state_dict` output.
+    def validate_wrapper_state_dict(self, state: dict[str, Any]) -> None:
+        """Check a :meth:`wrapper_state_dict` output against this wrapper; change nothing.
 
         Raises:
-            ValueError: the state was saved in another ``mode``.
+            ValueError: the state was saved in another ``mode`` or is not a GradientProjection state.
             StateMismatchError: the recorded parameters no longer match the bound model.
         """
+        missing = [k for k in ("config", "signature", "memory", "basis", "generator") if k not in state]
+        if missing:
+            raise ValueError(f"not a GradientProjection state: keys {missing} missing")
         saved_mode = state["config"]["mode"]
         if saved_mode != self.config.mode:
-            raise ValueError(f"state was saved with mode={saved_mode!r}, this wrapper has mode={self.config.mode!r}")
+            raise ValueError(
+                f"state was saved with mode={saved_mode!r}, this wrapper has mode={self.config.mode!r}; "
+                f"build GradientProjection(opt, mode={saved_mode!r}) to load it"
+            )
         check_shard(state.get("shard"), "GradientProjection")
+        sig = state["signature"]
+        if self._model is not None and sig is not None:
+            saved = {n: tuple(s) for n, s in zip(sig["names"], sig["shapes"])}
+            self._check_signature(self._named(self._model), saved)
+
+    def load_wrapper_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`wrapper_state_dict` output (checked by :meth:`validate_wrapper_state_dict`)."""
         sig = state["signature"]
         self._signature = None if sig is None else {n: tuple(s) for n, s in zip(sig["names"], sig["shapes"])}
         self._memory = [_to_cpu(b) for b in state["memory"]]  # even if a loader moved them
