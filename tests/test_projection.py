@@ -473,6 +473,87 @@ def test_step_before_remember_warns_once_and_is_plain_step():
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("mode", ["agem", "pcgrad", "ogd"])
+def test_remember_with_no_batches_raises(mode):
+    model = mlp()
+    opt = mitigate.GradientProjection(torch.optim.SGD(model.parameters(), lr=0.1), mode=mode, loss_fn=mse)
+    with pytest.raises(ValueError, match="no batches"):
+        opt.remember(model, [])
+    assert opt.stats()["tasks"] == 0 and opt.memory == [] and opt.basis_size == 0
+
+
+def ce(model, batch):
+    return nn.functional.cross_entropy(model(batch["x"]), batch["labels"])
+
+
+@pytest.mark.parametrize("mode", ["agem", "pcgrad"])
+def test_memory_batch_with_nan_loss_is_refused_by_index_and_nothing_recorded(mode):
+    # issue 15 item 4: labels all -100 -> NaN loss -> the reference gradient was zeroed silently
+    model = mlp()
+    opt = mitigate.GradientProjection(torch.optim.SGD(model.parameters(), lr=0.1), mode=mode, loss_fn=ce)
+    good = [{"x": b["x"], "labels": torch.randint(2, (8,), generator=torch.Generator().manual_seed(i))}
+            for i, b in enumerate(batches(2, 0))]
+    opt.remember(model, good[:1])
+    gen = opt._generator.get_state()
+    masked = {"x": good[1]["x"], "labels": torch.full((8,), -100)}
+    with pytest.raises(ValueError, match="batch 1 has a non-finite loss"):
+        opt.remember(model, [good[1], masked])
+    assert len(opt.memory) == 1 and opt.stats()["tasks"] == 1
+    assert torch.equal(opt._generator.get_state(), gen)
+
+
+def test_nonfinite_reference_gradient_at_step_warns():
+    model = mlp()
+    opt = mitigate.GradientProjection(torch.optim.SGD(model.parameters(), lr=0.1), mode="agem", loss_fn=mse)
+    opt.remember(model, batches(1, 0))
+    opt.memory[0]["x"][0, 0] = float("nan")  # turns non-finite after remember
+    with pytest.warns(RuntimeWarning, match="memory gradient is non-finite at step 1"):
+        train(model, opt, batches(1, 1))
+
+
+def test_ogd_remember_that_adds_nothing_says_so():
+    model = linear_model()
+    opt = wrap(model, "ogd")
+    with pytest.warns(UserWarning, match="no new direction"):
+        report = opt.remember(model, [grad_batch([0.0, 0.0, 0.0])])  # zero task gradient
+    assert report.added == 0
+    set_grad(model, [1.0, 0.0, 0.0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    msgs = [str(w.message) for w in caught]
+    assert any("remember() ran 1 time(s) but the OGD basis is empty" in m for m in msgs), msgs
+    assert not any("before any remember" in m for m in msgs)
+
+
+def test_agem_memory_with_numpy_values_loads_with_weights_only():
+    np = pytest.importorskip("numpy")
+    model = mlp()
+    opt = mitigate.GradientProjection(torch.optim.SGD(model.parameters(), lr=0.1), mode="agem", loss_fn=mse)
+    data = [dict(b, ids=np.arange(8), n=np.int64(3), name="task0", w=[1.5, np.float32(2.0)]) for b in batches(2, 0)]
+    opt.remember(model, data)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    mem = sd["mitigate"]["state"]["memory"]
+    assert torch.equal(mem[0]["ids"], torch.arange(8)) and mem[0]["n"] == 3 and mem[0]["name"] == "task0"
+    assert mem[0]["w"] == [1.5, 2.0] and type(mem[0]["w"][1]) is float
+    opt2 = mitigate.GradientProjection(torch.optim.SGD(mlp().parameters(), lr=0.1), mode="agem", loss_fn=mse)
+    opt2.load_state_dict(sd)
+    assert len(opt2.memory) == 2
+
+
+def test_agem_memory_refuses_unsavable_values_by_batch_and_key():
+    model = mlp()
+    opt = mitigate.GradientProjection(torch.optim.SGD(model.parameters(), lr=0.1), mode="agem", loss_fn=mse)
+    data = batches(2, 0)
+    data[1] = dict(data[1], meta=object())
+    with pytest.raises(ValueError, match=r"batch 1\['meta'\] holds a object"):
+        opt.remember(model, data)
+    assert opt.memory == []
+
+
 def test_state_mismatch_names_parameters():
     model = mlp()
     opt = mitigate.GradientProjection(torch.optim.SGD(model.parameters(), lr=0.1), mode="ogd", loss_fn=mse)

@@ -72,7 +72,7 @@ import dataclasses
 import functools
 import logging
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -749,35 +749,69 @@ class GradientProjection(OptimizerWrapper):
 
         Raises:
             StateMismatchError: the model's selected parameters differ from those recorded.
+            ValueError: ``batches`` is empty; agem/pcgrad: a batch that enters the memory has a
+                non-finite loss (e.g. every label is -100) or holds a value that cannot be saved
+                with ``weights_only=True`` (the message names the batch index); ogd: non-finite
+                task gradients. Nothing is recorded when it raises.
         """
-        self._model = unwrap_model(model)
-        if loss_fn is not None:
-            self._loss_fn = loss_fn
-        named = self._bind(self._model)
-        self._signature = {n: tuple(p.shape) for n, p in named}
+        model = unwrap_model(model)
+        named = self._bind(model)
         if self.config.mode == "ogd":
+            self._model = model
+            if loss_fn is not None:
+                self._loss_fn = loss_fn
+            self._signature = {n: tuple(p.shape) for n, p in named}
             added = self._remember_directions(named, batches)
         else:
-            added = self._remember_batches(batches)
+            added = self._remember_batches(model, named, batches, self._loss_fn if loss_fn is None else loss_fn)
+            self._model = model
+            if loss_fn is not None:
+                self._loss_fn = loss_fn
+            self._signature = {n: tuple(p.shape) for n, p in named}
             self._ref = None  # the memory changed: recompute the reference next step
         report = RememberReport(self._tasks, added, len(self._memory), self.basis_size)
         self._tasks += 1
         logger.info("GradientProjection.remember: %s", report)
         return report
 
-    def _remember_batches(self, batches: Iterable[Batch]) -> int:
-        added = 0
-        for batch in batches:
-            stored = _to_cpu(batch)
-            self._seen += 1
-            if len(self._memory) < self.config.memory_size:
-                self._memory.append(stored)
-                added += 1
-                continue
-            j = int(torch.randint(self._seen, (1,), generator=self._generator))
-            if j < self.config.memory_size:
-                self._memory[j] = stored
-                added += 1
+    def _remember_batches(
+        self, model: nn.Module, named: list[tuple[str, nn.Parameter]], batches: Iterable[Batch],
+        loss_fn: LossFn | None,
+    ) -> int:
+        """Reservoir sampling into a copy of the memory, committed only when every batch that
+        enters it is storable and has a finite loss (checked by one ``no_grad`` forward each)."""
+        memory, seen = list(self._memory), self._seen
+        generator = torch.Generator().set_state(self._generator.get_state())
+        device = named[0][1].device
+        fn = resolve_loss_fn(loss_fn)
+        added = n = 0
+        for i, batch in enumerate(batches):
+            n += 1
+            seen += 1
+            if len(memory) < self.config.memory_size:
+                slot = len(memory)
+            else:
+                slot = int(torch.randint(seen, (1,), generator=generator))
+                if slot >= self.config.memory_size:
+                    continue
+            stored = _memory_batch(batch, i)
+            with preserve_state(model), torch.no_grad():
+                loss = fn(model, move_batch(stored, device))
+            if not bool(torch.isfinite(loss).all()):
+                raise ValueError(
+                    f"remember(): batch {i} has a non-finite loss ({float(loss.float().reshape(-1)[0])}), "
+                    "so its reference gradient would be non-finite (e.g. every label is -100: nothing "
+                    "to predict); leave such batches out or fix their labels"
+                )
+            if slot == len(memory):
+                memory.append(stored)
+            else:
+                memory[slot] = stored
+            added += 1
+        if n == 0:
+            raise ValueError("remember() got no batches; pass the finished task's batches (a non-empty iterable)")
+        self._memory, self._seen = memory, seen
+        self._generator.set_state(generator.get_state())
         return added
 
     def _remember_directions(
@@ -826,6 +860,13 @@ class GradientProjection(OptimizerWrapper):
         store = self._basis_device(device)
         fresh = fresh.to(store, cfg.torch_basis_dtype)
         self._basis = fresh if self._basis is None else torch.cat([self._basis, fresh])
+        if fresh.shape[0] == 0:
+            warnings.warn(
+                f"GradientProjection(mode='ogd').remember(): no new direction (all {new.shape[0]} "
+                "task gradients are zero or already in the basis, e.g. a task fit exactly); "
+                "this task adds no protection",
+                stacklevel=3,
+            )
         return int(fresh.shape[0])
 
     def _basis_device(self, device: torch.device) -> torch.device:
@@ -937,10 +978,15 @@ class GradientProjection(OptimizerWrapper):
         self._steps += 1
         if self._idle():
             if not (self.config.mode == "pcgrad" and self._pcgrad_pending) and not self._warned_idle:
+                if self._tasks:  # OGD: remember() ran but kept no direction
+                    why = (f"remember() ran {self._tasks} time(s) but the OGD basis is empty: every "
+                           "remembered gradient was zero (a task already fit exactly) or dependent; "
+                           "nothing to project against, taking the plain base step")
+                else:
+                    why = ("step() before any remember(): nothing to project against, taking the "
+                           "plain base step (call remember(model, batches) after each finished task)")
                 warnings.warn(
-                    f"GradientProjection(mode={self.config.mode!r}).step() before any "
-                    "remember(): nothing to project against, taking the plain base step "
-                    "(call remember(model, batches) after each finished task)",
+                    f"GradientProjection(mode={self.config.mode!r}): {why}",
                     stacklevel=5,  # transform_gradients < step < no_grad < step hooks < caller
                 )
                 self._warned_idle = True
@@ -1012,6 +1058,13 @@ class GradientProjection(OptimizerWrapper):
         if not self._sharded:
             all_reduce_mean_(ref)  # DDP: same reference on every rank
         ok = torch.isfinite(_reduced(torch.dot(ref, ref), self._reduce))
+        if not bool(ok):  # one host sync per reference (a forward and backward already ran)
+            warnings.warn(
+                f"GradientProjection(mode={self.config.mode!r}): the memory gradient is non-finite "
+                f"at step {self._steps} (memory batches {idx.tolist()}), so this step is not projected; "
+                "check the memory batches' loss and the dtype (fp16 overflow: use bfloat16/float32)",
+                RuntimeWarning, stacklevel=6,
+            )
         ref = torch.where(ok, ref, torch.zeros_like(ref))  # a non-finite reference disables it
         self._ref, self._ref_age = ref, 1
         return ref
@@ -1202,6 +1255,42 @@ def _per_objective_backward(losses: Sequence[Tensor], params: Sequence[nn.Parame
         for p, g in zip(params, saved):
             p.grad = g
     return per
+
+
+_PLAIN = (bool, int, float, str, type(None))  # leaves torch.load(weights_only=True) accepts
+
+
+def _memory_batch(batch: Batch, index: int, path: str = "") -> Batch:
+    """Detached CPU copy of a memory batch that ``torch.load(weights_only=True)`` can read back:
+    tensors copied, array-likes (numpy arrays and scalars) converted, Mappings made plain dicts,
+    lists/tuples recursed, ``bool/int/float/str/None`` kept.
+
+    Raises:
+        ValueError: any other value (naming the batch ``index`` and the key path).
+    """
+    if isinstance(batch, Tensor):
+        return batch.detach().to("cpu", copy=True)
+    if isinstance(batch, _PLAIN):
+        return batch
+    if isinstance(batch, Mapping):
+        return {k: _memory_batch(v, index, f"{path}[{k!r}]") for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        return type(batch)(_memory_batch(v, index, f"{path}[{i}]") for i, v in enumerate(batch))
+    if type(batch).__module__ == "numpy":
+        if type(batch).__name__ != "ndarray" and getattr(batch, "ndim", None) == 0:
+            return batch.item()  # a numpy scalar -> the Python number
+        try:
+            return torch.as_tensor(batch).clone()
+        except (TypeError, RuntimeError) as exc:
+            raise ValueError(
+                f"remember(): batch {index}{path} is a numpy array of dtype {batch.dtype} that "
+                f"cannot become a tensor ({exc}); pass numeric arrays or tensors"
+            ) from None
+    raise ValueError(
+        f"remember(): batch {index}{path} holds a {type(batch).__name__}, which the replay memory "
+        "cannot save loadably with torch.load(weights_only=True); pass tensors, numpy arrays or "
+        "plain bool/int/float/str values (dicts, lists and tuples of them)"
+    )
 
 
 def _to_cpu(batch: Batch) -> Batch:
