@@ -650,6 +650,7 @@ def test_ref_every_reuses_reference():
         torch.optim.SGD(model.parameters(), lr=0.01), mode="agem", loss_fn=counting, ref_every=3
     )
     proj.remember(model, [grad_batch([-1.0, 0.0, 1.0])])
+    calls.clear()  # remember() checks the memory batch's loss once
     for _ in range(7):
         set_grad(model, [1.0, 2.0, 0.0])
         proj.step()
