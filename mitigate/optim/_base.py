@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
@@ -19,6 +20,29 @@ from torch.optim import Optimizer
 logger = logging.getLogger(__name__)
 
 _WRAPPER_KEY = "mitigate"
+
+
+def finite_sq_norm(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σₜ ‖t‖², finite)`` of a list of gradients, as device tensors (no host sync).
+
+    The wrappers' non-finite guard: when ``finite`` is ``False`` (a NaN/inf element, or a norm
+    that overflows, as in fp16), a wrapper passes the gradients to the base optimizer untouched
+    (GradScaler then skips the step) and counts the step, instead of spreading the NaN.
+
+    Args:
+        tensors: gradients (any dtypes, one device); may be empty.
+
+    Returns:
+        The float32-or-wider squared norm (0 for an empty list) and the bool scalar ``isfinite``.
+    """
+    tensors = list(tensors)
+    if not tensors:
+        zero = torch.zeros(())
+        return zero, torch.ones((), dtype=torch.bool)
+    norms = torch._foreach_norm(tensors)
+    dtype = torch.promote_types(norms[0].dtype, torch.float32)
+    sq = torch.stack([n.to(dtype) for n in norms]).square().sum()
+    return sq, torch.isfinite(sq)
 
 
 class OptimizerWrapper(Optimizer):

@@ -104,7 +104,7 @@ from mitigate._utils import (
 )
 from mitigate.curvature import functional_loss, unwrap_model
 from mitigate.errors import StateMismatchError
-from mitigate.optim._base import OptimizerWrapper
+from mitigate.optim._base import OptimizerWrapper, finite_sq_norm
 
 logger = logging.getLogger(__name__)
 
@@ -383,8 +383,7 @@ def ogd_project_(
         blocks = basis.split(list(sizes), dim=1)
     flat = [x.view(-1) for x in grads]
     dtype = flat[0].dtype if flat else torch.float32
-    gg = torch.stack(torch._foreach_norm(flat)).square().sum()
-    finite = torch.isfinite(gg)
+    gg, finite = finite_sq_norm(flat)
     zero = torch.zeros((), dtype=dtype, device=basis.device)
     k = basis.shape[0]
 
