@@ -162,13 +162,106 @@ def test_ogd_hand_computation(method):
 
 def test_ogd_basis_cap_dtype_and_device():
     model = linear_model()
-    proj = wrap(model, "ogd", max_basis=2, basis_dtype=torch.bfloat16, basis_device="cpu")
-    with pytest.warns(UserWarning, match="max_basis=2"):
+    proj = wrap(model, "ogd", max_basis=2, basis_dtype=torch.bfloat16, basis_device="cpu", on_full="drop")
+    with pytest.warns(UserWarning, match="max_basis=2, on_full='drop'"):
         proj.remember(model, [grad_batch(g) for g in ([1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0])])
     assert proj.basis.shape == (2, 3) and proj.basis.dtype == torch.bfloat16
     set_grad(model, [1.0, 2.0, 3.0])
     proj.step()
     torch.testing.assert_close(flat_grad(model), torch.tensor([0.0, 0.0, 3.0]))
+
+
+def _vector_model(d: int) -> nn.Module:
+    model = nn.Linear(d, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    return model
+
+
+def vec_loss(model, batch):  # gradient w.r.t. the weight is exactly batch["c"]
+    return (model.weight * batch["c"]).sum()
+
+
+def _ogd_tasks(n_tasks: int, d: int, per_task: int = 16):
+    """Task t: one leading unit direction a_t (gradient 3·a_t) plus noise of norm ≈ 0.3 per batch."""
+    g = torch.Generator().manual_seed(0)
+    lead = nn.functional.normalize(torch.randn(n_tasks, d, generator=g), dim=1)
+    noise = 0.3 / math.sqrt(d)
+    tasks = [[{"c": (3.0 * lead[t] + noise * torch.randn(d, generator=g))[None]} for _ in range(per_task)]
+             for t in range(n_tasks)]
+    return lead, tasks
+
+
+def _residual(basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """‖(I − UᵀU) x‖² per row of x."""
+    basis = basis.float()
+    return (x - (x @ basis.T) @ basis).square().sum(-1)
+
+
+def test_ogd_full_basis_is_compressed_and_keeps_every_task_protected():
+    # issue 15 item 10: with the defaults (max_basis=256, 16 directions per task) task 17 used
+    # to get no direction at all. Now: its gradients' residual outside the basis is bounded by
+    # the compression's dropped energy (Eckart–Young), and every old task's lead stays in.
+    d = 300
+    model = _vector_model(d)
+    opt = mitigate.GradientProjection(torch.optim.SGD(model.parameters(), lr=0.0), mode="ogd", loss_fn=vec_loss)
+    lead, tasks = _ogd_tasks(18, d)
+    for t in range(16):
+        opt.remember(model, tasks[t])
+    assert opt.basis_size == 256
+    for t in (16, 17):
+        total = float(opt._energy.sum()) + 1.0  # stored energies + the task's unit energy
+        report = opt.remember(model, tasks[t])
+        assert opt.basis_size == 256 and report.added == 16
+        G = torch.cat([b["c"] for b in tasks[t]])
+        frac = float(_residual(opt.basis, G).sum() / G.square().sum())
+        # Eckart–Young: Σ residual² of the task's normalised rows ≤ Σ dropped S² = dropped · total
+        assert frac <= report.dropped_energy * total * (1 + 1e-4) + 1e-6
+        assert frac < 1e-2, frac  # measured 5e-4 (task 17), 8e-4 (task 18); with on_full="drop" 0.20
+        assert 0 < report.dropped_energy < 1e-3  # measured 1e-4
+    U = opt.basis.float()
+    torch.testing.assert_close(U @ U.T, torch.eye(256), atol=2e-5, rtol=0)  # orthonormal
+    means = torch.stack([torch.cat([b["c"] for b in task]).mean(0) for task in tasks])  # (18, d)
+    lead_res = (_residual(U, means) / means.square().sum(1)).sqrt()
+    assert float(lead_res.max()) < 3e-2, lead_res  # measured 1.0e-2 (on_full="drop": 0.45)
+    # the compressed basis and its energies resume bit-identically (weights_only)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt2 = mitigate.GradientProjection(torch.optim.SGD(model.parameters(), lr=0.0), mode="ogd", loss_fn=vec_loss)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    extra = [{"c": torch.randn(1, d, generator=torch.Generator().manual_seed(5))}]
+    opt.remember(model, extra)
+    opt2.remember(model, extra)
+    assert torch.equal(opt.basis, opt2.basis)
+
+
+def test_ogd_on_full_drop_keeps_the_old_policy_with_a_warning():
+    d = 40
+    model = _vector_model(d)
+    opt = mitigate.GradientProjection(torch.optim.SGD(model.parameters(), lr=0.0), mode="ogd", loss_fn=vec_loss,
+                                      max_basis=8, directions_per_task=4, on_full="drop")
+    lead, tasks = _ogd_tasks(3, d, per_task=4)
+    opt.remember(model, tasks[0])
+    opt.remember(model, tasks[1])
+    with pytest.warns(UserWarning, match="dropping 4 of 4 new directions"):
+        report = opt.remember(model, tasks[2])
+    assert report.added == 0 and opt.basis_size == 8
+    assert float(_residual(opt.basis, lead[2:]).sqrt()) > 0.5  # task 2 unprotected, as warned
+
+
+def test_ogd_tensor_granularity_compresses_per_tensor():
+    model = nn.Linear(6, 2)
+    opt = mitigate.GradientProjection(torch.optim.SGD(model.parameters(), lr=0.0), mode="ogd",
+                                      granularity="tensor", max_basis=3, directions_per_task=2)
+    g = torch.Generator().manual_seed(0)
+    data = [{"x": torch.randn(4, 6, generator=g), "y": torch.randn(4, 2, generator=g)} for _ in range(6)]
+    for t in range(3):
+        opt.remember(model, data[2 * t:2 * t + 2], loss_fn=mse)
+    assert opt.basis_size == 3
+    for block in opt.basis.split([12, 2], dim=1):  # each tensor's rows orthonormal (or zero)
+        gram = block @ block.T
+        nonzero = gram.diagonal() > 0.5
+        torch.testing.assert_close(gram[nonzero][:, nonzero], torch.eye(int(nonzero.sum())), atol=1e-5, rtol=0)
 
 
 def test_ogd_per_sample_directions_vmap_and_loop_agree():

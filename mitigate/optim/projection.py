@@ -98,6 +98,7 @@ from mitigate._utils import (
     resolve_loss_fn,
     select_parameters,
     shard_info,
+    dist_ready,
     shard_like,
     sharded_per_sample_grads,
     sharded_state,
@@ -153,8 +154,14 @@ class ProjectionConfig:
             Projection arithmetic is float32 regardless.
         basis_device: ogd — where the basis is stored (``None``: the parameters' device;
             ``"cpu"`` saves accelerator memory at the cost of a copy per step).
-        max_basis: ogd — cap on the total number of basis vectors; directions beyond it are
-            dropped with a warning.
+        max_basis: ogd — cap on the total number of basis vectors (see ``on_full``).
+        on_full: ogd — what a ``remember()`` does when the new directions do not fit in
+            ``max_basis``: ``"compress"`` keeps the ``max_basis`` leading singular directions of
+            the energy-weighted old basis and the task's gradients together (each task brings
+            unit energy; the basis stores every direction's energy — see
+            :func:`_compress_basis`), so every task keeps its leading directions; ``"drop"``
+            keeps the old basis and drops the new directions with a warning (later tasks get no
+            protection).
         tol: ogd — a new direction whose norm after removing the existing basis is below
             ``tol`` × its original norm is linearly dependent and is dropped.
     """
@@ -171,6 +178,7 @@ class ProjectionConfig:
     basis_dtype: str = "float32"
     basis_device: str | None = None
     max_basis: int = 256
+    on_full: Literal["compress", "drop"] = "compress"
     tol: float = 1e-5
 
     def __post_init__(self) -> None:
@@ -183,6 +191,7 @@ class ProjectionConfig:
         choice("granularity", _GRANULARITIES)
         choice("directions", _DIRECTIONS)
         choice("orthogonalization", _ORTHO)
+        choice("on_full", ("compress", "drop"))
         for name in ("memory_size", "ref_batches", "ref_every", "directions_per_task", "max_basis"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -225,12 +234,15 @@ class RememberReport:
         added: batches inserted into the memory (agem/pcgrad) or basis vectors added (ogd).
         memory_batches: batches now held in the replay memory.
         basis_size: vectors now in the OGD basis.
+        dropped_energy: ogd — fraction of the remembered gradients' energy (every task counts
+            1) that the basis stopped covering in this call (compression or ``on_full="drop"``).
     """
 
     task: int
     added: int
     memory_batches: int
     basis_size: int
+    dropped_energy: float = 0.0
 
 
 # ====================================================================== the math (pure functions)
@@ -502,62 +514,103 @@ def _orthonormalize(
     tol: float,
     sizes: Sequence[int] | None,
     reduce: Reduce | None = None,
-) -> Tensor:
+) -> tuple[Tensor, list[Tensor]]:
     """Orthonormalise the rows of ``new`` (m, D) against ``basis`` (k, D) and each other.
 
     Global: dependent rows (relative residual ≤ ``tol``) are dropped. Per segment (``sizes``):
     each segment is orthonormalised on its own; dependent segments become zero, rows that are
-    zero everywhere are dropped. Returns the accepted rows, shape ``(m', D)``.
+    zero everywhere are dropped.
+
+    Unsharded, ``new`` is overwritten in place (the accepted rows are a view of it): beyond
+    ``new`` itself only ``(m, k)`` coefficient matrices are allocated.
 
     With ``reduce`` (FSDP2: the columns are this rank's shard of the vectors) every inner product
     is a partial sum over the local columns, summed over ranks by ``reduce``; both methods then
     run classical Gram–Schmidt with re-orthogonalisation (CGS2: ``x ← x − Qᵀ(Q x)`` twice, one
     all-reduce of ``Q x`` per pass), so every rank takes the same accept/drop decisions.
+
+    Returns:
+        ``(rows, coords)``: the accepted rows ``F``, shape ``(m', D)``, and per segment (one in
+        global mode) the float64 CPU coordinates ``C`` (m, k + m') of the input rows in the
+        orthonormal system ``[basis; F]``: ``newᵢ = Cᵢ,:ₖ basis + Cᵢ,ₖ: F`` up to the residuals
+        dropped below ``tol`` (the input of :func:`_compress_basis`).
     """
-    if sizes is not None:
-        cols = []
-        old = basis.split(sizes, dim=1) if basis is not None else [None] * len(sizes)
-        for b, v in zip(old, new.split(sizes, dim=1)):
-            cols.append(_orthonormalize_block(b, v, method, tol, keep_rows=True, reduce=reduce))
-        rows = torch.cat(cols, dim=1)
-        return rows[_reduced(rows.abs().sum(1), reduce) > 0]
-    return _orthonormalize_block(basis, new, method, tol, keep_rows=False, reduce=reduce)
+    k = 0 if basis is None else basis.shape[0]
+    if reduce is not None:  # FSDP2: not in place; coordinates from all-reduced inner products
+        if sizes is None:
+            rows = _orthonormalize_sharded(basis, new, tol, keep_rows=False, reduce=reduce)
+        else:
+            old = basis.split(sizes, dim=1) if basis is not None else [None] * len(sizes)
+            rows = torch.cat([_orthonormalize_sharded(b, v, tol, keep_rows=True, reduce=reduce)
+                              for b, v in zip(old, new.split(sizes, dim=1))], dim=1)
+            rows = rows[_reduced(rows.abs().sum(1), reduce) > 0]
+        segs = [new.shape[1]] if sizes is None else list(sizes)
+        full = rows if basis is None else torch.cat([basis, rows])
+        coords = [_reduced(x @ q.T, reduce).double().cpu()
+                  for x, q in zip(new.split(segs, dim=1), full.split(segs, dim=1))]
+        return rows, coords
+    if sizes is None:
+        rows, coef = _orthonormalize_block(basis, new, method, tol, keep_rows=False)
+        return rows, [coef]
+    old = basis.split(sizes, dim=1) if basis is not None else [None] * len(sizes)
+    coefs = [_orthonormalize_block(b, v, method, tol, keep_rows=True)[1]
+             for b, v in zip(old, new.split(sizes, dim=1))]
+    idx = (new.norm(dim=1) > 0).nonzero().flatten().tolist()
+    for j, i in enumerate(idx):  # compact the kept rows to the front, in place
+        if j != i:
+            new[j].copy_(new[i])
+    cols = torch.tensor([*range(k), *(k + i for i in idx)], dtype=torch.long)
+    return new[:len(idx)], [c[:, cols] for c in coefs]
 
 
 def _orthonormalize_block(
     basis: Tensor | None, new: Tensor, method: str, tol: float, *, keep_rows: bool,
-    reduce: Reduce | None = None,
-) -> Tensor:
-    if reduce is not None:
-        return _orthonormalize_sharded(basis, new, tol, keep_rows=keep_rows, reduce=reduce)
+) -> tuple[Tensor, Tensor]:
+    """One column block of :func:`_orthonormalize`, in place on ``new`` (m, d) (may be a column
+    view): CGS2 against ``basis`` (``v ← v − (v Uᵀ) U`` twice, fused ``addmm_``), then QR or
+    CGS2 among the rows. Accepted rows are compacted to the front (``keep_rows=False``) or kept
+    at their position with rejected rows zeroed. Returns the rows and their coordinates."""
+    m = new.shape[0]
+    k = 0 if basis is None else basis.shape[0]
+    coef = torch.zeros(m, k + m, dtype=torch.float64)
     norms0 = new.norm(dim=1)
-    v = new.clone()
-    if basis is not None and basis.shape[0] > 0:
+    v = new
+    if k:
         for _ in range(2):  # "twice is enough" (Kahan–Parlett)
-            v -= (v @ basis.T) @ basis
-    accepted = torch.zeros(new.shape[0], dtype=torch.bool)
-    out = None
-    if method == "qr" and v.shape[0] <= v.shape[1]:
-        q, r = torch.linalg.qr(v.T, mode="reduced")  # (D, m), (m, m)
+            c = v @ basis.T  # (m, k)
+            coef[:, :k] += c.double().cpu()
+            v.addmm_(c, basis, alpha=-1)
+    if method == "qr" and m <= v.shape[1]:
+        q, r = torch.linalg.qr(v.T, mode="reduced")  # (d, m), (m, m)
         diag = r.diagonal()
         if bool(((diag.abs() > tol * norms0) & (norms0 > 0)).all()):
-            out = (q * torch.where(diag < 0, -1.0, 1.0)).T  # sign fix: row i ~ +v_i direction
-            accepted[:] = True
+            sign = torch.where(diag < 0, -1.0, 1.0)  # row i ~ +v_i direction
+            v.copy_((q * sign).T)
+            coef[:, k:] = (r * sign[:, None]).T.double().cpu()  # vᵢ = Σⱼ sⱼ rⱼᵢ (sⱼ qⱼ)
+            return v, coef
         # rank deficient: Householder columns for dependent rows are arbitrary -> Gram–Schmidt
-    if out is None:
-        out = torch.zeros_like(v)
-        kept: list[int] = []
-        for i in range(v.shape[0]):
-            x = v[i]
+    kept = 0
+    for i in range(m):
+        x = v[i]
+        lim = i if keep_rows else kept  # earlier rows: accepted ones (rejected are zero)
+        if lim:
+            q = v[:lim]
             for _ in range(2):
-                for j in kept:
-                    x = x - torch.dot(x, out[j]) * out[j]
-            n = x.norm()
-            if bool(n > tol * norms0[i]) and bool(norms0[i] > 0):
-                out[i] = x / n
-                kept.append(i)
-                accepted[i] = True
-    return _accepted_rows(out, accepted, keep_rows)
+                c = q @ x
+                coef[i, k:k + lim] += c.double().cpu()
+                x.addmv_(q.T, c, alpha=-1)
+        n = x.norm()
+        if bool(n > tol * norms0[i]) and bool(norms0[i] > 0):
+            pos = i if keep_rows else kept
+            if pos != i:
+                v[pos].copy_(x)
+            v[pos].div_(n)
+            coef[i, k + pos] = float(n)
+            kept += 1
+        elif keep_rows:
+            x.zero_()
+    n_rows = m if keep_rows else kept
+    return v[:n_rows], coef[:, :k + n_rows]
 
 
 def _accepted_rows(out: Tensor, accepted: Tensor, keep_rows: bool) -> Tensor:
@@ -593,6 +646,61 @@ def _orthonormalize_sharded(
             kept.append(i)
             accepted[i] = True
     return _accepted_rows(out, accepted, keep_rows)
+
+
+def _compress_basis(
+    basis: Tensor | None,
+    energy: Tensor,
+    fresh: Tensor,
+    coords: Sequence[Tensor],
+    sizes: Sequence[int] | None,
+    cap: int,
+) -> tuple[Tensor, Tensor, float]:
+    """Keep the ``cap`` leading singular directions of the old basis and a task's gradients
+    together (the OGD basis compression when ``max_basis`` is reached).
+
+    Per segment (one in global mode) the old directions enter weighted by their energies and
+    the task's gradients by their coordinates ``C`` in ``B = [basis; fresh]``::
+
+        M = [diag(√e) 0; C]  (k + m, k + m'),   M = A S Vᵀ,   U' = Vᵀ₍:cap₎ B,   e' = S²₍:cap₎
+
+    so ``U'`` spans the best rank-``cap`` approximation of the energy-weighted old directions
+    plus the gradients (Eckart–Young: the gradients' residual energy outside ``span U'`` is at
+    most ``Σ_dropped S²``), and its rows are orthonormal to rounding (``V`` orthogonal, ``B``
+    orthonormal). Only the small ``M`` is decomposed (float64).
+
+    Args:
+        basis: ``U`` (k, D), or ``None``; fresh: ``F`` (m', D), orthonormal to ``U``.
+        energy: ``e`` (k, S) float64, the energy of each old direction per segment.
+        coords: per segment ``C`` (m, k + m') float64 (see :func:`_orthonormalize`).
+        sizes: segment sizes (``None``: global); cap: rows to keep.
+
+    Returns:
+        ``(U', e', dropped)``: the new basis (≤ cap, D), its energies (≤ cap, S), and the
+        fraction of the total energy ``Σ S²`` left out.
+    """
+    k = 0 if basis is None else basis.shape[0]
+    segs = [fresh.shape[1]] if sizes is None else list(sizes)
+    ubs = basis.split(segs, dim=1) if k else [None] * len(segs)
+    out = torch.zeros(cap, fresh.shape[1], dtype=fresh.dtype, device=fresh.device)
+    e_new = torch.zeros(cap, len(segs), dtype=torch.float64)
+    dropped = total = 0.0
+    n_rows = 0
+    for s, (ub, fb, ob, c) in enumerate(zip(ubs, fresh.split(segs, dim=1), out.split(segs, dim=1), coords)):
+        top = torch.zeros(k, c.shape[1], dtype=torch.float64)
+        top[:, :k] = torch.diag(energy[:, s].clamp_min(0).sqrt())
+        _, sv, vh = torch.linalg.svd(torch.cat([top, c]), full_matrices=False)
+        sq = sv.square()
+        r = min(cap, int((sv > sv[0] * 1e-12).sum())) if sv.numel() and bool(sv[0] > 0) else 0
+        total += float(sq.sum())
+        dropped += float(sq[r:].sum())
+        w = vh[:r].to(device=fresh.device, dtype=fresh.dtype)
+        if k:
+            ob[:r].addmm_(w[:, :k], ub)
+        ob[:r].addmm_(w[:, k:], fb)
+        e_new[:r, s] = sq[:r]
+        n_rows = max(n_rows, r)
+    return out[:n_rows], e_new[:n_rows], dropped / total if total > 0 else 0.0
 
 
 # ====================================================================== the wrapper
@@ -660,6 +768,7 @@ class GradientProjection(OptimizerWrapper):
         self._seen = 0
         self._tasks = 0
         self._basis: Tensor | None = None  # (k, D) in basis_dtype on basis_device
+        self._energy: Tensor | None = None  # (k, S) float64 CPU: energy of each direction per segment
         self._views: tuple[Tensor, tuple[int, ...], tuple[Tensor, ...]] | None = None  # split cache
         self._ref: Tensor | None = None  # cached flat memory gradient (D,), float32
         self._ref_age = 0
@@ -735,7 +844,8 @@ class GradientProjection(OptimizerWrapper):
         algorithm R over all batches ever remembered), stored detached on CPU. ogd: up to
         ``directions_per_task`` gradients of the task loss (per batch, or per sample) at the
         current parameters — computed in eval mode, averaged over DDP ranks — are
-        orthonormalised against the basis and appended (at most ``max_basis`` in total).
+        orthonormalised against the basis and appended; past ``max_basis`` the basis is compressed
+        (``on_full``).
 
         Args:
             model: the model as trained on the task (PEFT / DDP wrappers are fine).
@@ -755,12 +865,13 @@ class GradientProjection(OptimizerWrapper):
         """
         model = unwrap_model(model)
         named = self._bind(model)
+        dropped = 0.0
         if self.config.mode == "ogd":
             self._model = model
             if loss_fn is not None:
                 self._loss_fn = loss_fn
             self._signature = {n: tuple(p.shape) for n, p in named}
-            added = self._remember_directions(named, batches)
+            added, dropped = self._remember_directions(named, batches)
         else:
             added = self._remember_batches(model, named, batches, self._loss_fn if loss_fn is None else loss_fn)
             self._model = model
@@ -768,7 +879,7 @@ class GradientProjection(OptimizerWrapper):
                 self._loss_fn = loss_fn
             self._signature = {n: tuple(p.shape) for n, p in named}
             self._ref = None  # the memory changed: recompute the reference next step
-        report = RememberReport(self._tasks, added, len(self._memory), self.basis_size)
+        report = RememberReport(self._tasks, added, len(self._memory), self.basis_size, dropped)
         self._tasks += 1
         logger.info("GradientProjection.remember: %s", report)
         return report
@@ -815,50 +926,114 @@ class GradientProjection(OptimizerWrapper):
 
     def _remember_directions(
         self, named: list[tuple[str, nn.Parameter]], batches: Iterable[Batch]
-    ) -> int:
+    ) -> tuple[int, float]:
+        """OGD: compute up to ``directions_per_task`` gradient rows into one preallocated
+        (m, D) buffer, average them over DDP ranks, orthonormalise them in place against the
+        basis and append them — or, when ``max_basis`` is reached, compress (see
+        :func:`_compress_basis`). Returns ``(directions added, energy fraction dropped)``."""
         cfg = self.config
         model = self._model
         assert model is not None
         loss_fn = resolve_loss_fn(self._loss_fn)
         params = [p for _, p in named]
+        likes = [_local(p) for p in params]
         device = params[0].device
-        rows: list[Tensor] = []
         want = cfg.directions_per_task
+        total = sum(x.numel() for x in likes)
+        buf: Tensor | None = None  # (want, D): the only full-size allocation besides the basis
+        m = 0
+
+        def put(row: Tensor) -> None:
+            nonlocal buf, m
+            if buf is None:
+                buf = torch.zeros(want, row.numel(), dtype=row.dtype, device=row.device)
+            buf[m].copy_(row)
+            m += 1
+
         with preserve_state(model, mode=False), torch.enable_grad():
             for batch in batches:
-                if len(rows) >= want:
+                if m >= want:
                     break
                 batch = move_batch(batch, device)
                 if self._sharded:  # FSDP2: through backward(), reduce-scattered into the shards
-                    rows.extend(_backward_flat(model, loss_fn, params, batch,
-                                               per_sample=cfg.directions == "sample"))
+                    rows = _backward_flat(model, loss_fn, params, batch, per_sample=cfg.directions == "sample")
                 elif cfg.directions == "batch":
                     grads = torch.autograd.grad(loss_fn(model, batch), params, allow_unused=True)
-                    rows.append(_flat(grads, params))
+                    if buf is None:
+                        buf = torch.zeros(want, total, dtype=torch.promote_types(likes[0].dtype, torch.float32),
+                                          device=device)
+                    for dst, g in zip(buf[m].split([x.numel() for x in likes]), grads):
+                        dst.copy_(g.reshape(-1)) if g is not None else dst.zero_()
+                    m += 1
+                    continue
                 else:
-                    rows.extend(_per_sample_flat(model, loss_fn, named, batch))
-        if not rows:
+                    rows = _per_sample_flat(model, loss_fn, named, batch)
+                for row in rows:
+                    if m < want:
+                        put(row)
+        m_all = self._agree_on_count(m, device)
+        if m_all == 0:
             raise ValueError("remember() got no batches; pass the finished task's batches")
-        new = torch.stack(rows[:want])  # (m, D) float32; FSDP2: (m, D_local), this rank's shard
+        if buf is None:  # DDP: this rank had no batch, the others did (it contributes zeros)
+            buf = torch.zeros(want, total, device=device)
+        new = buf[:m_all]  # (m, D) float32; FSDP2: (m, D_local), this rank's shard
         if not self._sharded:  # FSDP2's reduce-scatter has averaged over ranks already
-            all_reduce_mean_(new)  # DDP: every rank's shard of the data -> the global-batch gradient
-        bad = _reduced((~torch.isfinite(new)).sum().float().reshape(1), self._reduce)
-        if bool(bad[0] > 0):
+            if m_all == m:
+                all_reduce_mean_(new)  # DDP: every rank's shard of the data -> the global-batch gradient
+            else:  # unequal counts: row i is the mean over the ranks that have a row i
+                have = (torch.arange(m_all, device=device) < m).to(new.dtype)
+                all_reduce_sum_(new)
+                all_reduce_sum_(have)
+                new.div_(have.clamp_min(1)[:, None])
+        # row by row: a whole (m, D) bool mask would cost a quarter of the buffer
+        bad = torch.stack([(~torch.isfinite(row)).any() for row in new]).sum().float().reshape(1)
+        if bool(_reduced(bad, self._reduce)[0] > 0):
             raise ValueError("remember(): non-finite task gradients; check the loss / dtype")
         sizes = self._sizes(named) if cfg.granularity == "tensor" else None
+        n_seg = 1 if sizes is None else len(sizes)
+        k = self.basis_size
         old = None if self._basis is None else self._basis.to(device, new.dtype)
-        fresh = _orthonormalize(old, new, cfg.orthogonalization, cfg.tol, sizes, self._reduce)
-        room = cfg.max_basis - self.basis_size
-        if fresh.shape[0] > room:
+        fresh, coords = _orthonormalize(old, new, cfg.orthogonalization, cfg.tol, sizes, self._reduce)
+        coords = [c / c.norm().clamp_min(1e-300) for c in coords]  # every task brings unit energy
+        energy = self._energy
+        if energy is None or tuple(energy.shape) != (k, n_seg):
+            energy = torch.ones(k, n_seg, dtype=torch.float64)  # a state saved without energies
+        gained = torch.stack([c.square().sum(0) for c in coords], dim=1)  # (k + m', S)
+        store = self._basis_device(device)
+        dropped = 0.0
+        if k + fresh.shape[0] <= cfg.max_basis:
+            fresh = fresh.to(store, cfg.torch_basis_dtype)
+            if self._basis is not None:
+                self._basis = torch.cat([self._basis, fresh])
+            else:  # a view of the buffer: keep only the accepted rows' storage
+                self._basis = fresh if fresh.shape[0] == want else fresh.clone()
+            self._energy = torch.cat([energy + gained[:k], gained[k:]])
+            added = int(fresh.shape[0])
+        elif cfg.on_full == "drop":
+            room = cfg.max_basis - k
+            dropped = float(gained[k + room:].sum() / (energy.sum() + gained.sum()).clamp_min(1e-300))
             warnings.warn(
-                f"GradientProjection: OGD basis is full (max_basis={cfg.max_basis}); "
-                f"dropping {fresh.shape[0] - room} of {fresh.shape[0]} new directions",
+                f"GradientProjection: OGD basis is full (max_basis={cfg.max_basis}, on_full='drop'); "
+                f"dropping {fresh.shape[0] - room} of {fresh.shape[0]} new directions "
+                f"({dropped:.1%} of the remembered gradient energy): later tasks are not protected "
+                "(on_full='compress' keeps the leading directions of old and new together)",
                 stacklevel=3,
             )
-            fresh = fresh[:room]
-        store = self._basis_device(device)
-        fresh = fresh.to(store, cfg.torch_basis_dtype)
-        self._basis = fresh if self._basis is None else torch.cat([self._basis, fresh])
+            fresh = fresh[:room].to(store, cfg.torch_basis_dtype)
+            self._basis = fresh if self._basis is None else torch.cat([self._basis, fresh])
+            self._energy = torch.cat([energy + gained[:k], gained[k:k + room]])
+            added = int(fresh.shape[0])
+        else:
+            rows, self._energy, dropped = _compress_basis(old, energy, fresh, coords, sizes, cfg.max_basis)
+            del old
+            self._basis = rows.to(store, cfg.torch_basis_dtype)
+            self._views = None
+            added = int(fresh.shape[0])
+            logger.info(
+                "GradientProjection: OGD basis full (max_basis=%d): compressed %d old + %d new "
+                "directions to the %d leading ones (%.2f%% of the energy dropped)",
+                cfg.max_basis, k, fresh.shape[0], self.basis_size, 100 * dropped,
+            )
         if fresh.shape[0] == 0:
             warnings.warn(
                 f"GradientProjection(mode='ogd').remember(): no new direction (all {new.shape[0]} "
@@ -866,7 +1041,17 @@ class GradientProjection(OptimizerWrapper):
                 "this task adds no protection",
                 stacklevel=3,
             )
-        return int(fresh.shape[0])
+        return added, dropped
+
+    def _agree_on_count(self, m: int, device: torch.device) -> int:
+        """The largest per-rank row count (DDP: all-reduced, so every rank reduces as many rows;
+        ranks short of batches contribute zero rows). FSDP2 runs collectives inside every batch's
+        ``backward()``, so there every rank must pass the same number of batches (unchanged)."""
+        if self._sharded or not dist_ready():
+            return m
+        t = torch.tensor([m], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t[0])
 
     def _basis_device(self, device: torch.device) -> torch.device:
         return torch.device(self.config.basis_device) if self.config.basis_device else device
@@ -1121,6 +1306,7 @@ class GradientProjection(OptimizerWrapper):
             "seen": self._seen,
             "tasks": self._tasks,
             "basis": None if self._basis is None else self._basis.detach().cpu().clone(),
+            "energy": None if self._energy is None else self._energy.clone(),
             "ref": None if self._ref is None else self._ref.detach().cpu().clone(),
             "ref_age": self._ref_age,
             "generator": self._generator.get_state(),
@@ -1165,6 +1351,9 @@ class GradientProjection(OptimizerWrapper):
             dev = self._basis_device(_param_device(self))
             basis = basis.to(dev, self.config.torch_basis_dtype)
         self._basis = basis
+        self._views = None
+        energy = state.get("energy")  # absent in states saved before compression existed
+        self._energy = None if energy is None else energy.to("cpu", torch.float64)
         ref = state["ref"]
         self._ref = None if ref is None else ref.to(_param_device(self))
         self._ref_age = int(state["ref_age"])
