@@ -971,14 +971,14 @@ class GradientProjection(OptimizerWrapper):
                 for row in rows:
                     if m < want:
                         put(row)
-        m_all = self._agree_on_count(m, device)
+        m_all, equal = self._agree_on_count(m, device)
         if m_all == 0:
             raise ValueError("remember() got no batches; pass the finished task's batches")
         if buf is None:  # DDP: this rank had no batch, the others did (it contributes zeros)
             buf = torch.zeros(want, total, device=device)
         new = buf[:m_all]  # (m, D) float32; FSDP2: (m, D_local), this rank's shard
         if not self._sharded:  # FSDP2's reduce-scatter has averaged over ranks already
-            if m_all == m:
+            if equal:
                 all_reduce_mean_(new)  # DDP: every rank's shard of the data -> the global-batch gradient
             else:  # unequal counts: row i is the mean over the ranks that have a row i
                 have = (torch.arange(m_all, device=device) < m).to(new.dtype)
@@ -1043,15 +1043,17 @@ class GradientProjection(OptimizerWrapper):
             )
         return added, dropped
 
-    def _agree_on_count(self, m: int, device: torch.device) -> int:
-        """The largest per-rank row count (DDP: all-reduced, so every rank reduces as many rows;
-        ranks short of batches contribute zero rows). FSDP2 runs collectives inside every batch's
-        ``backward()``, so there every rank must pass the same number of batches (unchanged)."""
+    def _agree_on_count(self, m: int, device: torch.device) -> tuple[int, bool]:
+        """The largest per-rank row count and whether all ranks have it (DDP: all-reduced, so
+        every rank takes the same branch and reduces as many rows; ranks short of batches
+        contribute zero rows). FSDP2 runs collectives inside every batch's ``backward()``, so
+        there every rank must pass the same number of batches (unchanged)."""
         if self._sharded or not dist_ready():
-            return m
-        t = torch.tensor([m], dtype=torch.float64, device=device)
+            return m, True
+        t = torch.tensor([m, -m], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return int(t[0])
+        hi, lo = int(t[0]), -int(t[1])
+        return hi, hi == lo
 
     def _basis_device(self, device: torch.device) -> torch.device:
         return torch.device(self.config.basis_device) if self.config.basis_device else device
