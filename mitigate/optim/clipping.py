@@ -129,7 +129,12 @@ class GradientClipping(OptimizerWrapper):
             )
 
     def load_wrapper_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the counters (the clipping threshold stays the constructor's)."""
+        """Restore the counters (the clipping threshold stays the constructor's).
+
+        Raises:
+            ValueError: not a GradientClipping state (nothing is changed).
+        """
+        self.validate_wrapper_state_dict(state)
         self._steps = int(state["steps"])
         device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
         self._acc = {k: v.to(device) for k, v in state["acc"].items()}

@@ -1343,7 +1343,9 @@ class GradientProjection(OptimizerWrapper):
             self._check_signature(self._named(self._model), saved)
 
     def load_wrapper_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`wrapper_state_dict` output (checked by :meth:`validate_wrapper_state_dict`)."""
+        """Restore :meth:`wrapper_state_dict` output, after :meth:`validate_wrapper_state_dict`
+        (which raises before anything changes)."""
+        self.validate_wrapper_state_dict(state)
         sig = state["signature"]
         self._signature = None if sig is None else {n: tuple(s) for n, s in zip(sig["names"], sig["shapes"])}
         self._memory = [_to_cpu(b) for b in state["memory"]]  # even if a loader moved them
