@@ -48,7 +48,8 @@ Python, loadable with ``torch.load(weights_only=True)``. To resume, build the wr
 Distributed (DDP): ``step()`` sees already all-reduced gradients. ``remember()`` averages the
 OGD directions over ranks (each rank passes its shard of the same batches); A-GEM/PCGrad
 average the memory gradient over ranks at step time, so every rank takes the same step (ranks
-keep their own shard's batches in memory; same number of ``remember()`` batches per rank).
+keep their own shard's batches in memory). OGD ``remember()`` with fewer batches on some ranks
+averages direction i over the ranks that have a batch i (FSDP2: same count on every rank).
 ``pcgrad_backward`` averages the per-objective gradients itself: run its forward under
 ``model.no_sync()``.
 
