@@ -9,6 +9,7 @@ wrong.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import pytest
@@ -154,6 +155,37 @@ def test_gradient_projection_matches_formula_and_stats():
     s = opt.stats()["model.layers.0.self_attn.q_proj"]
     assert s.rank == 3
     assert s.removed_last == pytest.approx(float((G @ U).norm() / G.norm()), rel=1e-4)
+
+
+@pytest.mark.parametrize("hold", ["update", "gradient"])
+def test_nonfinite_gradient_passes_untouched_and_stats_stay_finite(hold):
+    """Issue 15 item 6: one NaN gradient element became a whole NaN input row after the step and
+    removed_mean stayed NaN for good. Now the gradients pass through untouched (as in
+    GradientProjection), the step is counted, and removed_mean averages the finite steps."""
+    name = "model.layers.0.self_attn.q_proj"
+    model = tiny_llama()
+    opt = LowRankCircuitProjection(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                                   targets=["layers.0.self_attn.q_proj"], rank=3, hold=hold)
+    opt.remember(model, lm_batches(1))
+    p = model.model.layers[0].self_attn.q_proj.weight
+    model(**lm_batches(2)[0]).loss.backward()
+    p.grad[0, 0] = float("nan")
+    G = p.grad.clone()
+    opt.transform_gradients()
+    assert torch.equal(p.grad.nan_to_num(7.0), G.nan_to_num(7.0))  # untouched, NaN where it was
+    opt.zero_grad()
+    model(**lm_batches(2)[0]).loss.backward()
+    p.grad[0, 0] = float("nan")
+    opt.step()
+    assert int(p.isnan().sum()) == 1  # SGD put the NaN where the gradient had it, nowhere else
+    with torch.no_grad():
+        p[0, 0] = 0.0
+    opt.zero_grad()
+    model(**lm_batches(3)[0]).loss.backward()
+    opt.step()
+    s = opt.stats()[name]
+    assert s.nonfinite_skips == 2 and math.isfinite(s.removed_mean) and s.removed_mean > 0
+    assert s.removed_mean == pytest.approx(s.removed_last, rel=1e-6)  # the one finite step
 
 
 def test_rank_selection_by_energy():

@@ -162,13 +162,106 @@ def test_ogd_hand_computation(method):
 
 def test_ogd_basis_cap_dtype_and_device():
     model = linear_model()
-    proj = wrap(model, "ogd", max_basis=2, basis_dtype=torch.bfloat16, basis_device="cpu")
-    with pytest.warns(UserWarning, match="max_basis=2"):
+    proj = wrap(model, "ogd", max_basis=2, basis_dtype=torch.bfloat16, basis_device="cpu", on_full="drop")
+    with pytest.warns(UserWarning, match="max_basis=2, on_full='drop'"):
         proj.remember(model, [grad_batch(g) for g in ([1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0])])
     assert proj.basis.shape == (2, 3) and proj.basis.dtype == torch.bfloat16
     set_grad(model, [1.0, 2.0, 3.0])
     proj.step()
     torch.testing.assert_close(flat_grad(model), torch.tensor([0.0, 0.0, 3.0]))
+
+
+def _vector_model(d: int) -> nn.Module:
+    model = nn.Linear(d, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    return model
+
+
+def vec_loss(model, batch):  # gradient w.r.t. the weight is exactly batch["c"]
+    return (model.weight * batch["c"]).sum()
+
+
+def _ogd_tasks(n_tasks: int, d: int, per_task: int = 16):
+    """Task t: one leading unit direction a_t (gradient 3·a_t) plus noise of norm ≈ 0.3 per batch."""
+    g = torch.Generator().manual_seed(0)
+    lead = nn.functional.normalize(torch.randn(n_tasks, d, generator=g), dim=1)
+    noise = 0.3 / math.sqrt(d)
+    tasks = [[{"c": (3.0 * lead[t] + noise * torch.randn(d, generator=g))[None]} for _ in range(per_task)]
+             for t in range(n_tasks)]
+    return lead, tasks
+
+
+def _residual(basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """‖(I − UᵀU) x‖² per row of x."""
+    basis = basis.float()
+    return (x - (x @ basis.T) @ basis).square().sum(-1)
+
+
+def test_ogd_full_basis_is_compressed_and_keeps_every_task_protected():
+    # issue 15 item 10: with the defaults (max_basis=256, 16 directions per task) task 17 used
+    # to get no direction at all. Now: its gradients' residual outside the basis is bounded by
+    # the compression's dropped energy (Eckart–Young), and every old task's lead stays in.
+    d = 300
+    model = _vector_model(d)
+    opt = mitigate.GradientProjection(torch.optim.SGD(model.parameters(), lr=0.0), mode="ogd", loss_fn=vec_loss)
+    lead, tasks = _ogd_tasks(18, d)
+    for t in range(16):
+        opt.remember(model, tasks[t])
+    assert opt.basis_size == 256
+    for t in (16, 17):
+        total = float(opt._energy.sum()) + 1.0  # stored energies + the task's unit energy
+        report = opt.remember(model, tasks[t])
+        assert opt.basis_size == 256 and report.added == 16
+        G = torch.cat([b["c"] for b in tasks[t]])
+        frac = float(_residual(opt.basis, G).sum() / G.square().sum())
+        # Eckart–Young: Σ residual² of the task's normalised rows ≤ Σ dropped S² = dropped · total
+        assert frac <= report.dropped_energy * total * (1 + 1e-4) + 1e-6
+        assert frac < 1e-2, frac  # measured 5e-4 (task 17), 8e-4 (task 18); with on_full="drop" 0.20
+        assert 0 < report.dropped_energy < 1e-3  # measured 1e-4
+    U = opt.basis.float()
+    torch.testing.assert_close(U @ U.T, torch.eye(256), atol=2e-5, rtol=0)  # orthonormal
+    means = torch.stack([torch.cat([b["c"] for b in task]).mean(0) for task in tasks])  # (18, d)
+    lead_res = (_residual(U, means) / means.square().sum(1)).sqrt()
+    assert float(lead_res.max()) < 3e-2, lead_res  # measured 1.0e-2 (on_full="drop": 0.45)
+    # the compressed basis and its energies resume bit-identically (weights_only)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt2 = mitigate.GradientProjection(torch.optim.SGD(model.parameters(), lr=0.0), mode="ogd", loss_fn=vec_loss)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    extra = [{"c": torch.randn(1, d, generator=torch.Generator().manual_seed(5))}]
+    opt.remember(model, extra)
+    opt2.remember(model, extra)
+    assert torch.equal(opt.basis, opt2.basis)
+
+
+def test_ogd_on_full_drop_keeps_the_old_policy_with_a_warning():
+    d = 40
+    model = _vector_model(d)
+    opt = mitigate.GradientProjection(torch.optim.SGD(model.parameters(), lr=0.0), mode="ogd", loss_fn=vec_loss,
+                                      max_basis=8, directions_per_task=4, on_full="drop")
+    lead, tasks = _ogd_tasks(3, d, per_task=4)
+    opt.remember(model, tasks[0])
+    opt.remember(model, tasks[1])
+    with pytest.warns(UserWarning, match="dropping 4 of 4 new directions"):
+        report = opt.remember(model, tasks[2])
+    assert report.added == 0 and opt.basis_size == 8
+    assert float(_residual(opt.basis, lead[2:]).sqrt()) > 0.5  # task 2 unprotected, as warned
+
+
+def test_ogd_tensor_granularity_compresses_per_tensor():
+    model = nn.Linear(6, 2)
+    opt = mitigate.GradientProjection(torch.optim.SGD(model.parameters(), lr=0.0), mode="ogd",
+                                      granularity="tensor", max_basis=3, directions_per_task=2)
+    g = torch.Generator().manual_seed(0)
+    data = [{"x": torch.randn(4, 6, generator=g), "y": torch.randn(4, 2, generator=g)} for _ in range(6)]
+    for t in range(3):
+        opt.remember(model, data[2 * t:2 * t + 2], loss_fn=mse)
+    assert opt.basis_size == 3
+    for block in opt.basis.split([12, 2], dim=1):  # each tensor's rows orthonormal (or zero)
+        gram = block @ block.T
+        nonzero = gram.diagonal() > 0.5
+        torch.testing.assert_close(gram[nonzero][:, nonzero], torch.eye(int(nonzero.sum())), atol=1e-5, rtol=0)
 
 
 def test_ogd_per_sample_directions_vmap_and_loop_agree():
@@ -404,6 +497,58 @@ def test_load_into_other_mode_raises():
         other.load_state_dict(opt.state_dict())
 
 
+def _snapshot(sd) -> bytes:
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("target", ["ogd", "clipping"])
+def test_refused_load_changes_nothing(target):
+    # issue 15 item 8: the target's lr and moments used to be overwritten before the error
+    model = mlp()
+    agem = mitigate.GradientProjection(torch.optim.AdamW(model.parameters(), lr=0.5), mode="agem", loss_fn=mse)
+    agem.remember(model, batches(2, 0))
+    train(model, agem, batches(2, 1))
+    other_model = mlp()
+    base = torch.optim.AdamW(other_model.parameters(), lr=1e-3)
+    if target == "ogd":
+        other = mitigate.GradientProjection(base, mode="ogd", loss_fn=mse)
+        other.remember(other_model, batches(2, 2))
+    else:
+        other = mitigate.GradientClipping(base, max_norm=1.0)
+    train(other_model, other, batches(2, 3))
+    before = _snapshot(other.state_dict())
+    with pytest.raises(ValueError, match="agem|GradientProjection"):
+        other.load_state_dict(agem.state_dict())
+    assert _snapshot(other.state_dict()) == before
+    assert other.param_groups[0]["lr"] == 1e-3
+
+
+def test_refused_load_for_other_parameters_changes_nothing():
+    model = mlp()
+    opt = mitigate.GradientProjection(torch.optim.AdamW(model.parameters()), mode="agem", loss_fn=mse)
+    opt.remember(model, batches(2, 0))
+    sd = opt.state_dict()
+    sd["mitigate"]["state"]["signature"]["names"][0] = "renamed.weight"
+    other_model = mlp()
+    other = mitigate.GradientProjection(torch.optim.AdamW(other_model.parameters(), lr=0.25), mode="agem",
+                                        model=other_model, loss_fn=mse)
+    other.remember(other_model, batches(1, 1))
+    train(other_model, other, batches(1, 2))
+    before = _snapshot(other.state_dict())
+    with pytest.raises(StateMismatchError, match="renamed.weight"):
+        other.load_state_dict(sd)
+    assert _snapshot(other.state_dict()) == before
+
+
+def test_mode_is_accepted_positionally():
+    # issue 16 item 4: GradientProjection(opt, "agem") raised a raw TypeError
+    model = mlp()
+    opt = mitigate.GradientProjection(torch.optim.SGD(model.parameters(), lr=0.1), "ogd")
+    assert opt.config.mode == "ogd"
+
+
 # ---------------------------------------------------------------- faults and options
 
 
@@ -419,6 +564,87 @@ def test_step_before_remember_warns_once_and_is_plain_step():
     assert len(msgs) == 1
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("mode", ["agem", "pcgrad", "ogd"])
+def test_remember_with_no_batches_raises(mode):
+    model = mlp()
+    opt = mitigate.GradientProjection(torch.optim.SGD(model.parameters(), lr=0.1), mode=mode, loss_fn=mse)
+    with pytest.raises(ValueError, match="no batches"):
+        opt.remember(model, [])
+    assert opt.stats()["tasks"] == 0 and opt.memory == [] and opt.basis_size == 0
+
+
+def ce(model, batch):
+    return nn.functional.cross_entropy(model(batch["x"]), batch["labels"])
+
+
+@pytest.mark.parametrize("mode", ["agem", "pcgrad"])
+def test_memory_batch_with_nan_loss_is_refused_by_index_and_nothing_recorded(mode):
+    # issue 15 item 4: labels all -100 -> NaN loss -> the reference gradient was zeroed silently
+    model = mlp()
+    opt = mitigate.GradientProjection(torch.optim.SGD(model.parameters(), lr=0.1), mode=mode, loss_fn=ce)
+    good = [{"x": b["x"], "labels": torch.randint(2, (8,), generator=torch.Generator().manual_seed(i))}
+            for i, b in enumerate(batches(2, 0))]
+    opt.remember(model, good[:1])
+    gen = opt._generator.get_state()
+    masked = {"x": good[1]["x"], "labels": torch.full((8,), -100)}
+    with pytest.raises(ValueError, match="batch 1 has a non-finite loss"):
+        opt.remember(model, [good[1], masked])
+    assert len(opt.memory) == 1 and opt.stats()["tasks"] == 1
+    assert torch.equal(opt._generator.get_state(), gen)
+
+
+def test_nonfinite_reference_gradient_at_step_warns():
+    model = mlp()
+    opt = mitigate.GradientProjection(torch.optim.SGD(model.parameters(), lr=0.1), mode="agem", loss_fn=mse)
+    opt.remember(model, batches(1, 0))
+    opt.memory[0]["x"][0, 0] = float("nan")  # turns non-finite after remember
+    with pytest.warns(RuntimeWarning, match="memory gradient is non-finite at step 1"):
+        train(model, opt, batches(1, 1))
+
+
+def test_ogd_remember_that_adds_nothing_says_so():
+    model = linear_model()
+    opt = wrap(model, "ogd")
+    with pytest.warns(UserWarning, match="no new direction"):
+        report = opt.remember(model, [grad_batch([0.0, 0.0, 0.0])])  # zero task gradient
+    assert report.added == 0
+    set_grad(model, [1.0, 0.0, 0.0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    msgs = [str(w.message) for w in caught]
+    assert any("remember() ran 1 time(s) but the OGD basis is empty" in m for m in msgs), msgs
+    assert not any("before any remember" in m for m in msgs)
+
+
+def test_agem_memory_with_numpy_values_loads_with_weights_only():
+    np = pytest.importorskip("numpy")
+    model = mlp()
+    opt = mitigate.GradientProjection(torch.optim.SGD(model.parameters(), lr=0.1), mode="agem", loss_fn=mse)
+    data = [dict(b, ids=np.arange(8), n=np.int64(3), name="task0", w=[1.5, np.float32(2.0)]) for b in batches(2, 0)]
+    opt.remember(model, data)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    mem = sd["mitigate"]["state"]["memory"]
+    assert torch.equal(mem[0]["ids"], torch.arange(8)) and mem[0]["n"] == 3 and mem[0]["name"] == "task0"
+    assert mem[0]["w"] == [1.5, 2.0] and type(mem[0]["w"][1]) is float
+    opt2 = mitigate.GradientProjection(torch.optim.SGD(mlp().parameters(), lr=0.1), mode="agem", loss_fn=mse)
+    opt2.load_state_dict(sd)
+    assert len(opt2.memory) == 2
+
+
+def test_agem_memory_refuses_unsavable_values_by_batch_and_key():
+    model = mlp()
+    opt = mitigate.GradientProjection(torch.optim.SGD(model.parameters(), lr=0.1), mode="agem", loss_fn=mse)
+    data = batches(2, 0)
+    data[1] = dict(data[1], meta=object())
+    with pytest.raises(ValueError, match=r"batch 1\['meta'\] holds a object"):
+        opt.remember(model, data)
+    assert opt.memory == []
 
 
 def test_state_mismatch_names_parameters():
@@ -517,6 +743,7 @@ def test_ref_every_reuses_reference():
         torch.optim.SGD(model.parameters(), lr=0.01), mode="agem", loss_fn=counting, ref_every=3
     )
     proj.remember(model, [grad_batch([-1.0, 0.0, 1.0])])
+    calls.clear()  # remember() checks the memory batch's loss once
     for _ in range(7):
         set_grad(model, [1.0, 2.0, 0.0])
         proj.step()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
@@ -19,6 +20,29 @@ from torch.optim import Optimizer
 logger = logging.getLogger(__name__)
 
 _WRAPPER_KEY = "mitigate"
+
+
+def finite_sq_norm(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σₜ ‖t‖², finite)`` of a list of gradients, as device tensors (no host sync).
+
+    The wrappers' non-finite guard: when ``finite`` is ``False`` (a NaN/inf element, or a norm
+    that overflows, as in fp16), a wrapper passes the gradients to the base optimizer untouched
+    (GradScaler then skips the step) and counts the step, instead of spreading the NaN.
+
+    Args:
+        tensors: gradients (any dtypes, one device); may be empty.
+
+    Returns:
+        The float32-or-wider squared norm (0 for an empty list) and the bool scalar ``isfinite``.
+    """
+    tensors = list(tensors)
+    if not tensors:
+        zero = torch.zeros(())
+        return zero, torch.ones((), dtype=torch.bool)
+    norms = torch._foreach_norm(tensors)
+    dtype = torch.promote_types(norms[0].dtype, torch.float32)
+    sq = torch.stack([n.to(dtype) for n in norms]).square().sum()
+    return sq, torch.isfinite(sq)
 
 
 class OptimizerWrapper(Optimizer):
@@ -119,8 +143,15 @@ class OptimizerWrapper(Optimizer):
         """The wrapper's own state (tensors and plain Python only). Default: empty."""
         return {}
 
+    def validate_wrapper_state_dict(self, state: dict[str, Any]) -> None:
+        """Raise if :meth:`load_wrapper_state_dict` would refuse ``state``; change nothing.
+
+        Called by :meth:`load_state_dict` for every wrapper of the chain *before* anything is
+        loaded, so a refused state dict leaves the optimizer untouched. Default: accept.
+        """
+
     def load_wrapper_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`wrapper_state_dict` returned."""
+        """Restore what :meth:`wrapper_state_dict` returned (already validated)."""
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """Base optimizer state dict with the wrapper state under the ``"mitigate"`` key."""
@@ -136,9 +167,15 @@ class OptimizerWrapper(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Load a dict produced by :meth:`state_dict` (base and wrapper state).
 
+        Everything is validated first — the wrapper class and state of every wrapper in the
+        chain, and the base optimizer's parameter groups — so a refused dict changes nothing.
+
         Raises:
-            ValueError: when the dict was saved by a different wrapper class.
+            ValueError: when the dict was saved by a different wrapper class, or its parameter
+                groups do not match the optimizer's (as ``torch.optim.Optimizer`` words it).
+            StateMismatchError: a wrapper's saved state does not fit the model.
         """
+        self._validate_state_dict(state_dict)
         state_dict = dict(state_dict)
         mine = state_dict.pop(_WRAPPER_KEY, None)
         if mine is not None and mine.get("inner") is not None:
@@ -150,9 +187,33 @@ class OptimizerWrapper(Optimizer):
                 "keeps its current state", type(self).__name__, _WRAPPER_KEY
             )
             return
-        if mine.get("class") != type(self).__name__:
-            raise ValueError(
-                f"state dict was saved by {mine.get('class')!r}, not {type(self).__name__!r}; "
-                "load it into the same kind of wrapper"
-            )
         self.load_wrapper_state_dict(mine["state"])
+
+    def _validate_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Every check :meth:`load_state_dict` makes, for this wrapper and the ones inside it."""
+        mine = state_dict.get(_WRAPPER_KEY)
+        if mine is not None:
+            if not isinstance(mine, dict) or mine.get("class") != type(self).__name__:
+                saved = mine.get("class") if isinstance(mine, dict) else mine
+                raise ValueError(
+                    f"state dict was saved by {saved!r}, not {type(self).__name__!r}; "
+                    "load it into the same kind of wrapper"
+                )
+            self.validate_wrapper_state_dict(mine["state"])
+        inner = dict(state_dict)
+        inner.pop(_WRAPPER_KEY, None)
+        if mine is not None and mine.get("inner") is not None:
+            inner[_WRAPPER_KEY] = mine["inner"]
+        if isinstance(self.optimizer, OptimizerWrapper):
+            self.optimizer._validate_state_dict(inner)
+            return
+        groups, saved_groups = self.optimizer.param_groups, inner.get("param_groups")
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(groups) or any(
+            len(g["params"]) != len(s.get("params", ())) for g, s in zip(groups, saved_groups)
+        ):
+            sizes = [len(g["params"]) for g in groups]
+            saved = None if not isinstance(saved_groups, list) else [len(s.get("params", ())) for s in saved_groups]
+            raise ValueError(
+                f"loaded state dict has parameter groups of sizes {saved}, the optimizer {sizes}; "
+                "load a state saved by an optimizer over the same parameters"
+            )

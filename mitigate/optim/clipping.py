@@ -114,8 +114,27 @@ class GradientClipping(OptimizerWrapper):
             "acc": {k: v.detach().cpu().clone() for k, v in self._acc.items()},
         }
 
+    def validate_wrapper_state_dict(self, state: dict[str, Any]) -> None:
+        """Refuse a state that is not a :meth:`wrapper_state_dict` output; change nothing.
+
+        Raises:
+            ValueError: keys missing or counters not tensors.
+        """
+        missing = [k for k in ("steps", "acc") if k not in state]
+        if missing or not isinstance(state["acc"], dict) or not all(
+                isinstance(v, Tensor) for v in state["acc"].values()):
+            raise ValueError(
+                f"not a GradientClipping state (keys {sorted(state)}, missing {missing}); "
+                "load a state dict saved by GradientClipping"
+            )
+
     def load_wrapper_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the counters (the clipping threshold stays the constructor's)."""
+        """Restore the counters (the clipping threshold stays the constructor's).
+
+        Raises:
+            ValueError: not a GradientClipping state (nothing is changed).
+        """
+        self.validate_wrapper_state_dict(state)
         self._steps = int(state["steps"])
         device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
         self._acc = {k: v.to(device) for k, v in state["acc"].items()}

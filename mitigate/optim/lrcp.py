@@ -61,7 +61,7 @@ from torch.optim import Optimizer
 from mitigate._utils import LossFn, all_reduce_sum_
 from mitigate.architectures import is_linear
 from mitigate.errors import StateMismatchError, UnsupportedArchitectureError
-from mitigate.optim._base import OptimizerWrapper
+from mitigate.optim._base import OptimizerWrapper, finite_sq_norm
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,8 @@ class LRCPModuleStats:
         tokens: prior-task tokens seen, summed over tasks (and ranks under DDP).
         tasks: number of :meth:`~LowRankCircuitProjection.remember` calls merged in.
         removed_last: ``‖G U‖ / ‖G‖`` at the last step (fraction of gradient norm removed).
-        removed_mean: the same, averaged over the steps taken so far.
+        removed_mean: the same, averaged over the steps with finite gradients so far.
+        nonfinite_skips: steps whose gradients were non-finite and passed through untouched.
     """
 
     rank: int
@@ -173,6 +174,7 @@ class LRCPModuleStats:
     tasks: int
     removed_last: float
     removed_mean: float
+    nonfinite_skips: int = 0
 
 
 @dataclass
@@ -322,6 +324,8 @@ class LowRankCircuitProjection(OptimizerWrapper):
         self._last: dict[str, tuple[Tensor, Tensor]] = {}
         self._held: list[tuple[_Proj, Tensor, Tensor]] = []
         self._held_bias: list[tuple[nn.Parameter, Tensor]] = []
+        self._held_finite: Tensor | None = None  # this step's gradients were finite (device bool)
+        self._nonfinite: Tensor | float = 0.0  # steps passed through untouched (device count)
         self._lora_q: dict[str, Tensor] = {}
         self._warned_decay = False
 
@@ -384,8 +388,8 @@ class LowRankCircuitProjection(OptimizerWrapper):
                     out[att.q.module_name] = torch.cat([att.q.rows(), att.k.rows()]).sort().values
         return out
 
-    def _resolve_units(self, model: nn.Module) -> dict[str, _Unit]:
-        cfg = self.config
+    def _resolve_units(self, model: nn.Module, config: LRCPConfig | None = None) -> dict[str, _Unit]:
+        cfg = self.config if config is None else config
         cands = _candidates(model)
         qk_only: set[str] = set()
         tg = "seed" if cfg.targets is None else cfg.targets
@@ -627,15 +631,25 @@ class LowRankCircuitProjection(OptimizerWrapper):
 
     def transform_gradients(self) -> None:
         """``G ← G − (G U) Uᵀ`` on every protected weight (in (out, in) orientation), zero the
-        bias gradients with ``freeze_bias``, and (``hold="update"``) record ``P = W U``."""
+        bias gradients with ``freeze_bias``, and (``hold="update"``) record ``P = W U``.
+
+        Non-finite gradients (any NaN/inf among the projected ones, e.g. fp16 overflow) pass to
+        the base optimizer untouched, as in :class:`~mitigate.GradientProjection` (the
+        projection would spread one NaN element over a whole row); the step is counted in
+        ``nonfinite_skips`` and left out of ``removed_mean``, and ``W U`` is not restored."""
         self._held, self._held_bias = [], []
         if self.config.hold == "gradient" and not self._warned_decay:
             self._warn_decay()
         sums: dict[str, list[Tensor]] = {}
-        for u, p, basis in self._projected():
+        projected = list(self._projected())
+        _, finite = finite_sq_norm([p.param.grad for _, p, _ in projected])
+        if projected:
+            finite = finite.to(projected[0][1].param.grad.device)
+        self._held_finite = finite
+        for u, p, basis in projected:
             G = self._as_out_in(p.param.grad, p)
             Gs = G if p.rows is None else G[p.rows]
-            GU = Gs.float() @ basis  # (out_sel, r)
+            GU = torch.where(finite, Gs.float() @ basis, 0.0)  # (out_sel, r); 0: pass untouched
             removed = (GU @ basis.T).to(G.dtype)
             if p.rows is None:
                 G.sub_(removed)
@@ -658,8 +672,9 @@ class LowRankCircuitProjection(OptimizerWrapper):
                         self._held_bias.append((u.bias, u.bias.detach().clone()))
         self._last = {n: (v[0], v[1]) for n, v in sums.items()}
         for n, (rem, tot) in self._last.items():
-            frac = (rem / tot.clamp_min(1e-30)).sqrt()
+            frac = torch.where(finite, (rem / tot.clamp_min(1e-30)).sqrt(), 0.0)
             self._removed_frac_sum[n] = self._removed_frac_sum.get(n, 0.0) + frac  # tensor, no sync
+        self._nonfinite = self._nonfinite + (~finite).float()
         self._steps += 1
 
     @torch.no_grad()
@@ -673,14 +688,14 @@ class LowRankCircuitProjection(OptimizerWrapper):
             The closure's loss, or ``None``.
         """
         loss = super().step(closure)
+        finite = self._held_finite
         for p, basis, P in self._held:
             W = self._as_out_in(p.param.data, p)
+            Ws = W if p.rows is None else W[p.rows]
+            D = torch.where(finite, Ws.float() @ basis - P, 0.0)  # non-finite step: not restored
             if p.rows is None:
-                D = W.float() @ basis - P
                 W.sub_((D @ basis.T).to(W.dtype))
             else:
-                Ws = W[p.rows]
-                D = Ws.float() @ basis - P
                 W[p.rows] = Ws - (D @ basis.T).to(W.dtype)
         for b, value in self._held_bias:
             b.data.copy_(value)
@@ -709,14 +724,17 @@ class LowRankCircuitProjection(OptimizerWrapper):
     def stats(self) -> dict[str, LRCPModuleStats]:
         """Per protected module: rank, tokens, tasks, and the fraction of gradient norm removed."""
         out = {}
+        nonfinite = int(float(self._nonfinite))
         for n, u in self._units.items():
             last = self._last.get(n)
             removed_last = float((last[0] / last[1].clamp_min(1e-30)).sqrt()) if last is not None else 0.0
             s = self._removed_frac_sum.get(n, 0.0)
-            removed_mean = float(s) / self._steps if self._steps else 0.0
+            finite_steps = self._steps - nonfinite
+            removed_mean = float(s) / finite_steps if finite_steps else 0.0
             out[n] = LRCPModuleStats(
                 rank=0 if u.U is None else int(u.U.shape[1]), d_in=u.d_in, tokens=u.tokens,
                 tasks=u.tasks, removed_last=removed_last, removed_mean=removed_mean,
+                nonfinite_skips=nonfinite,
             )
         return out
 
@@ -738,7 +756,35 @@ class LowRankCircuitProjection(OptimizerWrapper):
             "lora_q": {k: v.clone() for k, v in self._lora_q.items()},
             "steps": self._steps,
             "removed_sum": {n: float(v) for n, v in self._removed_frac_sum.items()},
+            "nonfinite": float(self._nonfinite),
         }
+
+    def _units_for(self, state: dict[str, Any]) -> tuple[LRCPConfig, dict[str, _Unit]]:
+        """The saved config and the units it resolves to on this model, checked against the
+        saved modules (nothing is changed)."""
+        if not isinstance(state, dict) or "config" not in state or "modules" not in state:
+            raise ValueError("not a LowRankCircuitProjection state (keys 'config'/'modules' missing)")
+        saved_cfg = LRCPConfig(**state["config"])
+        units = self._units if saved_cfg == self.config else self._resolve_units(self._unwrap(self.model), saved_cfg)
+        saved = state["modules"]
+        missing = sorted(set(saved) - set(units))
+        extra = sorted(set(units) - set(saved))
+        bad = [n for n in saved if n in units and int(saved[n]["d_in"]) != units[n].d_in]
+        if missing or extra or bad:
+            raise StateMismatchError(
+                f"LRCP state does not match the model: saved modules missing from it {missing[:5]}, "
+                f"protected modules absent from the state {extra[:5]}, input sizes changed {bad[:5]}"
+            )
+        return saved_cfg, units
+
+    def validate_wrapper_state_dict(self, state: dict[str, Any]) -> None:
+        """Check a :meth:`wrapper_state_dict` output against the model; change nothing.
+
+        Raises:
+            ValueError: not an LRCP state, or its config is invalid.
+            StateMismatchError: a saved module is missing from the model or has another ``d_in``.
+        """
+        self._units_for(state)
 
     def load_wrapper_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`wrapper_state_dict`'s output (the saved config replaces the current one).
@@ -746,20 +792,12 @@ class LowRankCircuitProjection(OptimizerWrapper):
         Raises:
             StateMismatchError: a saved module is missing from the model or has another ``d_in``.
         """
-        saved_cfg = LRCPConfig(**state["config"])
+        saved_cfg, units = self._units_for(state)
         if saved_cfg != self.config:
             logger.warning("LRCP.load_state_dict: adopting the saved config %s (was %s)", saved_cfg, self.config)
             self.config = saved_cfg
-            self._units = self._resolve_units(self._unwrap(self.model))
+            self._units = units
         saved = state["modules"]
-        missing = sorted(set(saved) - set(self._units))
-        extra = sorted(set(self._units) - set(saved))
-        bad = [n for n in saved if n in self._units and int(saved[n]["d_in"]) != self._units[n].d_in]
-        if missing or extra or bad:
-            raise StateMismatchError(
-                f"LRCP state does not match the model: saved modules missing from it {missing[:5]}, "
-                f"protected modules absent from the state {extra[:5]}, input sizes changed {bad[:5]}"
-            )
         for n, s in saved.items():
             u = self._units[n]
             dev = u.projs[0].param.device
@@ -769,6 +807,7 @@ class LowRankCircuitProjection(OptimizerWrapper):
         self._lora_q = {k: v.to(self._lora_device(k)) for k, v in state.get("lora_q", {}).items()}
         self._steps = int(state.get("steps", 0))
         self._removed_frac_sum = {n: float(v) for n, v in state.get("removed_sum", {}).items()}
+        self._nonfinite = float(state.get("nonfinite", 0.0))
         self._last = {}
 
     def _lora_device(self, param_name: str) -> torch.device:

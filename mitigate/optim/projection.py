@@ -50,7 +50,8 @@ Python, loadable with ``torch.load(weights_only=True)``. To resume, build the wr
 Distributed (DDP): ``step()`` sees already all-reduced gradients. ``remember()`` averages the
 OGD directions over ranks (each rank passes its shard of the same batches); A-GEM/PCGrad
 average the memory gradient over ranks at step time, so every rank takes the same step (ranks
-keep their own shard's batches in memory; same number of ``remember()`` batches per rank).
+keep their own shard's batches in memory). OGD ``remember()`` with fewer batches on some ranks
+averages direction i over the ranks that have a batch i (FSDP2: same count on every rank).
 ``pcgrad_backward`` averages the per-objective gradients itself: run its forward under
 ``model.no_sync()``.
 
@@ -74,7 +75,7 @@ import dataclasses
 import functools
 import logging
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -100,13 +101,14 @@ from mitigate._utils import (
     resolve_loss_fn,
     select_parameters,
     shard_info,
+    dist_ready,
     shard_like,
     sharded_per_sample_grads,
     sharded_state,
 )
 from mitigate.curvature import functional_loss, unwrap_model
 from mitigate.errors import StateMismatchError
-from mitigate.optim._base import OptimizerWrapper
+from mitigate.optim._base import OptimizerWrapper, finite_sq_norm
 
 logger = logging.getLogger(__name__)
 
@@ -155,8 +157,14 @@ class ProjectionConfig:
             Projection arithmetic is float32 regardless.
         basis_device: ogd — where the basis is stored (``None``: the parameters' device;
             ``"cpu"`` saves accelerator memory at the cost of a copy per step).
-        max_basis: ogd — cap on the total number of basis vectors; directions beyond it are
-            dropped with a warning.
+        max_basis: ogd — cap on the total number of basis vectors (see ``on_full``).
+        on_full: ogd — what a ``remember()`` does when the new directions do not fit in
+            ``max_basis``: ``"compress"`` keeps the ``max_basis`` leading singular directions of
+            the energy-weighted old basis and the task's gradients together (each task brings
+            unit energy; the basis stores every direction's energy — see
+            :func:`_compress_basis`), so every task keeps its leading directions; ``"drop"``
+            keeps the old basis and drops the new directions with a warning (later tasks get no
+            protection).
         tol: ogd — a new direction whose norm after removing the existing basis is below
             ``tol`` × its original norm is linearly dependent and is dropped.
     """
@@ -173,6 +181,7 @@ class ProjectionConfig:
     basis_dtype: str = "float32"
     basis_device: str | None = None
     max_basis: int = 256
+    on_full: Literal["compress", "drop"] = "compress"
     tol: float = 1e-5
 
     def __post_init__(self) -> None:
@@ -185,6 +194,7 @@ class ProjectionConfig:
         choice("granularity", _GRANULARITIES)
         choice("directions", _DIRECTIONS)
         choice("orthogonalization", _ORTHO)
+        choice("on_full", ("compress", "drop"))
         for name in ("memory_size", "ref_batches", "ref_every", "directions_per_task", "max_basis"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -227,12 +237,15 @@ class RememberReport:
         added: batches inserted into the memory (agem/pcgrad) or basis vectors added (ogd).
         memory_batches: batches now held in the replay memory.
         basis_size: vectors now in the OGD basis.
+        dropped_energy: ogd — fraction of the remembered gradients' energy (every task counts
+            1) that the basis stopped covering in this call (compression or ``on_full="drop"``).
     """
 
     task: int
     added: int
     memory_batches: int
     basis_size: int
+    dropped_energy: float = 0.0
 
 
 # ====================================================================== the math (pure functions)
@@ -385,8 +398,7 @@ def ogd_project_(
         blocks = basis.split(list(sizes), dim=1)
     flat = [x.view(-1) for x in grads]
     dtype = flat[0].dtype if flat else torch.float32
-    gg = torch.stack(torch._foreach_norm(flat)).square().sum()
-    finite = torch.isfinite(gg)
+    gg, finite = finite_sq_norm(flat)
     zero = torch.zeros((), dtype=dtype, device=basis.device)
     k = basis.shape[0]
 
@@ -505,62 +517,103 @@ def _orthonormalize(
     tol: float,
     sizes: Sequence[int] | None,
     reduce: Reduce | None = None,
-) -> Tensor:
+) -> tuple[Tensor, list[Tensor]]:
     """Orthonormalise the rows of ``new`` (m, D) against ``basis`` (k, D) and each other.
 
     Global: dependent rows (relative residual ≤ ``tol``) are dropped. Per segment (``sizes``):
     each segment is orthonormalised on its own; dependent segments become zero, rows that are
-    zero everywhere are dropped. Returns the accepted rows, shape ``(m', D)``.
+    zero everywhere are dropped.
+
+    Unsharded, ``new`` is overwritten in place (the accepted rows are a view of it): beyond
+    ``new`` itself only ``(m, k)`` coefficient matrices are allocated.
 
     With ``reduce`` (FSDP2: the columns are this rank's shard of the vectors) every inner product
     is a partial sum over the local columns, summed over ranks by ``reduce``; both methods then
     run classical Gram–Schmidt with re-orthogonalisation (CGS2: ``x ← x − Qᵀ(Q x)`` twice, one
     all-reduce of ``Q x`` per pass), so every rank takes the same accept/drop decisions.
+
+    Returns:
+        ``(rows, coords)``: the accepted rows ``F``, shape ``(m', D)``, and per segment (one in
+        global mode) the float64 CPU coordinates ``C`` (m, k + m') of the input rows in the
+        orthonormal system ``[basis; F]``: ``newᵢ = Cᵢ,:ₖ basis + Cᵢ,ₖ: F`` up to the residuals
+        dropped below ``tol`` (the input of :func:`_compress_basis`).
     """
-    if sizes is not None:
-        cols = []
-        old = basis.split(sizes, dim=1) if basis is not None else [None] * len(sizes)
-        for b, v in zip(old, new.split(sizes, dim=1)):
-            cols.append(_orthonormalize_block(b, v, method, tol, keep_rows=True, reduce=reduce))
-        rows = torch.cat(cols, dim=1)
-        return rows[_reduced(rows.abs().sum(1), reduce) > 0]
-    return _orthonormalize_block(basis, new, method, tol, keep_rows=False, reduce=reduce)
+    k = 0 if basis is None else basis.shape[0]
+    if reduce is not None:  # FSDP2: not in place; coordinates from all-reduced inner products
+        if sizes is None:
+            rows = _orthonormalize_sharded(basis, new, tol, keep_rows=False, reduce=reduce)
+        else:
+            old = basis.split(sizes, dim=1) if basis is not None else [None] * len(sizes)
+            rows = torch.cat([_orthonormalize_sharded(b, v, tol, keep_rows=True, reduce=reduce)
+                              for b, v in zip(old, new.split(sizes, dim=1))], dim=1)
+            rows = rows[_reduced(rows.abs().sum(1), reduce) > 0]
+        segs = [new.shape[1]] if sizes is None else list(sizes)
+        full = rows if basis is None else torch.cat([basis, rows])
+        coords = [_reduced(x @ q.T, reduce).double().cpu()
+                  for x, q in zip(new.split(segs, dim=1), full.split(segs, dim=1))]
+        return rows, coords
+    if sizes is None:
+        rows, coef = _orthonormalize_block(basis, new, method, tol, keep_rows=False)
+        return rows, [coef]
+    old = basis.split(sizes, dim=1) if basis is not None else [None] * len(sizes)
+    coefs = [_orthonormalize_block(b, v, method, tol, keep_rows=True)[1]
+             for b, v in zip(old, new.split(sizes, dim=1))]
+    idx = (new.norm(dim=1) > 0).nonzero().flatten().tolist()
+    for j, i in enumerate(idx):  # compact the kept rows to the front, in place
+        if j != i:
+            new[j].copy_(new[i])
+    cols = torch.tensor([*range(k), *(k + i for i in idx)], dtype=torch.long)
+    return new[:len(idx)], [c[:, cols] for c in coefs]
 
 
 def _orthonormalize_block(
     basis: Tensor | None, new: Tensor, method: str, tol: float, *, keep_rows: bool,
-    reduce: Reduce | None = None,
-) -> Tensor:
-    if reduce is not None:
-        return _orthonormalize_sharded(basis, new, tol, keep_rows=keep_rows, reduce=reduce)
+) -> tuple[Tensor, Tensor]:
+    """One column block of :func:`_orthonormalize`, in place on ``new`` (m, d) (may be a column
+    view): CGS2 against ``basis`` (``v ← v − (v Uᵀ) U`` twice, fused ``addmm_``), then QR or
+    CGS2 among the rows. Accepted rows are compacted to the front (``keep_rows=False``) or kept
+    at their position with rejected rows zeroed. Returns the rows and their coordinates."""
+    m = new.shape[0]
+    k = 0 if basis is None else basis.shape[0]
+    coef = torch.zeros(m, k + m, dtype=torch.float64)
     norms0 = new.norm(dim=1)
-    v = new.clone()
-    if basis is not None and basis.shape[0] > 0:
+    v = new
+    if k:
         for _ in range(2):  # "twice is enough" (Kahan–Parlett)
-            v -= (v @ basis.T) @ basis
-    accepted = torch.zeros(new.shape[0], dtype=torch.bool)
-    out = None
-    if method == "qr" and v.shape[0] <= v.shape[1]:
-        q, r = torch.linalg.qr(v.T, mode="reduced")  # (D, m), (m, m)
+            c = v @ basis.T  # (m, k)
+            coef[:, :k] += c.double().cpu()
+            v.addmm_(c, basis, alpha=-1)
+    if method == "qr" and m <= v.shape[1]:
+        q, r = torch.linalg.qr(v.T, mode="reduced")  # (d, m), (m, m)
         diag = r.diagonal()
         if bool(((diag.abs() > tol * norms0) & (norms0 > 0)).all()):
-            out = (q * torch.where(diag < 0, -1.0, 1.0)).T  # sign fix: row i ~ +v_i direction
-            accepted[:] = True
+            sign = torch.where(diag < 0, -1.0, 1.0)  # row i ~ +v_i direction
+            v.copy_((q * sign).T)
+            coef[:, k:] = (r * sign[:, None]).T.double().cpu()  # vᵢ = Σⱼ sⱼ rⱼᵢ (sⱼ qⱼ)
+            return v, coef
         # rank deficient: Householder columns for dependent rows are arbitrary -> Gram–Schmidt
-    if out is None:
-        out = torch.zeros_like(v)
-        kept: list[int] = []
-        for i in range(v.shape[0]):
-            x = v[i]
+    kept = 0
+    for i in range(m):
+        x = v[i]
+        lim = i if keep_rows else kept  # earlier rows: accepted ones (rejected are zero)
+        if lim:
+            q = v[:lim]
             for _ in range(2):
-                for j in kept:
-                    x = x - torch.dot(x, out[j]) * out[j]
-            n = x.norm()
-            if bool(n > tol * norms0[i]) and bool(norms0[i] > 0):
-                out[i] = x / n
-                kept.append(i)
-                accepted[i] = True
-    return _accepted_rows(out, accepted, keep_rows)
+                c = q @ x
+                coef[i, k:k + lim] += c.double().cpu()
+                x.addmv_(q.T, c, alpha=-1)
+        n = x.norm()
+        if bool(n > tol * norms0[i]) and bool(norms0[i] > 0):
+            pos = i if keep_rows else kept
+            if pos != i:
+                v[pos].copy_(x)
+            v[pos].div_(n)
+            coef[i, k + pos] = float(n)
+            kept += 1
+        elif keep_rows:
+            x.zero_()
+    n_rows = m if keep_rows else kept
+    return v[:n_rows], coef[:, :k + n_rows]
 
 
 def _accepted_rows(out: Tensor, accepted: Tensor, keep_rows: bool) -> Tensor:
@@ -596,6 +649,61 @@ def _orthonormalize_sharded(
             kept.append(i)
             accepted[i] = True
     return _accepted_rows(out, accepted, keep_rows)
+
+
+def _compress_basis(
+    basis: Tensor | None,
+    energy: Tensor,
+    fresh: Tensor,
+    coords: Sequence[Tensor],
+    sizes: Sequence[int] | None,
+    cap: int,
+) -> tuple[Tensor, Tensor, float]:
+    """Keep the ``cap`` leading singular directions of the old basis and a task's gradients
+    together (the OGD basis compression when ``max_basis`` is reached).
+
+    Per segment (one in global mode) the old directions enter weighted by their energies and
+    the task's gradients by their coordinates ``C`` in ``B = [basis; fresh]``::
+
+        M = [diag(√e) 0; C]  (k + m, k + m'),   M = A S Vᵀ,   U' = Vᵀ₍:cap₎ B,   e' = S²₍:cap₎
+
+    so ``U'`` spans the best rank-``cap`` approximation of the energy-weighted old directions
+    plus the gradients (Eckart–Young: the gradients' residual energy outside ``span U'`` is at
+    most ``Σ_dropped S²``), and its rows are orthonormal to rounding (``V`` orthogonal, ``B``
+    orthonormal). Only the small ``M`` is decomposed (float64).
+
+    Args:
+        basis: ``U`` (k, D), or ``None``; fresh: ``F`` (m', D), orthonormal to ``U``.
+        energy: ``e`` (k, S) float64, the energy of each old direction per segment.
+        coords: per segment ``C`` (m, k + m') float64 (see :func:`_orthonormalize`).
+        sizes: segment sizes (``None``: global); cap: rows to keep.
+
+    Returns:
+        ``(U', e', dropped)``: the new basis (≤ cap, D), its energies (≤ cap, S), and the
+        fraction of the total energy ``Σ S²`` left out.
+    """
+    k = 0 if basis is None else basis.shape[0]
+    segs = [fresh.shape[1]] if sizes is None else list(sizes)
+    ubs = basis.split(segs, dim=1) if k else [None] * len(segs)
+    out = torch.zeros(cap, fresh.shape[1], dtype=fresh.dtype, device=fresh.device)
+    e_new = torch.zeros(cap, len(segs), dtype=torch.float64)
+    dropped = total = 0.0
+    n_rows = 0
+    for s, (ub, fb, ob, c) in enumerate(zip(ubs, fresh.split(segs, dim=1), out.split(segs, dim=1), coords)):
+        top = torch.zeros(k, c.shape[1], dtype=torch.float64)
+        top[:, :k] = torch.diag(energy[:, s].clamp_min(0).sqrt())
+        _, sv, vh = torch.linalg.svd(torch.cat([top, c]), full_matrices=False)
+        sq = sv.square()
+        r = min(cap, int((sv > sv[0] * 1e-12).sum())) if sv.numel() and bool(sv[0] > 0) else 0
+        total += float(sq.sum())
+        dropped += float(sq[r:].sum())
+        w = vh[:r].to(device=fresh.device, dtype=fresh.dtype)
+        if k:
+            ob[:r].addmm_(w[:, :k], ub)
+        ob[:r].addmm_(w[:, k:], fb)
+        e_new[:r, s] = sq[:r]
+        n_rows = max(n_rows, r)
+    return out[:n_rows], e_new[:n_rows], dropped / total if total > 0 else 0.0
 
 
 # ====================================================================== the wrapper
@@ -636,8 +744,8 @@ class GradientProjection(OptimizerWrapper):
     def __init__(
         self,
         optimizer: Optimizer,
-        *,
         mode: Mode | None = None,
+        *,
         model: nn.Module | None = None,
         params: ParamSelector = None,
         loss_fn: LossFn | None = None,
@@ -663,6 +771,7 @@ class GradientProjection(OptimizerWrapper):
         self._seen = 0
         self._tasks = 0
         self._basis: Tensor | None = None  # (k, D) in basis_dtype on basis_device
+        self._energy: Tensor | None = None  # (k, S) float64 CPU: energy of each direction per segment
         self._views: tuple[Tensor, tuple[int, ...], tuple[Tensor, ...]] | None = None  # split cache
         self._ref: Tensor | None = None  # cached flat memory gradient (D,), float32
         self._ref_age = 0
@@ -708,9 +817,11 @@ class GradientProjection(OptimizerWrapper):
             )
         return named
 
-    def _check_signature(self, named: list[tuple[str, nn.Parameter]]) -> None:
+    def _check_signature(
+        self, named: list[tuple[str, nn.Parameter]], saved: dict[str, tuple[int, ...]] | None = None
+    ) -> None:
         current = {n: tuple(p.shape) for n, p in named}
-        saved = self._signature
+        saved = self._signature if saved is None else saved
         if saved is None or current == saved:
             return
         missing = [n for n in saved if n not in current]
@@ -764,7 +875,8 @@ class GradientProjection(OptimizerWrapper):
         algorithm R over all batches ever remembered), stored detached on CPU. ogd: up to
         ``directions_per_task`` gradients of the task loss (per batch, or per sample) at the
         current parameters — computed in eval mode, averaged over DDP ranks — are
-        orthonormalised against the basis and appended (at most ``max_basis`` in total).
+        orthonormalised against the basis and appended; past ``max_basis`` the basis is compressed
+        (``on_full``).
 
         Args:
             model: the model as trained on the task (PEFT / DDP wrappers are fine).
@@ -777,84 +889,202 @@ class GradientProjection(OptimizerWrapper):
 
         Raises:
             StateMismatchError: the model's selected parameters differ from those recorded.
+            ValueError: ``batches`` is empty; agem/pcgrad: a batch that enters the memory has a
+                non-finite loss (e.g. every label is -100) or holds a value that cannot be saved
+                with ``weights_only=True`` (the message names the batch index); ogd: non-finite
+                task gradients. Nothing is recorded when it raises.
         """
-        self._model = unwrap_model(model)
-        if loss_fn is not None:
-            self._loss_fn = loss_fn
-        named = self._bind(self._model)
-        self._signature = {n: tuple(p.shape) for n, p in named}
+        model = unwrap_model(model)
+        named = self._bind(model)
+        dropped = 0.0
         if self.config.mode == "ogd":
-            added = self._remember_directions(named, batches)
+            self._model = model
+            if loss_fn is not None:
+                self._loss_fn = loss_fn
+            self._signature = {n: tuple(p.shape) for n, p in named}
+            added, dropped = self._remember_directions(named, batches)
         else:
-            added = self._remember_batches(batches)
+            added = self._remember_batches(model, named, batches, self._loss_fn if loss_fn is None else loss_fn)
+            self._model = model
+            if loss_fn is not None:
+                self._loss_fn = loss_fn
+            self._signature = {n: tuple(p.shape) for n, p in named}
             self._ref = None  # the memory changed: recompute the reference next step
-        report = RememberReport(self._tasks, added, len(self._memory), self.basis_size)
+        report = RememberReport(self._tasks, added, len(self._memory), self.basis_size, dropped)
         self._tasks += 1
         logger.info("GradientProjection.remember: %s", report)
         return report
 
-    def _remember_batches(self, batches: Iterable[Batch]) -> int:
-        added = 0
-        for batch in batches:
-            stored = _to_cpu(batch)
-            self._seen += 1
-            if len(self._memory) < self.config.memory_size:
-                self._memory.append(stored)
-                added += 1
-                continue
-            j = int(torch.randint(self._seen, (1,), generator=self._generator))
-            if j < self.config.memory_size:
-                self._memory[j] = stored
-                added += 1
+    def _remember_batches(
+        self, model: nn.Module, named: list[tuple[str, nn.Parameter]], batches: Iterable[Batch],
+        loss_fn: LossFn | None,
+    ) -> int:
+        """Reservoir sampling into a copy of the memory, committed only when every batch that
+        enters it is storable and has a finite loss (checked by one ``no_grad`` forward each)."""
+        memory, seen = list(self._memory), self._seen
+        generator = torch.Generator().set_state(self._generator.get_state())
+        device = named[0][1].device
+        fn = resolve_loss_fn(loss_fn)
+        added = n = 0
+        for i, batch in enumerate(batches):
+            n += 1
+            seen += 1
+            if len(memory) < self.config.memory_size:
+                slot = len(memory)
+            else:
+                slot = int(torch.randint(seen, (1,), generator=generator))
+                if slot >= self.config.memory_size:
+                    continue
+            stored = _memory_batch(batch, i)
+            with preserve_state(model), torch.no_grad():
+                loss = fn(model, move_batch(stored, device))
+            if not bool(torch.isfinite(loss).all()):
+                raise ValueError(
+                    f"remember(): batch {i} has a non-finite loss ({float(loss.float().reshape(-1)[0])}), "
+                    "so its reference gradient would be non-finite (e.g. every label is -100: nothing "
+                    "to predict); leave such batches out or fix their labels"
+                )
+            if slot == len(memory):
+                memory.append(stored)
+            else:
+                memory[slot] = stored
+            added += 1
+        if n == 0:
+            raise ValueError("remember() got no batches; pass the finished task's batches (a non-empty iterable)")
+        self._memory, self._seen = memory, seen
+        self._generator.set_state(generator.get_state())
         return added
 
     def _remember_directions(
         self, named: list[tuple[str, nn.Parameter]], batches: Iterable[Batch]
-    ) -> int:
+    ) -> tuple[int, float]:
+        """OGD: compute up to ``directions_per_task`` gradient rows into one preallocated
+        (m, D) buffer, average them over DDP ranks, orthonormalise them in place against the
+        basis and append them — or, when ``max_basis`` is reached, compress (see
+        :func:`_compress_basis`). Returns ``(directions added, energy fraction dropped)``."""
         cfg = self.config
         model = self._model
         assert model is not None
         loss_fn = resolve_loss_fn(self._loss_fn)
         params = [p for _, p in named]
+        likes = [_local(p) for p in params]
         device = params[0].device
-        rows: list[Tensor] = []
         want = cfg.directions_per_task
+        total = sum(x.numel() for x in likes)
+        buf: Tensor | None = None  # (want, D): the only full-size allocation besides the basis
+        m = 0
+
+        def put(row: Tensor) -> None:
+            nonlocal buf, m
+            if buf is None:
+                buf = torch.zeros(want, row.numel(), dtype=row.dtype, device=row.device)
+            buf[m].copy_(row)
+            m += 1
+
         with preserve_state(model, mode=False), torch.enable_grad():
             for batch in batches:
-                if len(rows) >= want:
+                if m >= want:
                     break
                 batch = move_batch(batch, device)
                 if self._sharded:  # FSDP2: through backward(), reduce-scattered into the shards
-                    rows.extend(_backward_flat(model, loss_fn, params, batch,
-                                               per_sample=cfg.directions == "sample"))
+                    rows = _backward_flat(model, loss_fn, params, batch, per_sample=cfg.directions == "sample")
                 elif cfg.directions == "batch":
                     grads = torch.autograd.grad(loss_fn(model, batch), params, allow_unused=True)
-                    rows.append(_flat(grads, params))
+                    if buf is None:
+                        buf = torch.zeros(want, total, dtype=torch.promote_types(likes[0].dtype, torch.float32),
+                                          device=device)
+                    for dst, g in zip(buf[m].split([x.numel() for x in likes]), grads):
+                        dst.copy_(g.reshape(-1)) if g is not None else dst.zero_()
+                    m += 1
+                    continue
                 else:
-                    rows.extend(_per_sample_flat(model, loss_fn, named, batch))
-        if not rows:
+                    rows = _per_sample_flat(model, loss_fn, named, batch)
+                for row in rows:
+                    if m < want:
+                        put(row)
+        m_all, equal = self._agree_on_count(m, device)
+        if m_all == 0:
             raise ValueError("remember() got no batches; pass the finished task's batches")
-        new = torch.stack(rows[:want])  # (m, D) float32; FSDP2: (m, D_local), this rank's shard
+        if buf is None:  # DDP: this rank had no batch, the others did (it contributes zeros)
+            buf = torch.zeros(want, total, device=device)
+        new = buf[:m_all]  # (m, D) float32; FSDP2: (m, D_local), this rank's shard
         if not self._sharded:  # FSDP2's reduce-scatter has averaged over ranks already
-            all_reduce_mean_(new)  # DDP: every rank's shard of the data -> the global-batch gradient
-        bad = _reduced((~torch.isfinite(new)).sum().float().reshape(1), self._reduce)
-        if bool(bad[0] > 0):
+            if equal:
+                all_reduce_mean_(new)  # DDP: every rank's shard of the data -> the global-batch gradient
+            else:  # unequal counts: row i is the mean over the ranks that have a row i
+                have = (torch.arange(m_all, device=device) < m).to(new.dtype)
+                all_reduce_sum_(new)
+                all_reduce_sum_(have)
+                new.div_(have.clamp_min(1)[:, None])
+        # row by row: a whole (m, D) bool mask would cost a quarter of the buffer
+        bad = torch.stack([(~torch.isfinite(row)).any() for row in new]).sum().float().reshape(1)
+        if bool(_reduced(bad, self._reduce)[0] > 0):
             raise ValueError("remember(): non-finite task gradients; check the loss / dtype")
         sizes = self._sizes(named) if cfg.granularity == "tensor" else None
+        n_seg = 1 if sizes is None else len(sizes)
+        k = self.basis_size
         old = None if self._basis is None else self._basis.to(device, new.dtype)
-        fresh = _orthonormalize(old, new, cfg.orthogonalization, cfg.tol, sizes, self._reduce)
-        room = cfg.max_basis - self.basis_size
-        if fresh.shape[0] > room:
+        fresh, coords = _orthonormalize(old, new, cfg.orthogonalization, cfg.tol, sizes, self._reduce)
+        coords = [c / c.norm().clamp_min(1e-300) for c in coords]  # every task brings unit energy
+        energy = self._energy
+        if energy is None or tuple(energy.shape) != (k, n_seg):
+            energy = torch.ones(k, n_seg, dtype=torch.float64)  # a state saved without energies
+        gained = torch.stack([c.square().sum(0) for c in coords], dim=1)  # (k + m', S)
+        store = self._basis_device(device)
+        dropped = 0.0
+        if k + fresh.shape[0] <= cfg.max_basis:
+            fresh = fresh.to(store, cfg.torch_basis_dtype)
+            if self._basis is not None:
+                self._basis = torch.cat([self._basis, fresh])
+            else:  # a view of the buffer: keep only the accepted rows' storage
+                self._basis = fresh if fresh.shape[0] == want else fresh.clone()
+            self._energy = torch.cat([energy + gained[:k], gained[k:]])
+            added = int(fresh.shape[0])
+        elif cfg.on_full == "drop":
+            room = cfg.max_basis - k
+            dropped = float(gained[k + room:].sum() / (energy.sum() + gained.sum()).clamp_min(1e-300))
             warnings.warn(
-                f"GradientProjection: OGD basis is full (max_basis={cfg.max_basis}); "
-                f"dropping {fresh.shape[0] - room} of {fresh.shape[0]} new directions",
+                f"GradientProjection: OGD basis is full (max_basis={cfg.max_basis}, on_full='drop'); "
+                f"dropping {fresh.shape[0] - room} of {fresh.shape[0]} new directions "
+                f"({dropped:.1%} of the remembered gradient energy): later tasks are not protected "
+                "(on_full='compress' keeps the leading directions of old and new together)",
                 stacklevel=3,
             )
-            fresh = fresh[:room]
-        store = self._basis_device(device)
-        fresh = fresh.to(store, cfg.torch_basis_dtype)
-        self._basis = fresh if self._basis is None else torch.cat([self._basis, fresh])
-        return int(fresh.shape[0])
+            fresh = fresh[:room].to(store, cfg.torch_basis_dtype)
+            self._basis = fresh if self._basis is None else torch.cat([self._basis, fresh])
+            self._energy = torch.cat([energy + gained[:k], gained[k:k + room]])
+            added = int(fresh.shape[0])
+        else:
+            rows, self._energy, dropped = _compress_basis(old, energy, fresh, coords, sizes, cfg.max_basis)
+            del old
+            self._basis = rows.to(store, cfg.torch_basis_dtype)
+            self._views = None
+            added = int(fresh.shape[0])
+            logger.info(
+                "GradientProjection: OGD basis full (max_basis=%d): compressed %d old + %d new "
+                "directions to the %d leading ones (%.2f%% of the energy dropped)",
+                cfg.max_basis, k, fresh.shape[0], self.basis_size, 100 * dropped,
+            )
+        if fresh.shape[0] == 0:
+            warnings.warn(
+                f"GradientProjection(mode='ogd').remember(): no new direction (all {new.shape[0]} "
+                "task gradients are zero or already in the basis, e.g. a task fit exactly); "
+                "this task adds no protection",
+                stacklevel=3,
+            )
+        return added, dropped
+
+    def _agree_on_count(self, m: int, device: torch.device) -> tuple[int, bool]:
+        """The largest per-rank row count and whether all ranks have it (DDP: all-reduced, so
+        every rank takes the same branch and reduces as many rows; ranks short of batches
+        contribute zero rows). FSDP2 runs collectives inside every batch's ``backward()``, so
+        there every rank must pass the same number of batches (unchanged)."""
+        if self._sharded or not dist_ready():
+            return m, True
+        t = torch.tensor([m, -m], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        hi, lo = int(t[0]), -int(t[1])
+        return hi, hi == lo
 
     def _basis_device(self, device: torch.device) -> torch.device:
         return torch.device(self.config.basis_device) if self.config.basis_device else device
@@ -965,10 +1195,15 @@ class GradientProjection(OptimizerWrapper):
         self._steps += 1
         if self._idle():
             if not (self.config.mode == "pcgrad" and self._pcgrad_pending) and not self._warned_idle:
+                if self._tasks:  # OGD: remember() ran but kept no direction
+                    why = (f"remember() ran {self._tasks} time(s) but the OGD basis is empty: every "
+                           "remembered gradient was zero (a task already fit exactly) or dependent; "
+                           "nothing to project against, taking the plain base step")
+                else:
+                    why = ("step() before any remember(): nothing to project against, taking the "
+                           "plain base step (call remember(model, batches) after each finished task)")
                 warnings.warn(
-                    f"GradientProjection(mode={self.config.mode!r}).step() before any "
-                    "remember(): nothing to project against, taking the plain base step "
-                    "(call remember(model, batches) after each finished task)",
+                    f"GradientProjection(mode={self.config.mode!r}): {why}",
                     stacklevel=5,  # transform_gradients < step < no_grad < step hooks < caller
                 )
                 self._warned_idle = True
@@ -1040,6 +1275,13 @@ class GradientProjection(OptimizerWrapper):
         if not self._sharded:
             all_reduce_mean_(ref)  # DDP: same reference on every rank
         ok = torch.isfinite(_reduced(torch.dot(ref, ref), self._reduce))
+        if not bool(ok):  # one host sync per reference (a forward and backward already ran)
+            warnings.warn(
+                f"GradientProjection(mode={self.config.mode!r}): the memory gradient is non-finite "
+                f"at step {self._steps} (memory batches {idx.tolist()}), so this step is not projected; "
+                "check the memory batches' loss and the dtype (fp16 overflow: use bfloat16/float32)",
+                RuntimeWarning, stacklevel=6,
+            )
         ref = torch.where(ok, ref, torch.zeros_like(ref))  # a non-finite reference disables it
         self._ref, self._ref_age = ref, 1
         return ref
@@ -1097,6 +1339,7 @@ class GradientProjection(OptimizerWrapper):
             "seen": self._seen,
             "tasks": self._tasks,
             "basis": None if self._basis is None else self._basis.detach().cpu().clone(),
+            "energy": None if self._energy is None else self._energy.clone(),
             "ref": None if self._ref is None else self._ref.detach().cpu().clone(),
             "ref_age": self._ref_age,
             "generator": self._generator.get_state(),
@@ -1108,17 +1351,32 @@ class GradientProjection(OptimizerWrapper):
             "shard": shard_info() if self._sharded else None,
         }
 
-    def load_wrapper_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`wrapper_state_dict` output.
+    def validate_wrapper_state_dict(self, state: dict[str, Any]) -> None:
+        """Check a :meth:`wrapper_state_dict` output against this wrapper; change nothing.
 
         Raises:
-            ValueError: the state was saved in another ``mode``.
+            ValueError: the state was saved in another ``mode`` or is not a GradientProjection state.
             StateMismatchError: the recorded parameters no longer match the bound model.
         """
+        missing = [k for k in ("config", "signature", "memory", "basis", "generator") if k not in state]
+        if missing:
+            raise ValueError(f"not a GradientProjection state: keys {missing} missing")
         saved_mode = state["config"]["mode"]
         if saved_mode != self.config.mode:
-            raise ValueError(f"state was saved with mode={saved_mode!r}, this wrapper has mode={self.config.mode!r}")
+            raise ValueError(
+                f"state was saved with mode={saved_mode!r}, this wrapper has mode={self.config.mode!r}; "
+                f"build GradientProjection(opt, mode={saved_mode!r}) to load it"
+            )
         check_shard(state.get("shard"), "GradientProjection")
+        sig = state["signature"]
+        if self._model is not None and sig is not None:
+            saved = {n: tuple(s) for n, s in zip(sig["names"], sig["shapes"])}
+            self._check_signature(self._named(self._model), saved)
+
+    def load_wrapper_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`wrapper_state_dict` output, after :meth:`validate_wrapper_state_dict`
+        (which raises before anything changes)."""
+        self.validate_wrapper_state_dict(state)
         sig = state["signature"]
         self._signature = None if sig is None else {n: tuple(s) for n, s in zip(sig["names"], sig["shapes"])}
         self._memory = [_to_cpu(b) for b in state["memory"]]  # even if a loader moved them
@@ -1128,6 +1386,9 @@ class GradientProjection(OptimizerWrapper):
             dev = self._basis_device(_param_device(self))
             basis = basis.to(dev, self.config.torch_basis_dtype)
         self._basis = basis
+        self._views = None
+        energy = state.get("energy")  # absent in states saved before compression existed
+        self._energy = None if energy is None else energy.to("cpu", torch.float64)
         ref = state["ref"]
         self._ref = None if ref is None else ref.to(_param_device(self))
         self._ref_age = int(state["ref_age"])
@@ -1217,6 +1478,42 @@ def _per_objective_backward(losses: Sequence[Tensor], params: Sequence[nn.Parame
         for p, g in zip(params, saved):
             p.grad = g
     return per
+
+
+_PLAIN = (bool, int, float, str, type(None))  # leaves torch.load(weights_only=True) accepts
+
+
+def _memory_batch(batch: Batch, index: int, path: str = "") -> Batch:
+    """Detached CPU copy of a memory batch that ``torch.load(weights_only=True)`` can read back:
+    tensors copied, array-likes (numpy arrays and scalars) converted, Mappings made plain dicts,
+    lists/tuples recursed, ``bool/int/float/str/None`` kept.
+
+    Raises:
+        ValueError: any other value (naming the batch ``index`` and the key path).
+    """
+    if isinstance(batch, Tensor):
+        return batch.detach().to("cpu", copy=True)
+    if isinstance(batch, _PLAIN):
+        return batch
+    if isinstance(batch, Mapping):
+        return {k: _memory_batch(v, index, f"{path}[{k!r}]") for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        return type(batch)(_memory_batch(v, index, f"{path}[{i}]") for i, v in enumerate(batch))
+    if type(batch).__module__ == "numpy":
+        if type(batch).__name__ != "ndarray" and getattr(batch, "ndim", None) == 0:
+            return batch.item()  # a numpy scalar -> the Python number
+        try:
+            return torch.as_tensor(batch).clone()
+        except (TypeError, RuntimeError) as exc:
+            raise ValueError(
+                f"remember(): batch {index}{path} is a numpy array of dtype {batch.dtype} that "
+                f"cannot become a tensor ({exc}); pass numeric arrays or tensors"
+            ) from None
+    raise ValueError(
+        f"remember(): batch {index}{path} holds a {type(batch).__name__}, which the replay memory "
+        "cannot save loadably with torch.load(weights_only=True); pass tensors, numpy arrays or "
+        "plain bool/int/float/str values (dicts, lists and tuples of them)"
+    )
 
 
 def _to_cpu(batch: Batch) -> Batch:

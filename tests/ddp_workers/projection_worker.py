@@ -8,6 +8,7 @@ batch (task A, ``remember()``, task B), then
 
 The single-process reference runs on every rank at once (its collectives then average equal
 values, so it is a plain single-process computation); rank 0's copy is the one compared.
+Also: OGD ``remember`` with a different number of batches per rank (issue 15 item 5).
 Exits nonzero on any mismatch. Run: torchrun --nproc_per_node=2 projection_worker.py
 """
 
@@ -68,6 +69,36 @@ def run(method: str, task_a: list[dict], task_b: list[dict], distributed: bool) 
     return model
 
 
+def unequal_ogd_counts(rank: int, world: int, counts: tuple[int, ...]) -> list[str]:
+    """Issue 15 item 5: ranks passing different numbers of ``remember`` batches used to abort
+    inside gloo ("collective mismatch"). Row i of the new directions is now the mean over the
+    ranks that have a batch i; check that the basis spans exactly those rows on every rank."""
+    model = mlp()
+    net = DDP(model)
+    opt = mitigate.GradientProjection(torch.optim.SGD(net.parameters(), lr=0.1), mode="ogd", loss_fn=mse)
+    data = global_batches(max(counts), 7)
+    mine = shard(data, rank, world)[:counts[rank]]
+    report = opt.remember(net, mine)
+    params = list(model.parameters())
+    rows = []  # expected: per batch index, the mean of the ranks' shard gradients that exist
+    for i in range(max(counts)):
+        have = [r for r in range(world) if counts[r] > i]
+        g = sum(torch.cat([x.reshape(-1) for x in torch.autograd.grad(
+            mse(model, shard([data[i]], r, world)[0]), params)]) for r in have) / len(have)
+        rows.append(g)
+    expected = torch.stack(rows)
+    basis = opt.basis
+    residual = (expected - (expected @ basis.T) @ basis).norm(dim=1) / expected.norm(dim=1)
+    out = []
+    if report.added != max(counts) or float(residual.max()) > 1e-5:
+        out.append(f"unequal counts {counts}: added {report.added}, residual {residual.tolist()}")
+    gathered = [torch.empty_like(basis) for _ in range(world)]
+    dist.all_gather(gathered, basis.contiguous())
+    if not all(torch.equal(gathered[0], b) for b in gathered):
+        out.append(f"unequal counts {counts}: ranks hold different bases")
+    return out
+
+
 def flat(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
@@ -91,6 +122,8 @@ def main() -> int:
         moved = (reference - flat(mlp())).abs().max().item()
         if moved < 1e-3:
             failures.append(f"{method}: parameters did not move")
+    for counts in ((3, 2), (2, 0)):
+        failures += unequal_ogd_counts(rank, world, counts)
     flag = torch.tensor([len(failures)])
     dist.all_reduce(flag)
     if failures:
