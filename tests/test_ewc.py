@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mitigate.errors import StateMismatchError
-from mitigate.regularizers.ewc import EWC, EWCConfig
+from mitigate.regularizers.ewc import EWC, EWCConfig, relative_strength
 
 transformers = pytest.importorskip("transformers")
 
@@ -141,7 +141,7 @@ def test_penalty_value_and_gradient_match_formula():
 
 def test_tasks_accumulate_and_online_decay():
     model, batches = tiny_llama(), lm_batches()
-    acc = EWC(model, strength=1.0, dtype=torch.float64)
+    acc = EWC(model, strength=1.0, dtype=torch.float64, keep_tasks=True)
     online = EWC(model, strength=1.0, dtype=torch.float64, online_decay=0.5)
     f0 = acc.consolidate(batches[:1])
     online.consolidate(batches[:1])
