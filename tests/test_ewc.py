@@ -396,3 +396,22 @@ def test_per_sample_fisher_is_chunked_by_default(monkeypatch):
     ref = hand_empirical_fisher(model, [batch])
     for n in ref:
         torch.testing.assert_close(f[n], ref[n], rtol=1e-6, atol=1e-12)
+
+
+def test_safetensors_round_trip_of_a_curvature_regularizer(tmp_path):
+    import mitigate
+
+    model, batches = tiny_llama(), lm_batches()
+    reg = mitigate.CurvatureRegularizer(model, k=2)
+    reg.consolidate(batches)
+    path = tmp_path / "curv.safetensors"
+    mitigate.save_state(reg, path)
+    fresh = mitigate.CurvatureRegularizer(model, k=2)
+    mitigate.load_state(fresh, path)
+    a, b = reg.state_dict(), fresh.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k])
+        else:
+            assert a[k] == b[k]

@@ -450,11 +450,11 @@ class EWC(nn.Module):
         return self._consolidations
 
     def fisher(self, task: int = -1) -> dict[str, Tensor]:
-        """Stored diagonal Fisher of pair ``task`` (online mode: the only one), name -> tensor."""
+        """Stored diagonal Fisher of pair ``task`` (merged or online mode: the only one, ``F̄``), name -> tensor."""
         return self._task_tensors(task, "fisher")
 
     def anchor(self, task: int = -1) -> dict[str, Tensor]:
-        """Stored anchor ``θ*`` of pair ``task``, name -> tensor."""
+        """Stored anchor ``θ*`` of pair ``task`` (merged mode: the Fisher-weighted ``θ̄``), name -> tensor."""
         return self._task_tensors(task, "anchor")
 
     @torch.no_grad()
