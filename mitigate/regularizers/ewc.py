@@ -17,6 +17,16 @@ its units. Passing ``strength=`` instead gives the papers' absolute λ (``streng
 "absolute"``), as in Kirkpatrick et al. The same rule is :func:`relative_strength`, which
 ``mitigate.plan`` uses for its EWC anchor.
 
+Measured on ``tests/fact_recall.py`` (old-task accuracy after task 1, AdamW → ``EWC(model)``;
+new task AdamW → EWC), seed 0: full fine-tuning llama-w32-d2 5→57 % / 100→100 %, gpt2-w48-d3
+6→56 % / 100→94 %, llama-w64-d4 9→26 % / 100→100 % (seeds 1–2: +22 and +41 on llama-w64, gpt2
+seed 1 loses its new task: 88→23 %). **LoRA is not solved by this Fisher**: the anchor sits at
+``B = 0`` where ``∂L/∂A = 0``, so ``F_A = 0`` and ``F_B`` is measured along the initial ``A``;
+the default keeps more of the old task but stops the new one (seed 0, llama-w32-d2 5→22 % /
+90→10 %, gpt2 12→53 % / 77→17 %, llama-w64 4→27 % / 92→15 %). A prototype that anchors the
+merged update ``ΔW = s·BA`` with the base weight's Fisher (``Σ F_W ⊙ ΔW²``, λ = 1 / mean F_W)
+kept 64 % / 77 % on llama-w32-d2, still short of 90 % of AdamW's new task; not in the library.
+
 **Tasks merge exactly.** By default the per-task quadratics are stored as one pair:
 ``Σ_t F_t (θ − θ*_t)² = F̄ (θ − θ̄)² + c`` with ``F̄ = Σ_t F_t``,
 ``θ̄ = Σ_t F_t θ*_t / F̄`` (``θ*`` of the newest task where ``F̄ = 0``) and the constant
