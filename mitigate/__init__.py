@@ -47,8 +47,10 @@ _EXPORTS: dict[str, str] = {
     "forecast_forgetting": "mitigate.planning",
     "freeze_attention_qk": "mitigate.freezing",
     "freeze_bottom_layers": "mitigate.freezing",
+    "load_state": "mitigate.state_io",
     "model_map": "mitigate.architectures",
     "plan": "mitigate.planning",
+    "save_state": "mitigate.state_io",
 }
 _SUBMODULES = ("diagnostics", "integrations")
 
@@ -80,3 +82,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from mitigate.planning import AppliedPlan, Candidate, Diagnosis, Forecast, MitigationPlan, PlanPolicy, forecast_forgetting, plan
     from mitigate.regularizers.curvature import CurvatureConfig, CurvatureDrift, CurvatureRegularizer
     from mitigate.regularizers.ewc import EWC, EWCConfig
+    from mitigate.state_io import load_state, save_state

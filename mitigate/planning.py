@@ -769,18 +769,13 @@ class MitigationPlan:
         if self.ewc_scale:
             from mitigate.regularizers.ewc import EWC
 
-            ewc = EWC(model, strength=1.0, fisher=self.policy.ewc_fisher)  # type: ignore[arg-type]
+            # one rule with EWC(model): λ = ewc_scale / mean(F) over the parameters left trainable
+            ewc = EWC(model, scale=self.ewc_scale, fisher=self.policy.ewc_fisher)  # type: ignore[arg-type]
             cache = self._fisher_cache
             estimate = ewc.consolidate(self.old_batches, self.loss_fn, fisher=None if cache is None else cache.get("fisher"))
             if cache is not None:
                 cache["fisher"] = estimate
-            fisher = estimate.values()
-            total = sum(float(f.double().sum()) for f in fisher)
-            count = sum(f.numel() for f in fisher)
-            if not total > 0:
-                raise ValueError("the EWC anchor's Fisher is zero on every trainable parameter (do the old batches have labels?)")
-            ewc.config.strength = self.ewc_scale * count / total
-            logger.info("mitigate.plan: EWC anchor λ = %.4g (scale %g, mean Fisher %.4g)", ewc.config.strength, self.ewc_scale, total / count)
+            logger.info("mitigate.plan: EWC anchor λ = %.4g (scale %g)", ewc.lambda_, self.ewc_scale)
             regs.append(ewc)
         if self.curvature:
             import mitigate

@@ -221,3 +221,16 @@ def test_peft_lora_b_rows_of_fused_c_attn_are_split():
     q, k = slice(8 * h, 8 * h + 8), slice(32 + 8 * h, 40 + 8 * h)
     n = b_names[1]
     assert float(rep.per_head[1][h]) == pytest.approx(_cos([(ga[n][q], gb[n][q]), (ga[n][k], gb[n][k])]), abs=1e-6)
+
+
+def test_all_masked_batch_raises_instead_of_nan():
+    """Issue 15 item 4: a batch whose labels are all -100 has a 0/0 loss; the alignment was NaN."""
+    model = build("llama")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (2, 6), generator=g)
+    good = {"input_ids": ids, "labels": ids.clone()}
+    masked = {"input_ids": ids, "labels": torch.full_like(ids, -100)}
+    with pytest.raises(ValueError, match="batch 0 has a non-finite loss.*-100"):
+        gradient_alignment(model, [masked], [good])
+    with pytest.raises(ValueError, match="batch 1 has a non-finite loss"):
+        task_gradient(model, [good, masked])

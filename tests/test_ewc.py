@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mitigate.errors import StateMismatchError
-from mitigate.regularizers.ewc import EWC, EWCConfig
+from mitigate.regularizers.ewc import EWC, EWCConfig, relative_strength
 
 transformers = pytest.importorskip("transformers")
 
@@ -141,7 +141,7 @@ def test_penalty_value_and_gradient_match_formula():
 
 def test_tasks_accumulate_and_online_decay():
     model, batches = tiny_llama(), lm_batches()
-    acc = EWC(model, strength=1.0, dtype=torch.float64)
+    acc = EWC(model, strength=1.0, dtype=torch.float64, keep_tasks=True)
     online = EWC(model, strength=1.0, dtype=torch.float64, online_decay=0.5)
     f0 = acc.consolidate(batches[:1])
     online.consolidate(batches[:1])
@@ -256,3 +256,162 @@ def test_errors():
     ]:
         with pytest.raises(ValueError, match=match.replace("(", r"\(")):
             EWCConfig(**bad)
+
+
+# ------------------------------------------------------------------ issue 13 / 15 items
+
+
+def test_default_strength_is_scale_over_mean_fisher_and_absolute_stays_reachable():
+    model, batches = tiny_llama(), lm_batches()
+    rel = EWC(model, dtype=torch.float64)
+    fisher = rel.consolidate(batches)
+    assert rel.strength_mode == "relative" and rel.lambda_ == pytest.approx(relative_strength(100.0, fisher.values()))
+    mean = sum(float(f.sum()) for f in fisher.values()) / sum(f.numel() for f in fisher.values())
+    assert rel.lambda_ * mean == pytest.approx(100.0, rel=1e-12)
+    ab = EWC(model, strength=7.0, dtype=torch.float64)
+    ab.consolidate(batches, fisher=fisher)
+    assert ab.strength_mode == "absolute" and ab.lambda_ == 7.0
+    perturb(model)
+    assert float(rel()) == pytest.approx(float(ab()) * rel.lambda_ / 7.0, rel=1e-12)
+    with pytest.raises(ValueError, match="Fisher is zero on every selected parameter"):
+        EWC(model).consolidate(batches, fisher={n: torch.zeros_like(f) for n, f in fisher.items()})
+
+
+def test_merged_pairs_equal_the_per_task_sum_over_three_tasks_and_state_stays_constant():
+    model, batches = tiny_llama(), lm_batches()
+    merged = EWC(model, strength=2.0, dtype=torch.float64)
+    per_task = EWC(model, strength=2.0, dtype=torch.float64, keep_tasks=True)
+    sizes = []
+    for t in range(3):
+        f = per_task.consolidate(batches)
+        merged.consolidate(batches, fisher=f)
+        sizes.append(sum(v.numel() for v in merged.state_dict().values() if isinstance(v, torch.Tensor)))
+        perturb(model, 0.05, seed=t)
+    assert sizes[0] == sizes[1] == sizes[2]
+    assert len(per_task.state_dict()) > len(merged.state_dict())
+    params = [p for p in model.parameters()]
+    va, vb = merged(), per_task()
+    ga, gb = torch.autograd.grad(va, params), torch.autograd.grad(vb, params)
+    # float64 sums of O(1e2) terms: relative error ~1e-14; 1e-10 leaves a wide margin
+    assert float(va) == pytest.approx(float(vb), rel=1e-10)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_true_fisher_leaves_fully_masked_samples_out_and_refuses_all_masked(monkeypatch):
+    import mitigate.regularizers.ewc as ewc_mod
+
+    # deterministic "draws": the batch's own labels, so the two estimates see the same targets
+    monkeypatch.setattr(ewc_mod, "_sample_labels", lambda logits, batch, gen: batch["labels"].clone())
+    model, batches = tiny_llama(), lm_batches()
+    b = batches[0]
+    masked = {k: v.clone() for k, v in b.items()}
+    masked["labels"][1] = -100  # sample 1 has nothing to draw: zero gradient, not a sample
+    keep = {k: v[[0, 2]] for k, v in b.items()}
+    f_masked = EWC(model, fisher="true", dtype=torch.float64, strength=1.0).estimate_fisher([masked])
+    f_keep = EWC(model, fisher="true", dtype=torch.float64, strength=1.0).estimate_fisher([keep])
+    for n in f_keep:  # before the fix: f_masked = (2/3) f_keep
+        torch.testing.assert_close(f_masked[n], f_keep[n], rtol=1e-10, atol=1e-18)
+    all_masked = {**b, "labels": torch.full_like(b["labels"], -100)}
+    with pytest.raises(ValueError, match="no sample has a label"):
+        EWC(model, fisher="true", strength=1.0).consolidate([all_masked])
+
+
+def test_state_carries_strength_and_mode_and_refuses_a_curvature_state(tmp_path):
+    import warnings
+
+    import mitigate
+
+    model, batches = tiny_llama(), lm_batches()
+    ewc = EWC(model, strength=250.0, dtype=torch.float64)
+    ewc.consolidate(batches)
+    perturb(model)
+    buf = io.BytesIO()
+    torch.save(ewc.state_dict(), buf)
+    buf.seek(0)
+    fresh = EWC(model, dtype=torch.float64)  # defaults: relative, scale 100
+    with pytest.warns(UserWarning, match="absolute strength 250"):
+        fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert fresh.strength_mode == "absolute" and fresh.lambda_ == 250.0
+    assert float(fresh()) == float(ewc())
+    same = EWC(model, strength=250.0, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.load_state_dict(ewc.state_dict())
+    reg = mitigate.CurvatureRegularizer(model)
+    before = {k: v.clone() for k, v in same.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(StateMismatchError, match="not an EWC state: got a dict with keys"):
+        same.load_state_dict(reg.state_dict())
+    after = {k: v for k, v in same.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_safetensors_round_trip_is_bit_identical(tmp_path):
+    import mitigate
+
+    model, batches = tiny_llama(), lm_batches()
+    ewc = EWC(model, dtype=torch.float64)
+    ewc.consolidate(batches)
+    perturb(model)
+    ewc.consolidate(batches)
+    path = tmp_path / "ewc.safetensors"
+    mitigate.save_state(ewc, path)
+    fresh = EWC(model, dtype=torch.float64)
+    mitigate.load_state(fresh, path)
+    a, b = ewc.state_dict(), fresh.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k])
+        else:
+            assert a[k] == b[k]
+    perturb(model, seed=9)
+    assert float(fresh()) == float(ewc())
+
+
+def test_per_sample_fisher_is_chunked_by_default(monkeypatch):
+    """Memory bound: no vmap call sees more than chunk_size (default 8) samples, whatever the batch."""
+    import mitigate.regularizers.ewc as ewc_mod
+
+    seen = []
+    real = ewc_mod.vmap
+
+    def spy(fn, in_dims, **kw):
+        inner = real(fn, in_dims, **kw)
+
+        def call(params, batch):
+            seen.append(batch["input_ids"].shape[0])
+            return inner(params, batch)
+        return call
+
+    monkeypatch.setattr(ewc_mod, "vmap", spy)
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 16, (19, 5), generator=g)
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    ewc = EWC(model, dtype=torch.float64)
+    assert ewc.config.chunk_size == 8
+    f = ewc.estimate_fisher([batch])
+    assert seen == [8, 8, 3]
+    ref = hand_empirical_fisher(model, [batch])
+    for n in ref:
+        torch.testing.assert_close(f[n], ref[n], rtol=1e-6, atol=1e-12)
+
+
+def test_safetensors_round_trip_of_a_curvature_regularizer(tmp_path):
+    import mitigate
+
+    model, batches = tiny_llama(), lm_batches()
+    reg = mitigate.CurvatureRegularizer(model, k=2)
+    reg.consolidate(batches)
+    path = tmp_path / "curv.safetensors"
+    mitigate.save_state(reg, path)
+    fresh = mitigate.CurvatureRegularizer(model, k=2)
+    mitigate.load_state(fresh, path)
+    a, b = reg.state_dict(), fresh.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k])
+        else:
+            assert a[k] == b[k]

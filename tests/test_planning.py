@@ -357,16 +357,16 @@ def test_apply_ewc_anchor_on_the_trainable_parameters_with_lambda_scale_over_mea
     trainable = {n for n, q in model.named_parameters() if q.requires_grad}
     assert set(fisher) == trainable and "model.embed_tokens.weight" not in fisher  # frozen: not anchored
     mean = sum(float(f.double().sum()) for f in fisher.values()) / sum(f.numel() for f in fisher.values())
-    assert ewc.config.strength * mean == pytest.approx(2.0, rel=1e-9)
+    assert ewc.lambda_ * mean == pytest.approx(2.0, rel=1e-9) and ewc.strength_mode == "relative"
     # the same Fisher as a standalone EWC on the frozen model: (λ/2) Σ F (θ − θ*)² after a move
-    ref = mitigate.EWC(model, strength=ewc.config.strength)
+    ref = mitigate.EWC(model, strength=ewc.lambda_)
     ref.consolidate(old)
     assert float(applied.penalty().detach()) == 0.0
     with torch.no_grad():
         for q in model.parameters():
             if q.requires_grad:
                 q.add_(0.01)
-    expect = 0.5 * ewc.config.strength * sum(float((f * 0.01**2).sum()) for f in fisher.values())
+    expect = 0.5 * ewc.lambda_ * sum(float((f * 0.01**2).sum()) for f in fisher.values())
     assert float(applied.penalty().detach()) == pytest.approx(expect, rel=1e-4)
     assert float(ref().detach()) == pytest.approx(expect, rel=1e-4)
 

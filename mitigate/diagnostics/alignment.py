@@ -67,7 +67,9 @@ def task_gradient(
         ``{parameter name: gradient}`` (float32, same shapes as the parameters).
 
     Raises:
-        ValueError: no batches, or ``params`` matches nothing.
+        ValueError: no batches, ``params`` matches nothing, or a batch's loss is not finite
+            (e.g. every label of the batch is ``-100``: the token-mean loss is 0/0), which would
+            make the gradient NaN.
     """
     loss_fn = resolve_loss_fn(loss_fn)
     named = select_parameters(model, params)
@@ -76,9 +78,15 @@ def task_gradient(
     total = torch.zeros((), dtype=torch.float64, device=model_device(model))
     device = model_device(model)
     with preserve_state(model, mode=False), torch.enable_grad():
-        for batch in as_batch_list(batches):
+        for i, batch in enumerate(as_batch_list(batches)):
             weight = batch_size_of(batch)
             loss = loss_fn(model, move_batch(batch, device))
+            if not bool(torch.isfinite(loss.detach()).all()):
+                raise ValueError(
+                    f"batch {i} has a non-finite loss ({float(loss.detach().reshape(-1)[0])}), so its gradient "
+                    "would be NaN: if all its labels are -100 there is nothing to take a gradient of; "
+                    "drop such batches (or give them labels) before gradient_alignment / task_gradient"
+                )
             grads = torch.autograd.grad(loss, tensors, allow_unused=True)
             for a, g in zip(acc, grads):
                 if g is not None:
