@@ -514,7 +514,8 @@ def test_ref_every_reuses_reference():
 
     model = linear_model()
     proj = mitigate.GradientProjection(
-        torch.optim.SGD(model.parameters(), lr=0.01), mode="agem", loss_fn=counting, ref_every=3
+        torch.optim.SGD(model.parameters(), lr=0.01), mode="agem", loss_fn=counting, ref_every=3,
+        ref_batches=1,
     )
     proj.remember(model, [grad_batch([-1.0, 0.0, 1.0])])
     for _ in range(7):
