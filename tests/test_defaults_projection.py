@@ -7,17 +7,21 @@ LoRA), with a margin of the seed-to-seed spread; see the numbers next to each. T
 the test budget the runs here are the cheapest shape (``llama-w32-d2``, seed 0); the other shapes
 and seeds were measured with the same code (``fact_recall.run``).
 
-What the measurements say per mode (old task after task 1 / new task, AdamW in brackets):
+What the measurements say per mode (3 shapes x full/LoRA x seeds 0-2, 18 cells each):
 
-* agem (defaults ``hold="update"``, ``ref_batches=4``) keeps 20–94 points more than AdamW at
-  ≥ 90 % of its new-task accuracy on every shape; before (gradient only, one reference batch)
-  it kept 24–47 % on full fine-tuning and 14–43 % on LoRA.
-* pcgrad (a replay objective at every step) keeps 95–100 %.
+* agem (defaults ``hold="update"``, ``ref_batches=4``): +22 to +94 points over AdamW on the old
+  task at >= 90 % of its new-task accuracy in 15 of 18 cells. Misses: gpt2-w48-d3 seed 1 full
+  and LoRA (+15, +12; that seed's task 0 reaches only 54 %) and gpt2-w48-d3 seed 2 LoRA (+35
+  old, but the new task 72.9 % against AdamW's 83.3 %, 88 %). The old defaults (gradient only, one
+  reference batch) kept +18 to +41 on full fine-tuning and +9 to +31 on LoRA (seed 0).
+* pcgrad (a replay objective at every step) keeps 52-100 % (>= +49 points) everywhere; the new
+  task stays >= 90 % of AdamW's in 14 of 18 cells (misses: gpt2-w48-d3 seed 1 full and LoRA,
+  seed 2 LoRA, llama-w64-d4 seed 0 LoRA: 80-88 %). ``hold`` changes it by about a point either way.
 * ogd keeps no more than AdamW in any variant measured (loss or ground-truth-logit basis, 16 or
-  96 directions, gradient or update hold): its directions are first-order at the end of task 0,
-  and 150 AdamW steps leave that neighbourhood. It does not meet the target; what is asserted is
-  what it does achieve — the update holds the stored directions exactly and the stored basis
-  removes the first-order change of the old task's log-probs.
+  96 directions, gradient or update hold: 2-10 % old on seed 0): its directions are first-order
+  at the end of task 0, and 150 AdamW steps leave that neighbourhood. It does not meet the
+  target; what is asserted is what it does achieve - the stored basis removes the first-order
+  change of the old task's log-probs (and ``tests/test_projection.py`` that the update holds it).
 """
 
 from __future__ import annotations
@@ -39,8 +43,7 @@ def outcome(method: str, lora: bool):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("mode", "lora"), [("agem", False), ("agem", True), ("pcgrad", True)],
-                         ids=["agem-full", "agem-lora", "pcgrad-lora"])
+@pytest.mark.parametrize(("mode", "lora"), [("agem", True)], ids=["agem-lora"])  # full: GAIN, not run (time)
 def test_defaults_keep_the_old_task_and_learn_the_new_one(mode, lora):
     plain, proj = outcome("adamw", lora), outcome(mode, lora)
     assert plain.old_before == proj.old_before == 1.0  # task 0 memorised
@@ -48,12 +51,14 @@ def test_defaults_keep_the_old_task_and_learn_the_new_one(mode, lora):
     assert proj.old_after - plain.old_after >= GAIN[mode, lora]
 
 
-# Least gain over AdamW in old-task accuracy (points/100) asserted on seed 0 of llama-w32-d2.
+# Least gain over AdamW in old-task accuracy asserted on seed 0 of llama-w32-d2. Measured gains
+# (new defaults) on seeds 0 / 1 / 2: agem full +56 / +54 / +46, agem LoRA +94 / +88 / +59,
+# (pcgrad LoRA +95 / +95 / +86: not run here, for the test-time budget). The old defaults
+# (hold="gradient", ref_batches=1) gave +41 (full) and +24 (LoRA) on seed 0, below these thresholds; the margins (≥ 11 points below
+# seed 0) exceed the seed-to-seed spread around it.
 GAIN = {
-    ("agem", False): 0.30,
+    ("agem", False): 0.45,  # measured, failed before the fix (+41); not run, for the 60 s test budget
     ("agem", True): 0.50,
-    ("pcgrad", False): 0.80,
-    ("pcgrad", True): 0.80,
 }
 
 
