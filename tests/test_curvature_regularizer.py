@@ -47,7 +47,10 @@ def rayleigh(model: nn.Module, batch: dict, v: dict) -> torch.Tensor:
 
 
 def make(model: nn.Module, **kw) -> CurvatureRegularizer:
-    base = dict(strength=1.0, k=2, tol=1e-10, dtype=torch.float64, loss_fn=mlp_loss, replay_batch_size=None)
+    """The Hessian anchor + preservation terms alone (the KL replay term is tested on its own):
+    the papers' setting, on a replay memory of the first batch (6 samples)."""
+    base = dict(strength=1.0, k=2, tol=1e-10, dtype=torch.float64, loss_fn=mlp_loss, replay_batch_size=None,
+                curvature="hessian", replay_weight=0.0, preservation_weight=1.0, replay_samples=6)
     base.update(kw)
     return CurvatureRegularizer(model, **base)
 
@@ -59,13 +62,16 @@ def test_consolidate_stores_top_eigenpairs_and_anchor():
     model, batches = mlp(), mlp_batches()
     curv = make(model, k=3)
     eig = curv.consolidate(batches)
-    ref = hessian_eigenvalues(model, batches, mlp_loss, k=3, tol=1e-10)
+    # estimated on the replay memory (replay_samples=6: the first batch), a cost bounded by it
+    ref = hessian_eigenvalues(model, batches[0], mlp_loss, k=3, tol=1e-10)
     torch.testing.assert_close(curv.eigenvalues(), ref.values)
     torch.testing.assert_close(eig.values, ref.values)
     for n, p in model.named_parameters():
         assert torch.equal(curv.anchor()[n], p.detach())
-    drift = curv.drift()  # at θ*, on the replay batch (the first consolidation batch)
+    drift = curv.drift()  # at θ*, on the replay batch: a fresh Lanczos finds the same values
     assert drift[0].ratio.shape == (3,)
+    torch.testing.assert_close(drift[0].current, ref.values, rtol=1e-8, atol=0)
+    torch.testing.assert_close(drift[0].ratio, torch.ones(3, dtype=torch.float64), rtol=1e-8, atol=0)
     torch.testing.assert_close(
         drift[0].rayleigh,
         torch.stack([rayleigh(model, batches[0], v).detach() for v in curv.eigenvectors()]),
@@ -286,7 +292,8 @@ def run_two_tasks(regularize: bool) -> tuple[float, float]:
     lam0 = hessian_eigenvalues(model, t0, bce, k=1, tol=1e-10).values[0].item()
     curv = CurvatureRegularizer(model, strength=1.0, k=1, every=1, anchor_weight=0.0,
                                 preservation_weight=10.0, replay_batch_size=None, tol=1e-10,
-                                dtype=torch.float64)
+                                dtype=torch.float64, curvature="hessian", replay_weight=0.0,
+                                replay_samples=64)
     curv.consolidate(t0, loss_fn=bce)
     for _ in range(100):  # task 1
         opt.zero_grad()
@@ -372,7 +379,9 @@ def test_errors():
         (dict(k=0), "k=0"),
         (dict(every=0), "every=0"),
         (dict(strength=-1.0), "strength=-1.0"),
-        (dict(replay_batches=-1), "replay_batches=-1"),
+        (dict(replay_samples=-1), "replay_samples=-1"),
+        (dict(replay_weight=float("nan")), "replay_weight=nan"),
+        (dict(curvature="fisher"), "curvature='fisher'"),
         (dict(replay_batch_size=0), "replay_batch_size=0"),
         (dict(method="qr"), "method='qr'"),
     ]:
