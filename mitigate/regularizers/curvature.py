@@ -378,7 +378,7 @@ class CurvatureRegularizer(nn.Module):
                             f"logits_fn(model, batch) failed ({type(err).__name__}: {err}); pass "
                             "logits_fn=(model, batch) -> (N, C) logits, or replay_weight=0"
                         ) from err
-                    teachers.append(F.log_softmax(z.detach().float(), dim=-1))
+                    teachers.append(F.log_softmax(z.detach().to(torch.promote_types(z.dtype, torch.float32)), dim=-1))
         with torch.enable_grad():  # on the replay memory: a cost bounded by replay_samples
             eig = hessian_eigenvalues(
                 model, replay or blist, fn, k=cfg.k, params=cfg.params, method=cfg.method,
@@ -579,7 +579,7 @@ class CurvatureRegularizer(nn.Module):
         finally:
             for m, flag in training:
                 m.training = flag
-        logp = F.log_softmax(z.float(), dim=-1)
+        logp = F.log_softmax(z.to(teacher.dtype), dim=-1)
         if logp.shape != teacher.shape:
             raise ValueError(f"task {t}: logits of shape {tuple(logp.shape)} on a replay slice, stored "
                              f"{tuple(teacher.shape)}: the model's output changed since consolidate()")
@@ -762,7 +762,7 @@ def _upgrade_v1(state_dict: Mapping[str, Any], prefix: str, extra: Mapping[str, 
         out[prefix + f"t{t}__anchor"] = torch.cat([a.reshape(-1) for a in anchors])
         out[prefix + f"t{t}__vectors"] = torch.cat(vecs, dim=1)
         out[prefix + f"t{t}__reference"] = out[prefix + f"t{t}__eigenvalues"].clone()
-        tasks.append({**task, "slice": task.get("slice", 1), "teachers": 0})
+        tasks.append({**task, "teachers": 0})  # slices: the loading module's replay_batch_size, as in v1
     out[prefix + "_extra_state"] = {**extra, "version": _STATE_VERSION, "tasks": tasks}
     return out
 
