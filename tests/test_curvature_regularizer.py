@@ -436,7 +436,7 @@ def test_kl_term_is_the_formula_on_rotating_slices_and_zero_at_theta_star():
     for step in range(4):  # slices 1, 2, 0, 1 (the call above took slice 0)
         rows = slice(*bounds[(step + 1) % 3])
         logp = F.log_softmax(model(x[rows]), -1)
-        ref = 3.0 * (teacher[rows].exp() * (teacher[rows] - logp)).sum(-1).mean()  # w_r = 3 (default)
+        ref = curv.config.replay_weight * (teacher[rows].exp() * (teacher[rows] - logp)).sum(-1).mean()
         pen = curv()
         torch.testing.assert_close(pen, ref)
         params = list(model.parameters())
