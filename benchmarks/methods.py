@@ -33,12 +33,11 @@ agem                  ``memory_size=64`` remembered batches, ``ref_every=1``, ``
 ogd                   ``directions_per_task=16`` (one per batch: at most
                       ``consolidate_batches``), ``max_basis=256``
                       (OGD, Farajtabar et al. 2020)
-curvature             ``strength=1.0``, ``k=4`` top Hessian eigenpairs of each finished task
-                      (Lanczos ``max_iter=20``, ``tol=1e-2``) on ``consolidate_batches=2``
-                      batches (arXiv 2601.18699 §2.6: keep λ_max of old tasks);
-                      ``preservation_max_norm=1.0`` (the preservation term's third-order
-                      gradient clipped to norm 1, HF Trainer's ``max_grad_norm``: unclipped it
-                      wrecks AdamW training, see docs/BENCHMARKS.md)
+curvature             the library defaults (``CurvatureRegularizer(model)``): the KL
+                      function-space anchor (``replay_weight=3``) on ``replay_samples=32``
+                      stored inputs of each finished task, 4 per step, plus the rank-1
+                      Gauss-Newton anchor (``strength=1``); no eigenvalue-preservation term
+                      (measured not to help, issue 13), on ``consolidate_batches=2`` batches
 ewc                   ``strength=1e6``, ``fisher="empirical"`` (per-sample squared grads;
                       Kirkpatrick et al. 2017) on ``consolidate_batches=4`` batches; the
                       per-sample Fisher of a token-mean loss is small, hence the large λ
@@ -294,8 +293,7 @@ def _loss_term(cls_name: str, key: str) -> dict:
     return {"setup": setup, "after_task": after_task, "loss_extra": loss_extra}
 
 
-@register("curvature", "curvature regularizer on earlier tasks' top Hessian eigenspace",
-          strength=1.0, k=4, max_iter=20, tol=1e-2, preservation_max_norm=1.0,
+@register("curvature", "curvature regularizer: KL on stored old inputs + top Gauss-Newton anchor",
           consolidate_batches=2)
 def _curvature() -> dict:
     return _loss_term("CurvatureRegularizer", "curvature")
@@ -465,7 +463,7 @@ DEFAULT_METHODS = ("seq", "freeze-bottom", "freeze-qk", "agem", "ogd", "curvatur
 # Methods a run uses when ``--methods`` is not given, per (scenario, preset); every other pair
 # runs DEFAULT_METHODS. SmolLM2's reduced (CPU) preset leaves out what does not fit its hour on
 # 2 CPU cores at 135 M parameters: ogd (a 16 × 135 M basis is 8.6 GB, streamed twice per step),
-# curvature (k = 4 Lanczos on the full model at every task boundary, third-order products) and
+# curvature (a Gauss-Newton Lanczos on the full model at every task boundary) and
 # planned (probes every candidate plan on a copy); name them with --methods to run them anyway.
 SCENARIO_DEFAULT_METHODS: dict[tuple[str, str], tuple[str, ...]] = {
     ("smollm2", "quick"): ("seq", "freeze-bottom", "freeze-qk", "agem", "ewc", "clip", "replay", "lrcp"),

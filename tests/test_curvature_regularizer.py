@@ -47,7 +47,10 @@ def rayleigh(model: nn.Module, batch: dict, v: dict) -> torch.Tensor:
 
 
 def make(model: nn.Module, **kw) -> CurvatureRegularizer:
-    base = dict(strength=1.0, k=2, tol=1e-10, dtype=torch.float64, loss_fn=mlp_loss, replay_batch_size=None)
+    """The Hessian anchor + preservation terms alone (the KL replay term is tested on its own):
+    the papers' setting, on a replay memory of the first batch (6 samples)."""
+    base = dict(strength=1.0, k=2, tol=1e-10, dtype=torch.float64, loss_fn=mlp_loss, replay_batch_size=None,
+                curvature="hessian", replay_weight=0.0, preservation_weight=1.0, replay_samples=6)
     base.update(kw)
     return CurvatureRegularizer(model, **base)
 
@@ -59,13 +62,16 @@ def test_consolidate_stores_top_eigenpairs_and_anchor():
     model, batches = mlp(), mlp_batches()
     curv = make(model, k=3)
     eig = curv.consolidate(batches)
-    ref = hessian_eigenvalues(model, batches, mlp_loss, k=3, tol=1e-10)
+    # estimated on the replay memory (replay_samples=6: the first batch), a cost bounded by it
+    ref = hessian_eigenvalues(model, batches[0], mlp_loss, k=3, tol=1e-10)
     torch.testing.assert_close(curv.eigenvalues(), ref.values)
     torch.testing.assert_close(eig.values, ref.values)
     for n, p in model.named_parameters():
         assert torch.equal(curv.anchor()[n], p.detach())
-    drift = curv.drift()  # at θ*, on the replay batch (the first consolidation batch)
+    drift = curv.drift()  # at θ*, on the replay batch: a fresh Lanczos finds the same values
     assert drift[0].ratio.shape == (3,)
+    torch.testing.assert_close(drift[0].current, ref.values, rtol=1e-8, atol=0)
+    torch.testing.assert_close(drift[0].ratio, torch.ones(3, dtype=torch.float64), rtol=1e-8, atol=0)
     torch.testing.assert_close(
         drift[0].rayleigh,
         torch.stack([rayleigh(model, batches[0], v).detach() for v in curv.eigenvectors()]),
@@ -286,7 +292,8 @@ def run_two_tasks(regularize: bool) -> tuple[float, float]:
     lam0 = hessian_eigenvalues(model, t0, bce, k=1, tol=1e-10).values[0].item()
     curv = CurvatureRegularizer(model, strength=1.0, k=1, every=1, anchor_weight=0.0,
                                 preservation_weight=10.0, replay_batch_size=None, tol=1e-10,
-                                dtype=torch.float64)
+                                dtype=torch.float64, curvature="hessian", replay_weight=0.0,
+                                replay_samples=64)
     curv.consolidate(t0, loss_fn=bce)
     for _ in range(100):  # task 1
         opt.zero_grad()
@@ -372,7 +379,9 @@ def test_errors():
         (dict(k=0), "k=0"),
         (dict(every=0), "every=0"),
         (dict(strength=-1.0), "strength=-1.0"),
-        (dict(replay_batches=-1), "replay_batches=-1"),
+        (dict(replay_samples=-1), "replay_samples=-1"),
+        (dict(replay_weight=float("nan")), "replay_weight=nan"),
+        (dict(curvature="fisher"), "curvature='fisher'"),
         (dict(replay_batch_size=0), "replay_batch_size=0"),
         (dict(method="qr"), "method='qr'"),
     ]:
@@ -396,3 +405,109 @@ def test_consolidate_and_penalty_leave_grad_and_mode():
     assert all(m.training for m in model.modules())
     pen.backward()
     assert all(p.grad is g for p, g in zip(model.parameters(), grads))  # accumulated in place
+
+
+# ------------------------------------------------------------------ the KL replay term, storage, drift
+
+
+def mlp_logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    return model(batch["x"])
+
+
+def make_kl(model: nn.Module, **kw) -> CurvatureRegularizer:
+    base = dict(k=2, tol=1e-10, dtype=torch.float64, loss_fn=mlp_loss, logits_fn=mlp_logits,
+                replay_samples=8, replay_batch_size=4)
+    base.update(kw)
+    return CurvatureRegularizer(model, **base)
+
+
+def test_kl_term_is_the_formula_on_rotating_slices_and_zero_at_theta_star():
+    model, batches = mlp(), mlp_batches()
+    curv = make_kl(model, anchor_weight=0.0)
+    curv.consolidate(batches)
+    # replay memory: the first 8 samples (batch 0, and 2 samples of batch 1); each stored batch
+    # cut into slices of 4: rows [0:4], [4:6], [6:8]
+    x = torch.cat([batches[0]["x"], batches[1]["x"][:2]])
+    bounds = [(0, 4), (4, 6), (6, 8)]
+    with torch.no_grad():
+        teacher = F.log_softmax(model(x), -1)
+    assert float(curv()) == pytest.approx(0.0, abs=1e-12)  # at θ*
+    perturb(model, scale=0.3)
+    for step in range(4):  # slices 1, 2, 0, 1 (the call above took slice 0)
+        rows = slice(*bounds[(step + 1) % 3])
+        logp = F.log_softmax(model(x[rows]), -1)
+        ref = curv.config.replay_weight * (teacher[rows].exp() * (teacher[rows] - logp)).sum(-1).mean()
+        pen = curv()
+        torch.testing.assert_close(pen, ref)
+        params = list(model.parameters())
+        for a, b in zip(torch.autograd.grad(pen, params), torch.autograd.grad(ref, params)):
+            torch.testing.assert_close(a, b)
+
+
+def test_kl_term_needs_logits_and_says_how_nothing_stored():
+    model, batches = mlp(), mlp_batches()
+    curv = CurvatureRegularizer(model, loss_fn=mlp_loss, curvature="hessian")  # no logits_fn, dict of x/y
+    with pytest.raises(ValueError, match="logits_fn=.*replay_weight=0"):
+        curv.consolidate(batches)
+    assert curv.num_tasks == 0 and not list(curv.buffers())
+
+
+def test_theta_star_and_eigenvectors_are_stored_once():
+    # issue 15 item 10: the flat cache duplicated θ* and the eigenvectors
+    model, batches = mlp(), mlp_batches()
+    curv = make_kl(model, k=3)
+    curv.consolidate(batches)
+    n = sum(p.numel() for p in model.parameters())
+    anchor_bytes = sum(b.numel() for name, b in curv.named_buffers() if "anchor" in name)
+    vector_bytes = sum(b.numel() for name, b in curv.named_buffers() if "vectors" in name)
+    assert (anchor_bytes, vector_bytes) == (n, 3 * n)
+    perturb(model)
+    curv()  # the penalty adds no cache
+    storages = {b.untyped_storage().data_ptr() for b in curv.buffers()}
+    assert len(storages) == len(list(curv.buffers()))
+    assert not [k for k, v in vars(curv).items() if isinstance(v, dict) and any(isinstance(x, tuple) for x in v.values())]
+    flat = curv._buffers["t0__anchor"]
+    views = curv.anchor()
+    assert all(v.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for v in views.values())
+    for name, p in model.named_parameters():
+        assert views[name].shape == p.shape
+
+
+def test_a_version_1_state_loads_into_the_flat_layout():
+    from mitigate._utils import buffer_key
+
+    model, batches = mlp(), mlp_batches()
+    curv = make(model)
+    curv.consolidate(batches)
+    perturb(model)
+    expected = curv().detach()
+    sd = curv.state_dict()
+    old = {k: v for k, v in sd.items() if not (k.startswith("t0__anchor") or k.startswith("t0__vectors"))}
+    names = list(dict(model.named_parameters()))
+    for name, t in curv.anchor().items():
+        old[buffer_key("t0__anchor__", name)] = t.clone()
+    vecs = curv.eigenvectors()
+    for name in names:
+        old[buffer_key("t0__vectors__", name)] = torch.stack([v[name] for v in vecs]).clone()
+    extra = dict(sd["_extra_state"])
+    extra["version"] = 1
+    extra["tasks"] = [{k: v for k, v in t.items() if k not in ("slice", "teachers")} for t in extra["tasks"]]
+    old["_extra_state"] = extra
+    del old["t0__reference"]
+    fresh = make(model)
+    fresh.load_state_dict(old)
+    fresh._step = 0
+    torch.testing.assert_close(fresh().detach(), expected)
+    assert "t0__reference" in dict(fresh.named_buffers())
+
+
+def test_drift_reports_the_true_current_top_eigenvalue_not_the_stale_rayleigh_quotient():
+    model, batches = mlp(), mlp_batches()
+    curv = make_kl(model, k=1, curvature="hessian", replay_samples=12)
+    curv.consolidate(batches)
+    perturb(model, scale=0.5)
+    d = curv.drift()[0]
+    true = hessian_eigenvalues(model, batches, mlp_loss, k=1, tol=1e-12).values
+    torch.testing.assert_close(d.current, true, rtol=1e-6, atol=0)
+    torch.testing.assert_close(d.ratio, true / curv.eigenvalues().cpu(), rtol=1e-6, atol=0)
+    assert float(d.rayleigh[0]) < float(true[0]) * (1 - 1e-3)  # the stale vector underestimates it

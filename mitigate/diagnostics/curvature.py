@@ -31,6 +31,8 @@ class CurvatureReport(Result):
         reference_values: the reference's eigenvalues when computed here, else ``None``.
         converged: whether the eigen-solver met its tolerance.
         iterations: Hessian-vector products taken.
+        repeated: the eigen-solver detected a repeated eigenvalue at the top (its eigenvectors
+            are not unique; see :func:`mitigate.curvature.hessian_eigenvalues`).
     """
 
     values: Tensor
@@ -38,6 +40,7 @@ class CurvatureReport(Result):
     reference_values: Tensor | None = None
     converged: bool = True
     iterations: int = 0
+    repeated: bool = False
 
     @property
     def lambda_max(self) -> float:
@@ -76,7 +79,8 @@ def lambda_max(
         reference: ``None``; a float (λ_max,ref); a :class:`CurvatureReport`; or a model (its
             λ_max is computed on the same batches with the same settings).
         **engine_kwargs: passed to ``hessian_eigenvalues`` (``params``, ``max_iter``, ``tol``,
-            ``seed``, ``generator``, ``method``, ...).
+            ``seed``, ``generator``, ``method``, ``curvature="ggn"`` for the positive
+            semi-definite Gauss-Newton matrix, ...).
 
     Returns:
         :class:`CurvatureReport`.
@@ -107,4 +111,5 @@ def lambda_max(
         reference_values=ref_values,
         converged=bool(res.converged),
         iterations=int(res.iterations),
+        repeated=bool(res.repeated),
     )

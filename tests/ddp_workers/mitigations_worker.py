@@ -69,10 +69,12 @@ def build(name: str, model: nn.Module) -> Setup:
         ewc = mitigate.EWC(model, strength=50.0, fisher="empirical")
         return Setup(base, ewc, ewc.consolidate, ewc.state_dict)
     if name == "curvature":  # the low-rank Laplace anchor term alone
-        curv = mitigate.CurvatureRegularizer(model, strength=5.0, k=2, preservation_weight=0.0)
+        curv = mitigate.CurvatureRegularizer(model, strength=5.0, k=2, preservation_weight=0.0, replay_weight=0.0,
+                                             curvature="hessian")
         return Setup(base, curv, curv.consolidate, curv.state_dict)
     if name == "curvature_preserve":  # + the eigenvalue-preservation term on the whole replay batch
-        curv = mitigate.CurvatureRegularizer(model, strength=1.0, k=2, every=1, replay_batch_size=None)
+        curv = mitigate.CurvatureRegularizer(model, strength=1.0, k=2, every=1, replay_batch_size=None,
+                                             preservation_weight=1.0, replay_weight=0.0, curvature="hessian")
         return Setup(base, curv, curv.consolidate, curv.state_dict)
     if name == "clip":
         opt = mitigate.GradientClipping(base, max_norm=0.05)
