@@ -45,10 +45,10 @@ BUDGET = 4
 
 GRIDS: dict[str, list[dict[str, Any]]] = {
     "freeze-bottom": [{"layers": v} for v in (0.25, 0.5, 0.75, 1.0)],
-    "agem": [{"memory_size": v} for v in (16, 32, 64, 128)],
+    "agem": [{"memory_size": v} for v in (16, 32, 64, 128)],  # 64: the registered default
     "ogd": [{"directions_per_task": v} for v in (4, 8, 16, 32)],
-    "ewc": [{"strength": v} for v in (1e4, 1e5, 1e6, 1e7)],
-    "curvature": [{"strength": v} for v in (0.1, 1.0, 10.0, 100.0)],
+    "ewc": [{}, {"scale": 10.0}, {"scale": 1e3}, {"scale": 1e4}],  # {}: the library's scale 100
+    "curvature": [{}, {"replay_weight": 0.3}, {"replay_weight": 3.0}, {"replay_weight": 10.0}],  # {}: 1
     "clip": [{"max_norm": v} for v in (0.1, 0.5, 1.0, 5.0)],
     "replay": [{"fraction": v} for v in (0.1, 0.25, 0.5, 0.75)],
     "lrcp": [{}, {"energy": 0.9}, {"energy": 0.95}, {"energy": 0.999}],  # {}: the library's 0.99
