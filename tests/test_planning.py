@@ -332,7 +332,11 @@ def test_plan_verifies_candidates_by_probing_copies():
     none = p.candidates[0]
     assert none.name == "freeze 0" and none.old_loss_increase == pytest.approx(d.old_loss[1] - d.old_loss[0])
     base_old, base_new = none.old_loss_increase, none.new_loss_decrease
-    assert p.candidates.index(chosen) == select_candidate(p.candidates, base_old, base_new, pol)
+    strict = select_candidate(p.candidates, base_old, base_new, pol)
+    # the best by the numbers, or a simpler one when the difference is within the probe's noise
+    assert p.candidates.index(chosen) == strict or (
+        p.candidates.index(chosen) < strict and any(r.startswith("probe noise:") and "keeping the simpler" in r for r in p.reasons)
+    )
     assert p.reasons[0].startswith("verified by probing")
     assert "verified candidate" in str(p)
     assert json.loads(json.dumps(p.to_dict()))["candidates"][p.candidates.index(chosen)]["chosen"]
@@ -373,13 +377,16 @@ def test_apply_ewc_anchor_on_the_trainable_parameters_with_lambda_scale_over_mea
 
 def test_plan_probes_ewc_anchor_candidates_and_a_strong_anchor_forgets_less():
     model = tiny_llama()
-    pol = PlanPolicy(min_freeze_bottom=0, max_freeze_bottom_fraction=0.0, compute_curvature=False, ewc_scales=(1e3,), min_plasticity=0.0, ewc_on="best")
+    pol = PlanPolicy(min_freeze_bottom=0, max_freeze_bottom_fraction=0.0, compute_curvature=False, ewc_scales=(1e3,), min_plasticity=0.0, ewc_on="best", noise_z=0.0)
     p = plan(model, batches(1), batches(2), probe_steps=6, lr=1e-2, policy=pol)
     # ewc_on="best": structures without an anchor, then the anchor on the best of them
     *structures, anchored = p.candidates
     assert all(c.ewc_scale == 0.0 for c in structures) and anchored.ewc_scale == 1e3
-    best = structures[select_candidate(structures, structures[0].old_loss_increase, structures[0].new_loss_decrease, pol)]
-    assert anchored.name == best.name + " + EWC 1000" and anchored.protect == best.protect
+    strict = select_candidate(structures, structures[0].old_loss_increase, structures[0].new_loss_decrease, pol)
+    # the anchor goes on the best structure, or on a simpler one within the probe's noise of it
+    (i,) = [j for j, c in enumerate(structures) if anchored.name == c.name + " + EWC 1000"]
+    best = structures[i]
+    assert i <= strict and anchored.protect == best.protect
     assert anchored.old_loss_increase < 0.5 * best.old_loss_increase  # the anchor holds the old task
     chosen = next(c for c in p.candidates if c.chosen)
     assert p.ewc_scale == chosen.ewc_scale == 1e3  # no plasticity required: least forgetting wins
@@ -432,6 +439,6 @@ def test_verification_estimates_the_anchor_fisher_once_per_structure(monkeypatch
     p = plan(model, batches(1), batches(2), probe_steps=2, lr=1e-2, policy=PlanPolicy(**base, ewc_on="best"))
     assert len(calls) == 1 and sum(c.ewc_scale > 0 for c in p.candidates) == 3
     calls.clear()
-    p = plan(model, batches(1), batches(2), probe_steps=2, lr=1e-2, policy=PlanPolicy(**base))
+    p = plan(model, batches(1), batches(2), probe_steps=2, lr=1e-2, policy=PlanPolicy(**base, ewc_on="every"), budget_steps=100)
     structures = [c for c in p.candidates if c.ewc_scale == 0]
     assert len(calls) == len(structures) >= 2 and sum(c.ewc_scale > 0 for c in p.candidates) == 3 * len(structures)
