@@ -47,11 +47,15 @@ over the parameters left trainable, ``λ = scale / mean(F)`` for each ``PlanPoli
 is probed on top of each of those (``ewc_on="every"``) or of the best one (``"best"``). The plan
 keeps the candidate with the smallest old-task loss increase among those that keep
 ``min_plasticity`` of the unmitigated new-task loss decrease (:func:`select_candidate`). The
-curvature decision is not probed (it costs Lanczos runs).
+curvature decision is not probed (it costs Lanczos runs). The probes run within a budget
+(``plan(budget_steps=..., budget_s=...)``, default 12 probes' worth of steps): deep models get a
+coarse depth grid (``PlanPolicy.max_depths``), anchors on the best structure only and fewer
+strengths; a candidate must beat a simpler one by more than the probe's own noise
+(``PlanPolicy.noise_z`` paired standard errors over the old examples), else the simpler one is kept.
 
 Usage::
 
-    p = mitigate.plan(model, old_batches, new_batches, probe_steps=20, lr=1e-4)
+    p = mitigate.plan(model, old_batches, new_batches, probe_steps=20, lr=1e-4)  # budget: 240 steps
     print(p)                                  # table: actions, per-block numbers, reasons
     applied = p.apply(model, optimizer)       # freezes, wraps, consolidates on old_batches
     for batch in new_task:
