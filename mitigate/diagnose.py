@@ -47,6 +47,7 @@ class DiagnoseConfig:
     curvature: bool = True
     curvature_iters: int = 20
     plots: bool = True
+    plain_cka: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_length", "max_examples", "curvature_iters"):
@@ -170,6 +171,7 @@ def parse_args(argv: Sequence[str] | None = None) -> DiagnoseConfig:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-curvature", action="store_true", help="skip the λ_max section (the slowest)")
     p.add_argument("--curvature-iters", type=int, default=20, help="Lanczos iterations for λ_max")
+    p.add_argument("--plain-cka", action="store_true", help="plain linear CKA (default: token-normalised, robust to massive activations)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs (no matplotlib needed)")
     a = p.parse_args(argv)
     return DiagnoseConfig(
@@ -186,6 +188,7 @@ def parse_args(argv: Sequence[str] | None = None) -> DiagnoseConfig:
         curvature=not a.no_curvature,
         curvature_iters=a.curvature_iters,
         plots=not a.no_plots,
+        plain_cka=a.plain_cka,
     )
 
 
@@ -217,6 +220,7 @@ def run(cfg: DiagnoseConfig) -> dict[str, Any]:
         curvature=cfg.curvature,
         curvature_kwargs={"max_iter": cfg.curvature_iters},
         plots=cfg.plots,
+        cka_token_norm=not cfg.plain_cka,
     )
 
 

@@ -374,7 +374,9 @@ class Diagnosis:
         weight_z: ``(L, H)`` z-score of each head's Q/K weight change in the probe (across all
             heads of the model).
         weight_distance: ``(L, H)`` ``‖ΔW_q,h‖² + ‖ΔW_k,g(h)‖²`` in the probe.
-        cka: ``(L,)`` CKA between the model's and the probed copy's block outputs on old inputs.
+        cka: ``(L,)`` CKA between the model's and the probed copy's block outputs on old inputs,
+            token-normalised (``layerwise_cka(token_norm=True)``: plain CKA saturates at ≈ 1 under
+            massive activations, e.g. 29 of 30 blocks of SmolLM2-135M).
         lambda_before, lambda_after: old-task λ_max before/after the probe (``None``: skipped).
         probe_steps, probe_lr: the probe.
         probe_loss: new-task training loss at the first and last probe step.
@@ -586,7 +588,9 @@ def diagnose(
         wz = [[0.0] * H for _ in range(L)]
         wd = [[0.0] * H for _ in range(L)]
     try:
-        cka_res = layerwise_cka(model, probed, old_batches)
+        # token_norm: massive activations (a few tokens 10²–10³× the others' norm in pretrained
+        # LLMs) make plain CKA read ≈ 1 on every block, so the LRCP rule could never fire
+        cka_res = layerwise_cka(model, probed, old_batches, token_norm=True)
         per = dict(zip(cka_res.layers, cka_res.per_layer.tolist()))
         cka = [float(per.get(i + 1, float("nan"))) for i in range(L)]  # hidden state i+1 = block i output
     except (ValueError, RuntimeError) as e:

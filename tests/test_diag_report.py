@@ -206,3 +206,43 @@ def test_cli_prompt_answer_rows_take_the_answer_only_loss_and_lambda_max_agrees_
     # same Hessian, same Lanczos start (seed 0): equal up to float32 summation order
     assert lam == pytest.approx(float(engine.values[0]), rel=1e-4)
     assert abs(lam - float(every_token.values[0])) > 1e-2 * abs(lam)  # the all-token loss is another landscape
+
+
+def test_report_and_plan_use_token_normalised_cka_where_one_massive_token_saturates_plain_cka(tmp_path, monkeypatch):
+    from mitigate.diagnostics import layerwise_cka
+    from mitigate.planning import diagnose
+
+    def spiked(seed):  # one "massive activation": 1e4 on channel 0 of the first token, in both models
+        m = build("llama", seed=seed)
+
+        def hook(_mod, _inp, out):
+            out = out.clone()
+            out[:, 0, 0] += 1e4
+            return out
+
+        m.get_input_embeddings().register_forward_hook(hook)
+        return m
+
+    before, after = spiked(0), spiked(1)
+    old = _batches(0, n=2)
+    plain = layerwise_cka(before, after, old).per_layer
+    normed = layerwise_cka(before, after, old, token_norm=True).per_layer
+    # the residual stream carries the spike through every block (the last hidden state is after the
+    # final RMSNorm, which removes it): plain CKA saturates there, token-normalised CKA does not
+    assert float(plain[:-1].min()) > 0.99 and float(normed[1:-1].max()) < 0.9
+    rep = D.report(before, after, old_batches=old, out_dir=tmp_path, curvature=False, plots=False)
+    assert rep["cka"]["token_norm"] is True
+    assert rep["cka"]["per_layer"] == pytest.approx(normed.tolist(), rel=1e-9)
+    rep = D.report(before, after, old_batches=old, out_dir=tmp_path, curvature=False, plots=False, cka_token_norm=False)
+    assert rep["cka"]["per_layer"] == pytest.approx(plain.tolist(), rel=1e-9)
+
+    seen = []
+    real = layerwise_cka
+
+    def recording(*a, **k):
+        seen.append(k.get("token_norm", False))
+        return real(*a, **k)
+
+    monkeypatch.setattr(D, "layerwise_cka", recording)
+    diagnose(before, old, old, probe_steps=1, lr=1e-3)
+    assert seen == [True]
