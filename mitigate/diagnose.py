@@ -7,7 +7,10 @@ Usage::
 
 ``--before``/``--after`` are folders written by ``save_pretrained`` (causal LMs). ``--data`` is a
 JSONL file of old-task examples, one object per line: ``{"text": "..."}`` (tokenized with the
-tokenizer saved in ``--before``, else ``--tokenizer``) or ``{"input_ids": [...]}``. Writes
+tokenizer saved in ``--before``, else ``--tokenizer``), ``{"input_ids": [...]}``, or
+``{"prompt": "...", "answer": "..."}`` (strings, or lists of token ids): the loss — and so the
+gradient alignment and λ_max — is taken on the answer tokens only (prompt labels ``-100``), as
+in prompt-masked fine-tuning. Writes
 ``report.json``, PNG plots and ``summary.md`` into ``--out`` (see
 :func:`mitigate.diagnostics.report`).
 """
@@ -44,6 +47,7 @@ class DiagnoseConfig:
     curvature: bool = True
     curvature_iters: int = 20
     plots: bool = True
+    plain_cka: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_length", "max_examples", "curvature_iters"):
@@ -72,35 +76,64 @@ def _load_tokenizer(cfg: DiagnoseConfig) -> Any | None:
     return None
 
 
+def _ids(value: Any, tokenizer: Any | None, where: str, *, special: bool) -> list[int]:
+    """Token ids of a JSONL field: a list of ints as is, a string through ``tokenizer``."""
+    if isinstance(value, list):
+        return [int(i) for i in value]
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: expected a string or a list of token ids, got {type(value).__name__}")
+    if tokenizer is None:
+        raise ValueError(
+            f"{where} is text but no tokenizer was found; save one in --before or pass --tokenizer, or give token ids"
+        )
+    return list(tokenizer(value, add_special_tokens=special)["input_ids"])
+
+
 def load_jsonl_batches(
     path: str, tokenizer: Any | None, *, batch_size: int, max_length: int, max_examples: int, pad_id: int = 0
 ) -> list[dict[str, torch.Tensor]]:
-    """Read ``{"text"}`` / ``{"input_ids"}`` lines into right-padded batches with ``labels``
-    (``-100`` at padding).
+    """Read JSONL lines into right-padded batches with ``labels`` (``-100`` at padding).
+
+    Each line is one of ``{"text": str}`` or ``{"input_ids": [int, ...]}`` (loss on every token),
+    or ``{"prompt": ..., "answer": ...}`` (strings, or lists of token ids): ``input_ids`` is the
+    prompt (with the tokenizer's special tokens) followed by the answer (without), and
+    ``labels`` is ``-100`` on the prompt, so ``model(**batch).loss`` is the answer-only loss of
+    prompt-masked fine-tuning. A row longer than ``max_length`` keeps its end (the prompt is cut
+    from the left, so the answer survives).
+
+    Returns:
+        Batches ``{"input_ids", "attention_mask", "labels"}``, each ``(B, T)`` long tensors.
 
     Raises:
-        ValueError: a line without ``text``/``input_ids``, ``text`` without a tokenizer, or no
-            examples.
+        ValueError: a line without ``text``/``input_ids``/``prompt``+``answer``, text without a
+            tokenizer, an empty answer, or no examples.
     """
-    rows: list[list[int]] = []
+    rows: list[tuple[list[int], list[int]]] = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             obj = json.loads(line)
-            if "input_ids" in obj:
-                ids = [int(i) for i in obj["input_ids"]]
+            where = f"{path}:{lineno}"
+            if "prompt" in obj or "answer" in obj:
+                if not ("prompt" in obj and "answer" in obj):
+                    raise ValueError(f"{where}: a prompt/answer row needs both 'prompt' and 'answer', got keys {sorted(obj)}")
+                prompt = _ids(obj["prompt"], tokenizer, f"{where} 'prompt'", special=True)
+                answer = _ids(obj["answer"], tokenizer, f"{where} 'answer'", special=False)
+                if not answer:
+                    raise ValueError(f"{where}: 'answer' is empty (the loss is taken on the answer tokens only)")
+                ids = (prompt + answer)[-max_length:]
+                labels = ([-100] * len(prompt) + answer)[-max_length:]
+            elif "input_ids" in obj:
+                ids = [int(i) for i in obj["input_ids"]][:max_length]
+                labels = list(ids)
             elif "text" in obj:
-                if tokenizer is None:
-                    raise ValueError(
-                        f"{path}:{lineno} has 'text' but no tokenizer was found; save one in --before or "
-                        "pass --tokenizer, or give 'input_ids'"
-                    )
-                ids = tokenizer(obj["text"], truncation=True, max_length=max_length)["input_ids"]
+                ids = _ids(obj["text"], tokenizer, f"{where} 'text'", special=True)[:max_length]
+                labels = list(ids)
             else:
-                raise ValueError(f"{path}:{lineno}: each line needs 'text' or 'input_ids', got keys {sorted(obj)}")
+                raise ValueError(f"{where}: each line needs 'text', 'input_ids' or 'prompt' + 'answer', got keys {sorted(obj)}")
             if ids:
-                rows.append(ids[:max_length])
+                rows.append((ids, labels))
             if len(rows) >= max_examples:
                 break
     if not rows:
@@ -108,23 +141,27 @@ def load_jsonl_batches(
     batches = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
-        length = max(len(r) for r in chunk)
+        length = max(len(r) for r, _ in chunk)
         ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), length), -100, dtype=torch.long)
         mask = torch.zeros((len(chunk), length), dtype=torch.long)
-        for j, r in enumerate(chunk):
+        for j, (r, lab) in enumerate(chunk):
             ids[j, : len(r)] = torch.tensor(r)
+            labels[j, : len(r)] = torch.tensor(lab)
             mask[j, : len(r)] = 1
-        labels = ids.masked_fill(mask == 0, -100)
         batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
     return batches
 
 
 def parse_args(argv: Sequence[str] | None = None) -> DiagnoseConfig:
     """Parse the command line into a :class:`DiagnoseConfig`."""
-    p = argparse.ArgumentParser(prog="python -m mitigate.diagnose", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m mitigate.diagnose", description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--before", required=True, help="checkpoint before the new task (save_pretrained folder)")
     p.add_argument("--after", required=True, help="checkpoint after the new task")
-    p.add_argument("--data", required=True, help="JSONL of old-task examples ({'text'} or {'input_ids'})")
+    p.add_argument("--data", required=True, help="JSONL of old-task examples ({'text'}, {'input_ids'} or {'prompt', 'answer'}: answer-only loss)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--new-data", default=None, help="JSONL of new-task examples (enables gradient alignment)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder when --before has none")
@@ -134,6 +171,7 @@ def parse_args(argv: Sequence[str] | None = None) -> DiagnoseConfig:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-curvature", action="store_true", help="skip the λ_max section (the slowest)")
     p.add_argument("--curvature-iters", type=int, default=20, help="Lanczos iterations for λ_max")
+    p.add_argument("--plain-cka", action="store_true", help="plain linear CKA (default: token-normalised, robust to massive activations)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs (no matplotlib needed)")
     a = p.parse_args(argv)
     return DiagnoseConfig(
@@ -150,6 +188,7 @@ def parse_args(argv: Sequence[str] | None = None) -> DiagnoseConfig:
         curvature=not a.no_curvature,
         curvature_iters=a.curvature_iters,
         plots=not a.no_plots,
+        plain_cka=a.plain_cka,
     )
 
 
@@ -181,12 +220,16 @@ def run(cfg: DiagnoseConfig) -> dict[str, Any]:
         curvature=cfg.curvature,
         curvature_kwargs={"max_iter": cfg.curvature_iters},
         plots=cfg.plots,
+        cka_token_norm=not cfg.plain_cka,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m mitigate.diagnose``; returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # matplotlib's category axis logs one INFO line per string tick ("Using categorical units ..."):
+    # quiet it here, in the CLI that turns INFO on, not in the library
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     cfg = parse_args(argv)
     rep = run(cfg)
     logger.info("wrote %s", ", ".join(rep["files"]))

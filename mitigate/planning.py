@@ -47,11 +47,15 @@ over the parameters left trainable, ``λ = scale / mean(F)`` for each ``PlanPoli
 is probed on top of each of those (``ewc_on="every"``) or of the best one (``"best"``). The plan
 keeps the candidate with the smallest old-task loss increase among those that keep
 ``min_plasticity`` of the unmitigated new-task loss decrease (:func:`select_candidate`). The
-curvature decision is not probed (it costs Lanczos runs).
+curvature decision is not probed (it costs Lanczos runs). The probes run within a budget
+(``plan(budget_steps=..., budget_s=...)``, default 12 probes' worth of steps): deep models get a
+coarse depth grid (``PlanPolicy.max_depths``), anchors on the best structure only and fewer
+strengths; a candidate must beat a simpler one by more than the probe's own noise
+(``PlanPolicy.noise_z`` paired standard errors over the old examples), else the simpler one is kept.
 
 Usage::
 
-    p = mitigate.plan(model, old_batches, new_batches, probe_steps=20, lr=1e-4)
+    p = mitigate.plan(model, old_batches, new_batches, probe_steps=20, lr=1e-4)  # budget: 240 steps
     print(p)                                  # table: actions, per-block numbers, reasons
     applied = p.apply(model, optimizer)       # freezes, wraps, consolidates on old_batches
     for batch in new_task:
@@ -138,10 +142,20 @@ class PlanPolicy:
             ``verify`` no anchor is planned.
         ewc_fisher: the :class:`~mitigate.EWC` Fisher estimate for the anchor.
         ewc_on: ``"every"`` probes each anchor strength on every structural candidate
-            (``2·(cap+1)·(1 + len(ewc_scales))`` probes); ``"best"`` only on the best structure
-            (``2·(cap+1) + len(ewc_scales)``, for deep models). On biography quick, 8 seeds:
-            ``"every"`` keeps +2.4 ± 0.8 pp more Task-0 accuracy than the ``ewc`` recipe at the
-            same new-task accuracy, ``"best"`` +0.9 ± 1.4 pp.
+            (``S·(1 + len(ewc_scales))`` probes for ``S`` structures); ``"best"`` only on the
+            best structure (``S + len(ewc_scales)``, for deep models); ``"auto"`` (default):
+            ``"every"`` when that fits the plan's probe budget, else ``"best"``. On biography
+            quick, 8 seeds: ``"every"`` keeps +2.4 ± 0.8 pp more Task-0 accuracy than the ``ewc``
+            recipe at the same new-task accuracy, ``"best"`` +0.9 ± 1.4 pp.
+        max_depths: the bottom-freeze depths the verification probes: every depth from
+            ``min_freeze_bottom`` to the cap when there are at most this many, else a coarse
+            grid of this many — the cap and its halvings (cap/2, cap/4, …) plus
+            ``min_freeze_bottom``: depths {0, L/8, L/4, L/2} at the default cap ``L/2`` of a
+            deep model, instead of ``L/2 + 1`` depths.
+        noise_z: refuse to pick a candidate over a simpler one when its old-task advantage is
+            within ``noise_z`` standard errors of the probe's noise (the spread, over the
+            held-out old-task examples, of the paired per-example loss difference): the
+            simpler one wins and the plan's reasons say so. ``0`` turns the refusal off.
         diagnostic_batches: at most this many old/new batches feed the diagnostics (``None``:
             all); the probe cycles over all new batches and :meth:`MitigationPlan.apply` uses
             all old batches.
@@ -175,15 +189,24 @@ class PlanPolicy:
     verify_tolerance: float = 0.02
     ewc_scales: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
     ewc_fisher: str = "empirical"
-    ewc_on: str = "every"
+    ewc_on: str = "auto"
+    max_depths: int = 4
+    noise_z: float = 2.0
 
     def __post_init__(self) -> None:
         scales = self.ewc_scales
         if isinstance(scales, (int, float)) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in scales):
             raise ValueError(f"ewc_scales={scales!r} must be a sequence of finite numbers > 0, e.g. (1.0, 3.0), or () for no EWC anchor")
         object.__setattr__(self, "ewc_scales", tuple(float(v) for v in scales))
-        if self.ewc_on not in ("every", "best"):
-            raise ValueError(f"ewc_on={self.ewc_on!r} must be 'every' (anchor every structural candidate) or 'best' (only the best one: cheaper)")
+        if self.ewc_on not in ("auto", "every", "best"):
+            raise ValueError(
+                f"ewc_on={self.ewc_on!r} must be 'auto' (every when the budget allows), 'every' (anchor every "
+                "structural candidate) or 'best' (only the best one: cheaper)"
+            )
+        if isinstance(self.max_depths, bool) or not isinstance(self.max_depths, int) or self.max_depths < 1:
+            raise ValueError(f"max_depths={self.max_depths!r} must be a positive int (bottom-freeze depths probed), e.g. 4")
+        if not (isinstance(self.noise_z, (int, float)) and math.isfinite(self.noise_z) and self.noise_z >= 0):
+            raise ValueError(f"noise_z={self.noise_z!r} must be a finite number ≥ 0 (0: no noise refusal)")
         if self.ewc_fisher not in ("empirical", "true", "batch"):
             raise ValueError(f"ewc_fisher={self.ewc_fisher!r} must be 'empirical', 'true' or 'batch' (see mitigate.EWCConfig)")
         for name in ("entropy_increase_bits", "weight_z", "conflict_z", "curvature_strength"):
@@ -351,13 +374,17 @@ class Diagnosis:
         weight_z: ``(L, H)`` z-score of each head's Q/K weight change in the probe (across all
             heads of the model).
         weight_distance: ``(L, H)`` ``‖ΔW_q,h‖² + ‖ΔW_k,g(h)‖²`` in the probe.
-        cka: ``(L,)`` CKA between the model's and the probed copy's block outputs on old inputs.
+        cka: ``(L,)`` CKA between the model's and the probed copy's block outputs on old inputs,
+            token-normalised (``layerwise_cka(token_norm=True)``: plain CKA saturates at ≈ 1 under
+            massive activations, e.g. 29 of 30 blocks of SmolLM2-135M).
         lambda_before, lambda_after: old-task λ_max before/after the probe (``None``: skipped).
         probe_steps, probe_lr: the probe.
         probe_loss: new-task training loss at the first and last probe step.
         old_loss: old-task eval loss (diagnostic batches) before and after the probe.
         new_loss: new-task eval loss (diagnostic batches) before and after the probe.
         notes: diagnostics that were skipped and why.
+        old_example_loss: per-example old-task eval loss (diagnostic batches) before and after
+            the probe, for the verification's noise estimate (not in :meth:`MitigationPlan.to_dict`).
     """
 
     model_type: str
@@ -378,6 +405,7 @@ class Diagnosis:
     old_loss: tuple[float, float] | None = None
     new_loss: tuple[float, float] | None = None
     notes: list[str] = field(default_factory=list)
+    old_example_loss: tuple[list[float], list[float]] | None = field(default=None, repr=False)
 
     @property
     def lambda_ratio(self) -> float | None:
@@ -404,6 +432,39 @@ def _eval_loss(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn) -> f
 
     with preserve_state(model, mode=False):
         return sum(float(loss_fn(model, b)) for b in batches) / len(batches)
+
+
+def _examples(batches: Sequence[Batch]) -> list[Batch]:
+    """Each dict batch split into one-example batches (every tensor sliced on its leading
+    ``B``); a batch that cannot be split (not a dict, or tensors of different leading sizes)
+    stays whole."""
+    out: list[Batch] = []
+    for b in batches:
+        sizes = {v.shape[0] for v in b.values() if isinstance(v, Tensor) and v.dim() > 0} if isinstance(b, dict) else set()
+        if len(sizes) != 1:
+            out.append(b)
+            continue
+        n = sizes.pop()
+        out += [{k: (v[i : i + 1] if isinstance(v, Tensor) and v.dim() > 0 else v) for k, v in b.items()} for i in range(n)]
+    return out
+
+
+@torch.no_grad()
+def _example_losses(model: nn.Module, examples: Sequence[Batch], loss_fn: LossFn) -> list[float]:
+    """Loss of each one-example batch in eval mode (NaN where it has no labelled token)."""
+    from mitigate._utils import preserve_state
+
+    with preserve_state(model, mode=False):
+        return [float(loss_fn(model, b)) for b in examples]
+
+
+def _paired_gap(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean and standard error of ``a_i − b_i`` over the examples where both are finite."""
+    d = [x - y for x, y in zip(a, b) if math.isfinite(x) and math.isfinite(y)]
+    if len(d) < 2:
+        return (sum(d) / len(d) if d else 0.0), 0.0
+    t = torch.tensor(d, dtype=torch.float64)
+    return float(t.mean()), float(t.std(unbiased=True)) / math.sqrt(len(d))
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:
@@ -514,6 +575,8 @@ def diagnose(
     old_before, new_before = _eval_loss(model, old_batches, loss), _eval_loss(model, new_batches, loss)
     probed, probe_loss = _probe(model, probe_batches, loss, probe_steps, lr, weight_decay, seed)
     old_after, new_after = _eval_loss(probed, old_batches, loss), _eval_loss(probed, new_batches, loss)
+    old_examples = _examples(old_batches)
+    per_example = (_example_losses(model, old_examples, loss), _example_losses(probed, old_examples, loss)) if policy.verify else None
     try:
         dh = disrupted_heads(model, probed, old_batches, entropy_threshold=policy.entropy_increase_bits, z_threshold=policy.weight_z)
         ent = dh.entropy_change.tolist()
@@ -525,7 +588,9 @@ def diagnose(
         wz = [[0.0] * H for _ in range(L)]
         wd = [[0.0] * H for _ in range(L)]
     try:
-        cka_res = layerwise_cka(model, probed, old_batches)
+        # token_norm: massive activations (a few tokens 10²–10³× the others' norm in pretrained
+        # LLMs) make plain CKA read ≈ 1 on every block, so the LRCP rule could never fire
+        cka_res = layerwise_cka(model, probed, old_batches, token_norm=True)
         per = dict(zip(cka_res.layers, cka_res.per_layer.tolist()))
         cka = [float(per.get(i + 1, float("nan"))) for i in range(L)]  # hidden state i+1 = block i output
     except (ValueError, RuntimeError) as e:
@@ -539,6 +604,7 @@ def diagnose(
         layer_cosine=_layer_cosines(al, L), head_cosine=head_cos, entropy_change=ent, weight_z=wz, weight_distance=wd,
         cka=cka, lambda_before=lam_b, lambda_after=lam_a, probe_steps=probe_steps, probe_lr=lr,
         probe_loss=probe_loss, old_loss=(old_before, old_after), new_loss=(new_before, new_after), notes=notes,
+        old_example_loss=per_example,
     )
 
 
@@ -664,6 +730,7 @@ class MitigationPlan:
         diag["old_loss"] = list(d.old_loss) if d.old_loss else None
         diag["new_loss"] = list(d.new_loss) if d.new_loss else None
         diag["lambda_ratio"] = d.lambda_ratio
+        diag.pop("old_example_loss", None)
         out = {
             "freeze_bottom": self.freeze_bottom,
             "freeze_embeddings": self.freeze_embeddings,
@@ -948,6 +1015,12 @@ def decide(
     }
 
 
+#: Default probe budget of :func:`plan`, in probes of ``probe_steps`` steps: the diagnosis probe,
+#: the timing step and the verification probes together take at most this many times
+#: ``probe_steps`` AdamW steps (240 at the default 20: a small fraction of a new task's training).
+DEFAULT_BUDGET_PROBES = 12
+
+
 def plan(
     model: nn.Module,
     old_batches: Iterable[Batch],
@@ -960,52 +1033,106 @@ def plan(
     policy: PlanPolicy | None = None,
     calibration: Sequence[tuple[float, float]] | None = None,
     seed: int = 0,
-    progress: bool = False,
+    budget_steps: int | None = None,
+    budget_s: float | None = None,
+    progress: bool = True,
 ) -> MitigationPlan:
-    """Diagnose forgetting with a short probe of the new task and plan the mitigation.
+    """Diagnose forgetting with a short probe of the new task and plan the mitigation, within a
+    budget.
 
     Runs :func:`diagnose` (gradient alignment, a ``probe_steps``-step AdamW probe on a deep copy,
     disrupted heads, CKA drift, λ_max before/after), applies the rules of ``policy`` (see the
-    module docstring) and forecasts forgetting from the early gradient cosine
+    module docstring), verifies the candidates they propose by probing each on a copy
+    (``policy.verify``) and forecasts forgetting from the early gradient cosine
     (:func:`forecast_forgetting`). ``model`` is not modified (modes and ``.grad`` restored); the
     deep copy needs one extra model and its AdamW state in memory for the probe. The global RNG
     streams (CPU and the model's CUDA devices) are left as they were.
+
+    **Budget.** Every AdamW step plan() takes counts: one timing step, the diagnosis probe
+    (``probe_steps``) and each verification probe (``probe_steps``); their total never exceeds
+    ``budget_steps``. The candidates are fitted to it up front, in this order: bottom-freeze
+    depths on a coarse grid (``policy.max_depths``), EWC anchors on the best structure only
+    (``ewc_on="auto"``), fewer EWC strengths (the extreme ones dropped first), then the deepest
+    structures dropped — each said in the plan's reasons. Before the diagnosis one probe step is
+    timed and the estimated wall time is logged (INFO, ``mitigate.planning``) with the candidate
+    count; with ``budget_s`` the verification also stops before a probe that would end past it.
+
+    **Noise.** The unmitigated probe's old-task loss, per held-out old example, gives the probe's
+    noise; a candidate beats a simpler one only by more than ``policy.noise_z`` standard errors
+    of their paired per-example difference, else the simpler one is kept (the reasons say so).
 
     Args:
         model: the model as trained on the old task (eager attention for λ_max and entropies).
         old_batches: old-task batches (kept by reference for :meth:`MitigationPlan.apply`).
         new_batches: a few new-task batches for the probe and the gradient alignment.
         loss_fn: ``loss_fn(model, batch) -> scalar`` for both tasks; default ``model(**batch).loss``.
-        probe_steps: AdamW steps of the probe.
+        probe_steps: AdamW steps of each probe.
         lr: probe learning rate (use the new task's).
         weight_decay: probe weight decay.
         policy: decision thresholds (:class:`PlanPolicy`).
         calibration: ``[(early cosine, forgetting), ...]`` to fit the forecast (else the prior).
         seed: seeds the probe, λ_max and the forecast bootstrap.
-        progress: show a tqdm bar over the verification probes. Their number is
-            ``2·(cap + 1)·(1 + len(ewc_scales))`` (``cap`` = ``max_freeze_bottom_fraction · L``
-            blocks, ``ewc_on="every"``) or ``2·(cap + 1) + len(ewc_scales)`` (``"best"``), each
-            ``probe_steps`` steps on a copy: 30 on a 4-block model, 160 on a 30-block one.
+        budget_steps: most AdamW probe steps in all (default
+            ``DEFAULT_BUDGET_PROBES · probe_steps`` = 240: 1 timing step + the diagnosis probe +
+            10 verification probes). Must cover the timing step and the diagnosis probe.
+        budget_s: optional wall-clock budget in seconds for the whole plan (the verification
+            stops early, with a reason, when the next probe would overrun it).
+        progress: show a tqdm bar over the verification probes (``False`` to hide it).
 
     Returns:
         :class:`MitigationPlan` (``print(plan)`` for the table, ``plan.to_dict()`` for JSON,
         ``plan.apply(model, optimizer)`` to act on it).
 
     Raises:
-        ValueError: empty batches, bad probe settings or policy, a multi-stack model, or a bad
-            calibration set.
+        ValueError: empty batches, bad probe settings, budget or policy, a multi-stack model, or
+            a bad calibration set.
     """
+    import time
+
     policy = policy or PlanPolicy()
+    if isinstance(probe_steps, bool) or not isinstance(probe_steps, int) or probe_steps < 1:
+        raise ValueError(f"probe_steps={probe_steps!r} must be a positive int (a few dozen is typical)")
+    if budget_steps is None:
+        budget_steps = DEFAULT_BUDGET_PROBES * probe_steps
+    if isinstance(budget_steps, bool) or not isinstance(budget_steps, int) or budget_steps < probe_steps + 1:
+        raise ValueError(
+            f"budget_steps={budget_steps!r} must be an int ≥ probe_steps + 1 = {probe_steps + 1} (one timing step and "
+            f"the diagnosis probe); e.g. {DEFAULT_BUDGET_PROBES * probe_steps} for {DEFAULT_BUDGET_PROBES - 1} probes"
+        )
+    if budget_s is not None and not (isinstance(budget_s, (int, float)) and not isinstance(budget_s, bool) and budget_s > 0 and math.isfinite(budget_s)):
+        raise ValueError(f"budget_s={budget_s!r} must be a positive number of seconds, or None for no time limit")
     old_batches = list(old_batches)
     new_batches = list(new_batches)
+    if not old_batches or not new_batches:
+        raise ValueError("plan() needs non-empty old_batches and new_batches (lists of batches)")
     candidates: list[Candidate] = []
+    start = time.perf_counter()
     with torch.random.fork_rng(devices=_cuda_devices(model)):  # the caller's RNG streams stay put
+        loss = resolve_loss_fn(loss_fn)
+        t0 = time.perf_counter()
+        _probe(model, new_batches, loss, 1, lr, weight_decay, seed)  # time one probe step (on a copy)
+        step_s = time.perf_counter() - t0
+        n_verify = (budget_steps - 1 - probe_steps) // probe_steps if policy.verify else 0
+        diag_steps = probe_steps + 2 * (policy.diagnostic_batches or len(old_batches))
+        if policy.compute_curvature:  # two Lanczos runs, an HVP ≈ 2 steps per batch and iteration
+            diag_steps += 4 * policy.lambda_max_iter * policy.lambda_batches
+        logger.info(
+            "mitigate.plan: diagnosis (%d-step probe%s) + up to %d verification probes of %d steps; one probe step "
+            "took %.3g s: ≈ %.0f s in all (budget %d steps%s)",
+            probe_steps, ", λ_max" if policy.compute_curvature else "", n_verify, probe_steps, step_s,
+            step_s * (diag_steps + n_verify * probe_steps), budget_steps,
+            "" if budget_s is None else f", {budget_s:g} s",
+        )
         diag = diagnose(model, old_batches, new_batches, loss_fn, probe_steps=probe_steps, lr=lr, weight_decay=weight_decay, policy=policy, seed=seed)
         dec = decide(diag, model, policy)
         if policy.verify:
-            dec, candidates = _verify(model, diag, dec, old_batches, new_batches, loss_fn, policy, probe_steps, lr, weight_decay, seed, progress)
+            deadline = None if budget_s is None else start + float(budget_s)
+            dec, candidates = _verify(
+                model, diag, dec, old_batches, new_batches, loss_fn, policy, probe_steps, lr, weight_decay, seed,
+                progress, max_probes=n_verify, deadline=deadline,
+            )
     forecast = forecast_forgetting(diag.global_cosine if math.isfinite(diag.global_cosine) else 0.0, calibration, seed=seed)
-    logger.info("mitigate.plan: %s%s", _candidate_name(dec), " + curvature" if dec["curvature"] else "")
+    logger.info("mitigate.plan: %s%s (%.1f s)", _candidate_name(dec), " + curvature" if dec["curvature"] else "", time.perf_counter() - start)
     return MitigationPlan(
         forecast=forecast, diagnosis=diag, policy=policy, candidates=candidates, old_batches=old_batches,
         loss_fn=loss_fn, **dec,
@@ -1023,12 +1150,25 @@ def _candidate_name(dec: dict[str, Any]) -> str:
     return " + ".join(parts)
 
 
-def select_candidate(candidates: list[Candidate], baseline_old_increase: float, baseline_new_decrease: float, policy: PlanPolicy) -> int:
+def select_candidate(
+    candidates: list[Candidate],
+    baseline_old_increase: float,
+    baseline_new_decrease: float,
+    policy: PlanPolicy,
+    example_loss: Sequence[Sequence[float] | None] | None = None,
+) -> int:
     """Index of the candidate :func:`plan` keeps (see ``PlanPolicy.verify``).
 
     Eligible: ``new_loss_decrease ≥ min_plasticity · baseline_new_decrease`` (all, when the
-    baseline did not learn or none is eligible). Best: least ``old_loss_increase``; ties within
-    ``verify_tolerance · |baseline_old_increase|`` go to the earliest (simplest) candidate.
+    baseline did not learn or none is eligible). Best ``b``: least ``old_loss_increase``; ties
+    within ``verify_tolerance · |baseline_old_increase|`` go to the earliest (simplest)
+    candidate. With ``example_loss`` (each candidate's per-example old-task loss after its probe,
+    the same examples in the same order; ``None`` where unknown), an earlier eligible candidate
+    ``j`` is also kept instead of ``b`` when ``mean(ℓ_j − ℓ_b) ≤ noise_z · SE(ℓ_j − ℓ_b)``: the
+    advantage of ``b`` is within the probe's noise.
+
+    Raises:
+        ValueError: no candidates.
     """
     if not candidates:
         raise ValueError("select_candidate needs at least one candidate")
@@ -1037,7 +1177,42 @@ def select_candidate(candidates: list[Candidate], baseline_old_increase: float, 
         eligible = list(range(len(candidates)))
     best = min(candidates[i].old_loss_increase for i in eligible)
     tol = policy.verify_tolerance * abs(baseline_old_increase)
-    return next(i for i in eligible if candidates[i].old_loss_increase <= best + tol)
+    b = next(i for i in eligible if candidates[i].old_loss_increase <= best + tol)
+    if example_loss is None or policy.noise_z == 0 or example_loss[b] is None:
+        return b
+    for j in eligible:
+        if j >= b:
+            break
+        if example_loss[j] is None:
+            continue
+        gap, se = _paired_gap(list(example_loss[j]), list(example_loss[b]))
+        if se > 0 and gap <= policy.noise_z * se:
+            return j
+    return b
+
+
+def _depth_grid(lo: int, cap: int, max_depths: int) -> list[int]:
+    """Bottom-freeze depths to probe: all of ``lo..cap`` when at most ``max_depths``, else
+    ``lo``, ``cap`` and the halvings of ``cap`` (``cap/2``, ``cap/4``, …) above ``lo``, at most
+    ``max_depths`` of them (``{0, L/8, L/4, L/2}`` for ``cap = L/2``)."""
+    if cap - lo + 1 <= max_depths:
+        return list(range(lo, cap + 1))
+    grid = {lo}
+    d = float(cap)
+    while len(grid) < max_depths and int(d) > lo:
+        grid.add(int(d))
+        d /= 2
+    return sorted(grid)
+
+
+def _thin(scales: tuple[float, ...], k: int) -> tuple[float, ...]:
+    """``k`` of ``scales``, dropping from the two ends alternately (largest first)."""
+    s = list(scales)
+    end = True
+    while len(s) > k:
+        s.pop(-1 if end else 0)
+        end = not end
+    return tuple(s)
 
 
 def _verify(
@@ -1052,21 +1227,35 @@ def _verify(
     lr: float,
     weight_decay: float,
     seed: int,
-    progress: bool = False,
+    progress: bool = True,
+    *,
+    max_probes: int | None = None,
+    deadline: float | None = None,
 ) -> tuple[dict[str, Any], list[Candidate]]:
-    """Probe every candidate on a copy (curvature left out of the probes: it is decided by its
-    own rule) and keep the best one (:func:`select_candidate`)."""
+    """Probe the candidates on copies, at most ``max_probes`` probes and until ``deadline``
+    (``time.perf_counter()``), curvature left out of the probes (it is decided by its own rule),
+    and keep the best one (:func:`select_candidate`, with the probe-noise refusal)."""
+    import time
+
     loss = resolve_loss_fn(loss_fn)
     k = policy.diagnostic_batches
     old_d, new_d = old_batches[:k], new_batches[:k]
+    old_examples = _examples(old_d)
     L = diag.num_layers
     cap = max(0, min(L - 1, int(math.floor(policy.max_freeze_bottom_fraction * L))))
+    depths = _depth_grid(min(policy.min_freeze_bottom, cap), cap, policy.max_depths)
+    budget_notes: list[str] = []
+    if len(depths) < cap - min(policy.min_freeze_bottom, cap) + 1:
+        budget_notes.append(f"bottom-freeze depths probed on a coarse grid {depths} (policy.max_depths={policy.max_depths})")
 
     def key(d: dict[str, Any]) -> tuple[Any, ...]:
         return (d["freeze_bottom"], d["freeze_embeddings"], json.dumps(d["freeze_heads"], sort_keys=True), tuple(d["lrcp_targets"]), d["ewc_scale"])
 
+    def free(d: dict[str, Any]) -> bool:  # the unmitigated candidate: the diagnosis probe itself
+        return not (d["freeze_bottom"] or d["freeze_heads"] or d["lrcp_targets"] or d["ewc_scale"])
+
     decs: list[dict[str, Any]] = []
-    for n in range(min(policy.min_freeze_bottom, cap), cap + 1):
+    for n in depths:
         for protect in (False, True):
             dec = {**decide(diag, model, policy, freeze_bottom=n, protect=protect), "ewc_scale": 0.0}
             if all(key(dec) != key(d) for d in decs):
@@ -1076,9 +1265,35 @@ def _verify(
     base_old = diag.old_loss[1] - diag.old_loss[0]
     base_new = diag.new_loss[0] - diag.new_loss[1]
 
+    # ---- fit the candidates to the probe budget
+    limit = len(decs) + 10**9 if max_probes is None else max_probes
+    scales, ewc_on = policy.ewc_scales, policy.ewc_on
+    cost = lambda ds, sc, on: sum(not free(d) for d in ds) + len(sc) * (len(ds) if on == "every" else 1)  # noqa: E731
+    if ewc_on == "auto":
+        ewc_on = "every" if cost(decs, scales, "every") <= limit else "best"
+        if ewc_on == "best" and scales:
+            budget_notes.append("EWC anchor strengths probed on the best structure only (ewc_on='auto': 'every' exceeds the budget)")
+    if scales and cost(decs, scales, ewc_on) > limit:
+        keep = max(1, min(len(scales), limit - cost(decs, (), ewc_on)) // (len(decs) if ewc_on == "every" else 1))
+        thinned = _thin(scales, keep)
+        if thinned != scales:
+            budget_notes.append(f"EWC strengths {list(thinned)} of {list(scales)} (budget)")
+            scales = thinned
+    dropped = []
+    while len(decs) > 1 and cost(decs, scales, ewc_on) > limit:
+        dropped.append(_candidate_name(decs.pop()))
+    if scales and cost(decs, scales, ewc_on) > limit:
+        budget_notes.append(f"no EWC anchor probed (budget of {limit} probes)")
+        scales = ()
+    if dropped:
+        budget_notes.append(f"structures {dropped[::-1]} not probed (budget of {limit} probes)")
+
+    examples: list[list[float] | None] = []
+
     def measure(dec: dict[str, Any], fisher_cache: dict[str, Any] | None = None) -> Candidate:
-        if not (dec["freeze_bottom"] or dec["freeze_heads"] or dec["lrcp_targets"] or dec["ewc_scale"]):
+        if free(dec):
             old_inc, new_dec = base_old, base_new  # the unmitigated probe: already measured
+            examples.append(list(diag.old_example_loss[1]) if diag.old_example_loss else None)
         else:
             trial = MitigationPlan(
                 forecast=forecast_forgetting(0.0), diagnosis=diag, policy=policy, old_batches=old_batches,
@@ -1088,35 +1303,69 @@ def _verify(
             probed, _ = _probe(model, new_batches, loss, probe_steps, lr, weight_decay, seed, prepare=prepare)
             old_inc = _eval_loss(probed, old_d, loss) - diag.old_loss[0]
             new_dec = diag.new_loss[0] - _eval_loss(probed, new_d, loss)
+            examples.append(_example_losses(probed, old_examples, loss) if diag.old_example_loss else None)
             del probed
         return Candidate(_candidate_name(dec), dec["freeze_bottom"], bool(dec["freeze_heads"] or dec["lrcp_targets"]), old_inc, new_dec, ewc_scale=dec["ewc_scale"])
 
     from tqdm.auto import tqdm
 
-    n_anchored = len(policy.ewc_scales) * (1 if policy.ewc_on == "best" else len(decs))
-    logger.info("mitigate.plan: verifying %d candidates, %d probe steps each", len(decs) + n_anchored, probe_steps)
-    with tqdm(total=len(decs) + n_anchored, desc="plan: verify", disable=not progress, leave=False) as bar:
-        cands = []
-        for dec in decs:
-            cands.append(measure(dec))
+    total = cost(decs, scales, ewc_on)
+    logger.info("mitigate.plan: verifying %d candidates (%d probes of %d steps)", len(decs) + len(scales) * (len(decs) if ewc_on == "every" else 1), total, probe_steps)
+    timed: list[float] = []
+    stopped: list[str] = []
+
+    def run(dec: dict[str, Any], bar: Any, cache: dict[str, Any] | None = None) -> bool:
+        if not free(dec) and deadline is not None and timed and time.perf_counter() + max(timed) > deadline:
+            stopped.append(_candidate_name(dec))
+            return False
+        t0 = time.perf_counter()
+        cands.append(measure(dec, cache))
+        if not free(dec):
+            timed.append(time.perf_counter() - t0)
             bar.update()
+        return True
+
+    with tqdm(total=total, desc="plan: verify", disable=not progress, leave=False) as bar:
+        cands: list[Candidate] = []
+        probed_decs: list[dict[str, Any]] = []
+        for dec in decs:
+            if run(dec, bar):
+                probed_decs.append(dec)
+        decs = probed_decs
         # the EWC anchor strengths on top of every structure, or of the best one only
-        bases = [decs[select_candidate(cands, base_old, base_new, policy)]] if policy.ewc_on == "best" else list(decs)
+        bases = [decs[select_candidate(cands, base_old, base_new, policy, examples)]] if ewc_on == "best" else list(decs)
         for base in bases:
             cache: dict[str, Any] = {}  # the same structure and weights: one Fisher for every strength
-            for scale in policy.ewc_scales:
-                decs.append({**base, "ewc_scale": scale})
-                cands.append(measure(decs[-1], cache))
-                bar.update()
-    i = select_candidate(cands, base_old, base_new, policy)
+            for scale in scales:
+                dec = {**base, "ewc_scale": scale}
+                if run(dec, bar, cache):
+                    decs.append(dec)
+    if stopped:
+        budget_notes.append(f"{len(stopped)} candidates not probed: budget_s reached ({stopped})")
+    strict = select_candidate(cands, base_old, base_new, policy)
+    i = select_candidate(cands, base_old, base_new, policy, examples)
     cands[i].chosen = True
     chosen = dict(decs[i])
     chosen["curvature"], chosen["curvature_strength"] = proposed["curvature"], proposed["curvature_strength"]
     c = cands[i]
-    chosen["reasons"] = [
+    reasons = [
         f"verified by probing {len(cands)} candidates ({probe_steps} steps each): '{c.name}' raises the old-task "
         f"loss by {c.old_loss_increase:+.4f} (unmitigated {base_old:+.4f}) and lowers the new-task loss by "
         f"{c.new_loss_decrease:+.4f} (unmitigated {base_new:+.4f}; required ≥ {policy.min_plasticity:.0%} of it)",
-        *chosen["reasons"],
     ]
+    if i != strict:
+        gap, se = _paired_gap(examples[i], examples[strict])  # type: ignore[arg-type]
+        reasons.append(
+            f"probe noise: '{cands[strict].name}' loses {gap:.4f} less old-task loss than the simpler '{c.name}', within "
+            f"{policy.noise_z:g} standard errors of the paired per-example difference (SE {se:.4f}, "
+            f"{len(old_examples)} old examples): not a real difference, keeping the simpler candidate"
+        )
+    elif diag.old_example_loss:
+        _gap, se = _paired_gap(list(diag.old_example_loss[1]), list(diag.old_example_loss[0]))
+        reasons.append(
+            f"probe noise: the unmitigated probe's old-task loss increase has SE {se:.4f} over {len(old_examples)} old "
+            f"examples; the chosen candidate is ahead of every simpler one by more than {policy.noise_z:g} paired SE"
+            if i else f"probe noise: SE {se:.4f} of the old-task loss increase over {len(old_examples)} old examples"
+        )
+    chosen["reasons"] = [*reasons, *(f"plan budget: {n}" for n in budget_notes), *chosen["reasons"]]
     return chosen, cands

@@ -160,3 +160,89 @@ def test_cli_on_saved_checkpoints(tmp_path):
 def test_cli_entry_point_help():
     res = subprocess.run([sys.executable, "-m", "mitigate.diagnose", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "--before" in res.stdout and "--data" in res.stdout
+
+
+def test_cli_prompt_answer_rows_take_the_answer_only_loss_and_lambda_max_agrees_with_the_engine(tmp_path, caplog):
+    import logging
+
+    from mitigate.curvature import hessian_eigenvalues
+    from mitigate.diagnose import load_jsonl_batches
+    from transformers import AutoModelForCausalLM
+
+    _save_checkpoints(tmp_path)
+    rows = [{"prompt": [2 + i, 10 + i, 20 + i, 30 + i], "answer": [40 + i, 50 + i]} for i in range(6)]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (b,) = load_jsonl_batches(str(data), None, batch_size=8, max_length=5, max_examples=64)
+    # cut from the left to max_length 5: the last 3 prompt tokens, then the 2 answer tokens
+    assert b["input_ids"][1].tolist() == [11, 21, 31, 41, 51]
+    assert b["labels"][1].tolist() == [-100, -100, -100, 41, 51]
+    with pytest.raises(ValueError, match="both 'prompt' and 'answer'"):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps({"prompt": [1, 2]}) + "\n")
+        load_jsonl_batches(str(bad), None, batch_size=8, max_length=8, max_examples=8)
+
+    out = tmp_path / "diag"
+    caplog.set_level(logging.INFO)
+    args = ["--before", str(tmp_path / "before"), "--after", str(tmp_path / "after"), "--data", str(data)]
+    assert main([*args, "--new-data", str(data), "--out", str(out), "--batch-size", "3", "--curvature-iters", "8"]) == 0
+    assert not [r for r in caplog.records if r.name.startswith("matplotlib")]  # the CLI keeps them quiet
+    assert (out / "gradient_cosine.png").exists() and (out / "lambda_max.png").exists()
+    rep = json.loads((out / "report.json").read_text())
+
+    # the engine on the same model with an explicitly answer-only loss (cross-entropy on the two
+    # answer tokens of each row, predicted from the positions before them)
+    before = AutoModelForCausalLM.from_pretrained(tmp_path / "before", attn_implementation="eager")
+    ids = torch.tensor([r["prompt"] + r["answer"] for r in rows])
+    qa = [{"input_ids": ids[i : i + 3]} for i in (0, 3)]
+
+    def answer_only(model, batch):
+        logits = model(input_ids=batch["input_ids"]).logits[:, -3:-1]  # predict tokens 4 and 5
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["input_ids"][:, -2:].reshape(-1))
+
+    engine = hessian_eigenvalues(before, qa, answer_only, max_iter=8)
+    every_token = hessian_eigenvalues(before, [{"input_ids": x["input_ids"], "labels": x["input_ids"]} for x in qa], max_iter=8)
+    lam = rep["curvature"]["before"]["lambda_max"]
+    # same Hessian, same Lanczos start (seed 0): equal up to float32 summation order
+    assert lam == pytest.approx(float(engine.values[0]), rel=1e-4)
+    assert abs(lam - float(every_token.values[0])) > 1e-2 * abs(lam)  # the all-token loss is another landscape
+
+
+def test_report_and_plan_use_token_normalised_cka_where_one_massive_token_saturates_plain_cka(tmp_path, monkeypatch):
+    from mitigate.diagnostics import layerwise_cka
+    from mitigate.planning import diagnose
+
+    def spiked(seed):  # one "massive activation": 1e4 on channel 0 of the first token, in both models
+        m = build("llama", seed=seed)
+
+        def hook(_mod, _inp, out):
+            out = out.clone()
+            out[:, 0, 0] += 1e4
+            return out
+
+        m.get_input_embeddings().register_forward_hook(hook)
+        return m
+
+    before, after = spiked(0), spiked(1)
+    old = _batches(0, n=2)
+    plain = layerwise_cka(before, after, old).per_layer
+    normed = layerwise_cka(before, after, old, token_norm=True).per_layer
+    # the residual stream carries the spike through every block (the last hidden state is after the
+    # final RMSNorm, which removes it): plain CKA saturates there, token-normalised CKA does not
+    assert float(plain[:-1].min()) > 0.99 and float(normed[1:-1].max()) < 0.9
+    rep = D.report(before, after, old_batches=old, out_dir=tmp_path, curvature=False, plots=False)
+    assert rep["cka"]["token_norm"] is True
+    assert rep["cka"]["per_layer"] == pytest.approx(normed.tolist(), rel=1e-9)
+    rep = D.report(before, after, old_batches=old, out_dir=tmp_path, curvature=False, plots=False, cka_token_norm=False)
+    assert rep["cka"]["per_layer"] == pytest.approx(plain.tolist(), rel=1e-9)
+
+    seen = []
+    real = layerwise_cka
+
+    def recording(*a, **k):
+        seen.append(k.get("token_norm", False))
+        return real(*a, **k)
+
+    monkeypatch.setattr(D, "layerwise_cka", recording)
+    diagnose(before, old, old, probe_steps=1, lr=1e-3)
+    assert seen == [True]

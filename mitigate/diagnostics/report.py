@@ -97,6 +97,7 @@ def report(
     entropy_threshold: float = 1.8,
     z_threshold: float = 2.5,
     plots: bool = True,
+    cka_token_norm: bool = True,
 ) -> dict[str, Any]:
     """Run every diagnostic between ``model_before`` and ``model_after`` on old-task data and
     write ``report.json``, PNG plots and ``summary.md`` to ``out_dir``.
@@ -104,7 +105,10 @@ def report(
     Sections (each skipped with a logged reason when the model cannot support it, e.g. SDPA
     attention or no MoE routers):
 
-    * ``cka``: :func:`layerwise_cka` per hidden state on ``old_batches``; ``drop = 1 − CKA``.
+    * ``cka``: :func:`layerwise_cka` per hidden state on ``old_batches``; ``drop = 1 − CKA``;
+      token-normalised by default (``cka_token_norm``): a pretrained LLM's massive activations
+      (a few tokens at 10²–10³× the others' norm) make plain linear CKA read ≈ 1 on almost every
+      layer (29 of 30 blocks of SmolLM2-135M), whatever the other tokens do.
     * ``rotation``: :func:`layer_pc_rotation` of the middle hidden state.
     * ``heads``: :func:`disrupted_heads` (entropy increase > ``entropy_threshold`` bits or Q/K
       weight-distance z > ``z_threshold``).
@@ -133,6 +137,7 @@ def report(
         rotation_k: leading components for the rotation section.
         entropy_threshold, z_threshold: disrupted-head thresholds.
         plots: write the PNGs.
+        cka_token_norm: RMS-normalise every token before CKA (``False``: plain linear CKA).
 
     Returns:
         The report as a JSON-ready dict (also in ``report.json``), with ``"files"`` listing the
@@ -150,11 +155,12 @@ def report(
     rep: dict[str, Any] = {"model_type": getattr(getattr(model_before, "config", None), "model_type", None)}
 
     def cka_section() -> dict[str, Any]:
-        res = layerwise_cka(model_before, model_after, old)
+        res = layerwise_cka(model_before, model_after, old, token_norm=cka_token_norm)
         mid = _middle(len(res.layers))
         drop = res.drop
         return {
             **res.to_dict(),
+            "token_norm": cka_token_norm,
             "drop": drop.tolist(),
             "max_drop": float(drop.max()),
             "intermediate_layers": mid,
@@ -264,7 +270,7 @@ def _plots(out: Path, rep: dict[str, Any], cka: Any, heads: Any, align: Any, cur
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(cka["layers"], cka["per_layer"], marker="o")
         ax.set_xlabel("hidden state (0 = embeddings)")
-        ax.set_ylabel("linear CKA (before vs after)")
+        ax.set_ylabel("token-normalised CKA" if cka.get("token_norm") else "linear CKA (before vs after)")
         finite = [v for v in cka["per_layer"] if v is not None and v == v]
         ax.set_ylim(min([0.0, *finite]) - 0.05, 1.05)
         ax.set_title("Representational similarity per layer")
