@@ -381,8 +381,10 @@ def _planned() -> dict:
         p = _mitigate("plan")(model, old, new, lr=ctx.scenario.lr, seed=ctx.seed, **opts)
         ctx.state["plan"] = p
         d = p.to_dict()
-        # the diagnostic probe and one verification probe per candidate, probe_steps each
-        ctx.budget["extra_train_steps"] += (1 + len(d["candidates"])) * opts["probe_steps"]
+        # one timing step, the diagnosis probe, one verification probe per mitigated candidate
+        # (the unmitigated candidate is the diagnosis probe), probe_steps each
+        probed = sum(1 for c in d["candidates"] if c["freeze_bottom"] or c["protect"] or c["ewc_scale"])
+        ctx.budget["extra_train_steps"] += 1 + (1 + probed) * opts["probe_steps"]
         ctx.state["report"] = {k: d[k] for k in ("freeze_bottom", "freeze_heads", "lrcp_targets", "ewc_scale", "curvature", "candidates", "reasons")}
         log.info("planned method:\n%s", p)
         applied = p.apply(model, optimizer)
