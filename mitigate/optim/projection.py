@@ -850,6 +850,10 @@ class GradientProjection(OptimizerWrapper):
     def _check_signature(
         self, named: list[tuple[str, nn.Parameter]], saved: dict[str, tuple[int, ...]] | None = None
     ) -> None:
+        """Raise ``StateMismatchError`` if ``saved`` (default: the bound signature) does not fit
+        ``named``. A-GEM/PCGrad accept frozen/unfrozen parameters; the bound state then follows
+        them (only when checking the bound signature: a state being validated is not loaded yet,
+        and :meth:`_bind` follows after the load)."""
         current = {n: tuple(p.shape) for n, p in named}
         saved = self._signature if saved is None else saved
         if saved is None or current == saved:
@@ -859,7 +863,8 @@ class GradientProjection(OptimizerWrapper):
         reshaped = [f"{n} {list(saved[n])}->{list(current[n])}"
                     for n in saved if n in current and saved[n] != current[n]]
         if self.config.mode != "ogd" and not reshaped:  # frozen/unfrozen parameters: the memory holds batches
-            self._follow_parameters(current)
+            if saved is self._signature:
+                self._follow_parameters(current)
             return
         order = list(saved) != [n for n in current if n in saved]
         raise StateMismatchError(
