@@ -27,11 +27,16 @@ import random
 import statistics
 import time
 from dataclasses import asdict, dataclass
+import sys
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
 import mitigate
+from benchmarks.metrics import tensor_bytes
 
 TARGETS = {"agem": 1.15, "ogd": 1.10, "clipping": 1.03}
 
@@ -106,21 +111,7 @@ def make(method: str, cfg: BenchConfig, prior: list[dict]):
 def state_bytes(opt: torch.optim.Optimizer) -> int:
     if not isinstance(opt, mitigate.OptimizerWrapper):
         return 0
-    total = 0
-
-    def walk(x) -> None:
-        nonlocal total
-        if isinstance(x, torch.Tensor):
-            total += x.numel() * x.element_size()
-        elif isinstance(x, dict):
-            for v in x.values():
-                walk(v)
-        elif isinstance(x, (list, tuple)):
-            for v in x:
-                walk(v)
-
-    walk(opt.wrapper_state_dict())
-    return total
+    return tensor_bytes(opt.wrapper_state_dict())
 
 
 def sync(device: str) -> None:

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.scenario import Scenario, Task, pad_batch
+from benchmarks.scenario import Scenario, Task, batch_examples, pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -443,11 +443,7 @@ class WordCodec:
 
     def batches(self, examples, batch_size: int, rng: random.Random | None = None):
         """Batches of ``batch_size`` (shuffled with ``rng`` when given; last one may be short)."""
-        examples = list(examples)
-        if rng is not None:
-            rng.shuffle(examples)
-        return [self.collate(examples[i : i + batch_size])
-                for i in range(0, len(examples), batch_size)]
+        return batch_examples(examples, batch_size, self.pad_id, rng)
 
 
 def build_model(cfg: BiographyConfig, vocab_size: int, seed: int) -> nn.Module:

@@ -84,6 +84,7 @@ from benchmarks.metrics import (  # noqa: F401 - METRIC_KEYS, TARGET, ... re-exp
     compute_metrics,
     paired_comparisons,
     recompute,
+    tensor_bytes,
 )
 from benchmarks.scenario import Scenario, ScenarioUnavailable, Task
 
@@ -173,12 +174,11 @@ class BenchConfig:
         return TaskFiles(paths=list(self.tasks or []), eval_fraction=self.eval_fraction,
                          general=self.general)
 
-    def lm_settings(self, described: dict):
+    def lm_settings(self, rows: list[int]):
         """Training settings of an ``lm`` run (:class:`benchmarks.lm_tasks.LMSettings`); step
-        counts default to 3 epochs of the training rows in ``described["tasks"]``."""
+        counts default to 3 epochs of ``rows``, the training rows of each task (Task 0 first)."""
         from benchmarks.lm_tasks import LORA_DEFAULT, LMSettings
 
-        rows = [t["train_examples"] for t in described["tasks"]]
         epochs = 1 if self.preset in ("micro", "quick") else 3
         steps = self.steps_per_task or max(1, math.ceil(epochs * statistics.fmean(rows[1:]) / self.batch_size))
         task0 = self.task0_steps if self.task0_steps is not None else max(1, math.ceil(epochs * rows[0] / self.batch_size))
@@ -316,7 +316,7 @@ def describe(cfg: BenchConfig) -> dict[str, Any]:
         from benchmarks import lm_tasks
 
         d = lm_tasks.describe(cfg.lm_files(), cfg.seed_base)
-        st = cfg.lm_settings(d)
+        st = cfg.lm_settings([t["train_examples"] for t in d["tasks"]])
         d.update(steps_per_task=st.steps_per_task, task0_steps=st.task0_steps, model=cfg.model)
     else:
         from benchmarks import smollm2
@@ -352,7 +352,7 @@ def load_scenario(name: str, preset: str, cache_dir: str, seed: int, lora: bool 
         if cfg is None:
             raise ValueError("scenario 'lm' needs the run's BenchConfig (--model and --tasks)")
         files = cfg.lm_files()
-        settings = cfg.lm_settings(lm_tasks.describe(files, seed))
+        settings = cfg.lm_settings([len(d.train) for d in lm_tasks.task_data(files, seed)])
         return lm_tasks.build_scenario(cfg.model, files, settings, seed)
     if name == "biography":
         from benchmarks import biography
@@ -502,60 +502,28 @@ def train_plain(model: nn.Module, task: Task, steps: int, lr: float, device: tor
     opt.zero_grad(set_to_none=True)
 
 
-def task0_model(scenario: Scenario, cache_dir: str, seed: int, device: torch.device
-                ) -> nn.Module:
-    """The model right after Task 0, shared by every method (trained once, cached).
+def _cache_path(scenario: Scenario, cache_dir: str, filename: str) -> Path | None:
+    """``cache_dir/<scenario>-<hash of scenario.config>/filename`` (``None``: no config to key on)."""
+    key = _config_key(scenario)
+    return Path(cache_dir) / f"{scenario.name}-{key}" / filename if key else None
 
-    Plain AdamW at the scenario's lr; with ``scenario.lora`` the adapters are merged afterwards.
-    Cached at ``cache_dir/<scenario>-<hash of scenario.config>/task0.safetensors``.
-    """
+
+def _trained_or_cached(model: nn.Module, scenario: Scenario, path: Path | None, steps: int, seed: int,
+                       device: torch.device, desc: str) -> nn.Module:
+    """``model`` (on ``device``) loaded from ``path`` if it exists; else ``steps`` plain AdamW
+    steps of Task 0 (seeded with ``seed``, the caller's RNG untouched; with ``scenario.lora``
+    the adapters are merged afterwards), put in eval mode and saved to ``path``."""
     from safetensors.torch import load_file, save_file
 
-    model = scenario.model_factory()
-    if scenario.first_task_pretrained:
-        return model.to(device)
-    key = _config_key(scenario)
-    path = Path(cache_dir) / f"{scenario.name}-{key}" / "task0.safetensors" if key else None
+    model.to(device)
     if path is not None and path.exists():
         model.load_state_dict(load_file(str(path)), strict=True)
-        return model.to(device)
-    model.to(device)
-    steps = scenario.task0_steps or scenario.steps_per_task
+        return model
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         trained = _wrap_lora(model, scenario.lora)
-        train_plain(trained, scenario.tasks[0], steps, scenario.lr, device, seed,
-                    desc=f"{scenario.tasks[0].name}", weight_decay=scenario.weight_decay)
-        if scenario.lora:
-            model = trained.merge_and_unload()
-    model.eval()
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-        save_file(state, str(path))
-    return model
-
-
-def null_model(scenario: Scenario, cache_dir: str, seed: int, device: torch.device,
-               base: nn.Module) -> nn.Module:
-    """The control for the disrupted-heads diagnostic: the Task-0 model trained as many steps
-    again on Task 0 itself as the methods train on the later tasks (plain AdamW, no
-    interference), cached beside the Task-0 model. Its heads' weight distances from the Task-0
-    model are the null that a method's head changes are measured against."""
-    from safetensors.torch import load_file, save_file
-
-    model = copy.deepcopy(base).to(device)
-    key = _config_key(scenario)
-    path = Path(cache_dir) / f"{scenario.name}-{key}" / f"null-{seed}.safetensors" if key else None
-    if path is not None and path.exists():
-        model.load_state_dict(load_file(str(path)), strict=True)
-        return model.eval()
-    steps = scenario.steps_per_task * (len(scenario.tasks) - 1)
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        torch.manual_seed(seed + 7)
-        trained = _wrap_lora(model, scenario.lora)
-        train_plain(trained, scenario.tasks[0], steps, scenario.lr, device, seed + 7,
-                    desc="null control (Task 0 again)", weight_decay=scenario.weight_decay)
+        train_plain(trained, scenario.tasks[0], steps, scenario.lr, device, seed, desc=desc,
+                    weight_decay=scenario.weight_decay)
         if scenario.lora:
             model = trained.merge_and_unload()
     model.eval()
@@ -564,6 +532,34 @@ def null_model(scenario: Scenario, cache_dir: str, seed: int, device: torch.devi
         save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()},
                   str(path))
     return model
+
+
+def task0_model(scenario: Scenario, cache_dir: str, seed: int, device: torch.device
+                ) -> nn.Module:
+    """The model right after Task 0, shared by every method (trained once, cached).
+
+    Plain AdamW at the scenario's lr; with ``scenario.lora`` the adapters are merged afterwards.
+    Cached at ``cache_dir/<scenario>-<hash of scenario.config>/task0.safetensors``.
+    """
+    model = scenario.model_factory()
+    if scenario.first_task_pretrained:
+        return model.to(device)
+    return _trained_or_cached(model, scenario, _cache_path(scenario, cache_dir, "task0.safetensors"),
+                              scenario.task0_steps or scenario.steps_per_task, seed, device,
+                              desc=f"{scenario.tasks[0].name}")
+
+
+def null_model(scenario: Scenario, cache_dir: str, seed: int, device: torch.device,
+               base: nn.Module) -> nn.Module:
+    """The control for the disrupted-heads diagnostic: the Task-0 model trained as many steps
+    again on Task 0 itself as the methods train on the later tasks (plain AdamW, no
+    interference), cached beside the Task-0 model. Its heads' weight distances from the Task-0
+    model are the null that a method's head changes are measured against."""
+    model = _trained_or_cached(copy.deepcopy(base), scenario,
+                               _cache_path(scenario, cache_dir, f"null-{seed}.safetensors"),
+                               scenario.steps_per_task * (len(scenario.tasks) - 1), seed + 7, device,
+                               desc="null control (Task 0 again)")
+    return model.eval()
 
 
 class BatchOrder:
@@ -598,29 +594,21 @@ def evaluate_all(model: nn.Module, tasks: list[Task], detail: dict[str, list] | 
     return acc, first
 
 
-def _tensor_bytes(obj: Any) -> int:
-    """Bytes of every tensor in a (nested) dict / list / tuple (a ``state_dict()``, a memory)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
-
-
 def stored_state_mb(state: dict[str, Any]) -> float:
     """MiB a method keeps beyond a plain AdamW run: the state of its loss terms (``nn.Module``s),
-    its optimizer wrappers' own state (their ``state_dict()`` less the wrapped optimizer's), and
-    batch memories (lists of batches, e.g. replay's)."""
+    the own state of each optimizer wrapper in a chain (``wrapper_state_dict()``), and batch
+    memories (lists of batches, e.g. replay's)."""
+    from mitigate.optim._base import OptimizerWrapper
+
     total = 0
     for value in state.values():
         if isinstance(value, nn.Module):
-            total += _tensor_bytes(value.state_dict())
-        elif isinstance(value, torch.optim.Optimizer) and hasattr(value, "optimizer"):
-            total += max(0, _tensor_bytes(value.state_dict()) - _tensor_bytes(value.optimizer.state_dict()))
+            total += tensor_bytes(value.state_dict())
         elif isinstance(value, list):
-            total += _tensor_bytes(value)
+            total += tensor_bytes(value)
+        while isinstance(value, OptimizerWrapper):
+            total += tensor_bytes(value.wrapper_state_dict())
+            value = value.optimizer
     return total / 2**20
 
 

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from benchmarks.biography import answer_accuracy
-from benchmarks.scenario import Scenario, ScenarioUnavailable, Task, pad_batch
+from benchmarks.scenario import Scenario, ScenarioUnavailable, Task, batch_examples
 
 log = logging.getLogger(__name__)
 
@@ -201,19 +201,12 @@ class PlainCodec:
     def batches(self, pairs: Sequence[QA], batch_size: int, rng: random.Random | None = None
                 ) -> list[dict[str, torch.Tensor]]:
         """Right-padded batches of prompt/answer rows (shuffled with ``rng`` when given)."""
-        return self._batch([self.example(p, a) for p, a in pairs], batch_size, rng)
+        return batch_examples([self.example(p, a) for p, a in pairs], batch_size, self.pad_id, rng)
 
     def text_batches(self, texts: Sequence[str], batch_size: int, rng: random.Random | None = None
                      ) -> list[dict[str, torch.Tensor]]:
         """Right-padded language-modelling batches of text rows."""
-        return self._batch([self.text_example(t) for t in texts], batch_size, rng)
-
-    def _batch(self, examples: list[Example], batch_size: int, rng: random.Random | None
-               ) -> list[dict[str, torch.Tensor]]:
-        if rng is not None:
-            rng.shuffle(examples)
-        return [pad_batch(examples[i : i + batch_size], self.pad_id)
-                for i in range(0, len(examples), batch_size)]
+        return batch_examples([self.text_example(t) for t in texts], batch_size, self.pad_id, rng)
 
 
 # ============================================================================ the scenario

@@ -57,6 +57,17 @@ class BaseDiagnostics:
 
 
 
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a (nested) dict / list / tuple (a ``state_dict()``, a memory)."""
+    if hasattr(obj, "element_size") and hasattr(obj, "numel"):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def _nan_to_none(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
@@ -195,7 +206,7 @@ def paired_comparisons(results: dict[str, Any], baseline: str = "seq", alpha: fl
         pairs.append((ranked[0], ranked[1]))
     out: list[dict[str, Any]] = []
     for key, label, task in COMPARED:
-        rows = []
+        rows, intervals = [], []
         for name, against in pairs:
             seeds = [s for s in sorted(set(ok[name]) & set(ok[against]))
                      if ok[name][s]["metrics"].get(key) is not None
@@ -216,13 +227,13 @@ def paired_comparisons(results: dict[str, Any], baseline: str = "seq", alpha: fl
                          "ci95": None if iv.low is None else [iv.low, iv.high], "n_seeds": iv.n,
                          "label": label, "se": iv.se, "diffs": diffs, "seeds": seeds, "p": p,
                          "mcnemar": mc})
+            intervals.append(iv)
         vs_base = [r for r in rows if r["baseline"] == baseline]
         for r, ph in zip(vs_base, stats.holm([r["p"] for r in vs_base])):
             r["p_holm"] = ph
-        for r in rows:
+        for r, iv in zip(rows, intervals):
             if r["baseline"] != baseline:
                 r["p_holm"] = r["p"]  # one planned comparison (the best two): no correction
-            iv = stats.paired_interval(r["diffs"])
             r["verdict"] = stats.verdict(iv, r["p_holm"], alpha)
             r["distinguishable"] = r["verdict"] == "distinguishable"
         out += rows

@@ -105,3 +105,13 @@ def pad_batch(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: i
         mask[i, : len(ids)] = 1
         labels[i, : len(lab)] = torch.tensor(lab)
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def batch_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int, pad_id: int,
+                   rng=None) -> list[dict[str, torch.Tensor]]:
+    """:func:`pad_batch` batches of ``batch_size`` examples in order (shuffled with ``rng``, a
+    ``random.Random``, when given); the last one may be short."""
+    examples = list(examples)
+    if rng is not None:
+        rng.shuffle(examples)
+    return [pad_batch(examples[i : i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]

@@ -71,7 +71,7 @@ import torch
 from torch import nn
 
 from benchmarks.lm_tasks import LMSettings, TaskData, TextRetention, assemble_scenario
-from benchmarks.scenario import Scenario, ScenarioUnavailable, pad_batch
+from benchmarks.scenario import Scenario, ScenarioUnavailable, batch_examples, pad_batch
 from benchmarks.stdlib_text import passage_set_id, stdlib_passages
 from mitigate._utils import model_device
 
@@ -531,11 +531,7 @@ class ChatCodec:
     def batches(self, pairs: Sequence[QA], batch_size: int, rng: random.Random | None = None
                 ) -> list[dict[str, torch.Tensor]]:
         """Batches of ``batch_size`` examples (shuffled with ``rng`` when given)."""
-        examples = [self.example(p, a) for p, a in pairs]
-        if rng is not None:
-            rng.shuffle(examples)
-        return [self.collate(examples[i : i + batch_size])
-                for i in range(0, len(examples), batch_size)]
+        return batch_examples([self.example(p, a) for p, a in pairs], batch_size, self.pad_id, rng)
 
 
 # ============================================================================ general capability
@@ -660,9 +656,7 @@ def text_batches(tokenizer, passages: Sequence[str], tokens: int, batch_size: in
     for text in passages:
         ids = tokenizer.encode(text, add_special_tokens=False)[:tokens]
         examples.append((ids, list(ids)))
-    pad = getattr(tokenizer, "pad_token_id", None) or 0
-    return [pad_batch(examples[i : i + batch_size], pad)
-            for i in range(0, len(examples), batch_size)]
+    return batch_examples(examples, batch_size, getattr(tokenizer, "pad_token_id", None) or 0)
 
 
 # ============================================================================ scenario
