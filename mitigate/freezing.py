@@ -128,31 +128,36 @@ def _holds_of(p: Tensor) -> list[_SliceHold]:
     return [h for h in _REGISTRY.get(id(p), ()) if h.param_ref() is p]
 
 
+def _held_params(optimizer: torch.optim.Optimizer):
+    """``(p, holds)`` for every parameter of ``optimizer`` that has holds."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            holds = _holds_of(p)
+            if holds:
+                yield p, holds
+
+
 def _follow_writes_before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     """Step pre-hook: a held parameter written in place since its last restore (a weight load
     that bypassed ``load_state_dict``) has new values to hold."""
     if not _REGISTRY:
         return
     with torch.no_grad():
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                holds = _holds_of(p)
-                if any(h.version != p._version for h in holds):
-                    for hold in holds:
-                        hold.reread(p)
+        for p, holds in _held_params(optimizer):
+            if any(h.version != p._version for h in holds):
+                for hold in holds:
+                    hold.reread(p)
 
 
 def _restore_after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     if not _REGISTRY:
         return
     with torch.no_grad():
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                holds = _holds_of(p)
-                for hold in holds:
-                    hold.restore(p)
-                for hold in holds:  # after every restore: the step's own writes are not a load
-                    hold.version = p._version
+        for p, holds in _held_params(optimizer):
+            for hold in holds:
+                hold.restore(p)
+            for hold in holds:  # after every restore: the step's own writes are not a load
+                hold.version = p._version
 
 
 def _ensure_global_hook() -> None:
