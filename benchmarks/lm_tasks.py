@@ -178,19 +178,28 @@ class PlainCodec:
         """Token ids of ``text`` without special tokens."""
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The ids that precede the answer (subclasses add a template)."""
+        return self.encode(prompt)
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """The ids of the answer."""
+        return self.encode(answer)
+
     def example(self, prompt: str, answer: str) -> Example:
-        """``(input_ids, labels)`` of one prompt/answer row.
+        """``(input_ids, labels)`` of one prompt/answer row: ``prompt_ids + answer_ids + [end]``,
+        labels on the answer and the end token, -100 before.
 
         Raises:
             ValueError: an answer with no tokens, or a row longer than ``max_length``.
         """
-        p, a = self.encode(prompt), self.encode(answer)
+        p, a = self.prompt_ids(prompt), self.answer_ids(answer)
         if not a:
             raise ValueError(f"answer {answer!r} of {prompt!r} has no tokens")
         ids = p + a + [self.end_id]
         if len(ids) > self.max_length:
             raise ValueError(f"example of {len(ids)} tokens exceeds max_length={self.max_length}: "
-                             f"{prompt[:60]!r} -> {answer[:60]!r}; raise --max-length")
+                             f"{prompt[:60]!r} -> {answer[:60]!r}; shorten the row")
         return ids, [-100] * len(p) + a + [self.end_id]
 
     def text_example(self, text: str) -> Example:

@@ -70,7 +70,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.lm_tasks import LMSettings, TaskData, TextRetention, assemble_scenario
+from benchmarks.lm_tasks import LMSettings, PlainCodec, TaskData, TextRetention, assemble_scenario
 from benchmarks.scenario import Scenario, ScenarioUnavailable, batch_examples, pad_batch
 from benchmarks.stdlib_text import passage_set_id, stdlib_passages
 from mitigate._utils import model_device
@@ -459,7 +459,7 @@ def resolve_config(preset: str | SmolConfig, **overrides) -> SmolConfig:
 # ============================================================================ tokenization
 
 
-class ChatCodec:
+class ChatCodec(PlainCodec):
     """Turn ``(prompt, answer)`` pairs into token ids and padded batches.
 
     With ``chat=True`` an example is one ChatML exchange, as SmolLM2-Instruct was trained::
@@ -494,10 +494,6 @@ class ChatCodec:
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = self.end_id if pad is None else pad
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` without special tokens added."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
     def prompt_ids(self, prompt: str) -> list[int]:
         """The ids that precede the answer."""
         if not self.chat:
@@ -508,30 +504,6 @@ class ChatCodec:
     def answer_ids(self, answer: str) -> list[int]:
         """The ids of the answer (a leading space in plain mode, as after ``"A:"``)."""
         return self.encode(answer if self.chat else f" {answer}")
-
-    def example(self, prompt: str, answer: str) -> Example:
-        """``(input_ids, labels)``: labels are the answer ids and ``<|im_end|>``, -100 before.
-
-        Raises:
-            ValueError: an empty answer, or the example exceeds ``max_length``.
-        """
-        p, a = self.prompt_ids(prompt), self.answer_ids(answer)
-        if not a:
-            raise ValueError(f"answer {answer!r} of {prompt!r} has no tokens")
-        ids = p + a + [self.end_id]
-        if len(ids) > self.max_length:
-            raise ValueError(f"example of {len(ids)} tokens exceeds max_length={self.max_length}: "
-                             f"{prompt!r} -> {answer!r}")
-        return ids, [-100] * len(p) + a + [self.end_id]
-
-    def collate(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        """Right-padded batch (:func:`pad_batch` with ``pad_id``)."""
-        return pad_batch(examples, self.pad_id)
-
-    def batches(self, pairs: Sequence[QA], batch_size: int, rng: random.Random | None = None
-                ) -> list[dict[str, torch.Tensor]]:
-        """Batches of ``batch_size`` examples (shuffled with ``rng`` when given)."""
-        return batch_examples([self.example(p, a) for p, a in pairs], batch_size, self.pad_id, rng)
 
 
 # ============================================================================ general capability
