@@ -799,7 +799,7 @@ def _lanczos(
     betas: list[float] = []
     values = residuals = vecs_small = None
     converged = False
-    bar = tqdm(total=m_max, desc="lanczos", disable=not progress, leave=False)
+    bar = tqdm(total=m_max, desc="lanczos", unit="HVP", delay=2.0, disable=not progress, leave=False)
     for j in range(m_max):
         if j == basis.shape[0]:
             basis = torch.cat([basis, basis.new_empty(min(basis.shape[0], m_max - j), n)])
@@ -856,7 +856,7 @@ def _power(
     residuals: list[float] = []
     converged_all = True
     total = 0
-    bar = tqdm(total=k * max_iter, desc="power", disable=not progress, leave=False)
+    bar = tqdm(total=k * max_iter, desc="power", unit="HVP", delay=2.0, disable=not progress, leave=False)
     for _ in range(k):
         v = op.random_vector(gen, "gaussian")
         v = v / v.norm()
@@ -906,7 +906,7 @@ def hessian_eigenvalues(
     seed: int | None = 0,
     generator: torch.Generator | None = None,
     eval_mode: bool = True,
-    progress: bool = False,
+    progress: bool = True,
     reuse_graph: bool | None = None,
     curvature: Literal["hessian", "ggn"] = "hessian",
     logits_fn: LogitsFn | None = None,
@@ -950,7 +950,7 @@ def hessian_eigenvalues(
         seed: seed of the start vectors (ignored when ``generator`` is given).
         generator: a CPU ``torch.Generator`` for the start vectors.
         eval_mode: compute in eval mode (dropout off); flags are restored either way.
-        progress: show a tqdm bar.
+        progress: a tqdm bar over the Hessian-vector products, shown once the run passes 2 s (``False`` hides it).
         reuse_graph: keep each batch's gradient graph for all products (fastest; memory of one
             training step per batch) or recompute forward-over-reverse per product (least memory);
             ``None``: reuse for at most 4 batches. See :class:`HessianOperator`.

@@ -70,7 +70,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -522,6 +522,7 @@ def diagnose(
     weight_decay: float = 0.0,
     policy: PlanPolicy | None = None,
     seed: int = 0,
+    progress: bool = True,
 ) -> Diagnosis:
     """Measure what :func:`plan` decides from (see the module docstring); ``model`` is untouched.
 
@@ -532,6 +533,7 @@ def diagnose(
         probe_steps, lr, weight_decay: the AdamW probe of the new task on a copy.
         policy: thresholds passed to the diagnostics (entropy, z).
         seed: seeds the probe (dropout) and the Lanczos start vector.
+        progress: a tqdm bar over the stages (shown after 2 s) and the Lanczos runs' own bars.
 
     Returns:
         :class:`Diagnosis`.
@@ -562,6 +564,16 @@ def diagnose(
     k = policy.diagnostic_batches
     old_batches, new_batches = list(old_batches)[:k], probe_batches[:k]
 
+    from tqdm.auto import tqdm
+
+    stages = ["alignment", "λ_max before", "probe", "losses", "heads", "CKA", "λ_max after"] if policy.compute_curvature else ["alignment", "probe", "losses", "heads", "CKA"]
+    bar = tqdm(stages, desc="plan: diagnose", unit="stage", delay=2.0, leave=False, disable=not progress)
+    stage = iter(bar)
+
+    def step() -> None:
+        bar.set_postfix_str(next(stage), refresh=True)
+
+    step()
     al = gradient_alignment(model, old_batches, new_batches, loss_fn)
     head_cos = [[float("nan")] * H for _ in range(L)]
     for layer, t in al.per_head.items():
@@ -570,13 +582,17 @@ def diagnose(
 
     lam_b = lam_a = None
     if policy.compute_curvature:
-        lam_b = _lambda_max(model, old_batches, loss_fn, seed, policy, notes)
+        step()
+        lam_b = _lambda_max(model, old_batches, loss_fn, seed, policy, notes, progress)
 
     old_before, new_before = _eval_loss(model, old_batches, loss), _eval_loss(model, new_batches, loss)
+    step()
     probed, probe_loss = _probe(model, probe_batches, loss, probe_steps, lr, weight_decay, seed)
+    step()
     old_after, new_after = _eval_loss(probed, old_batches, loss), _eval_loss(probed, new_batches, loss)
     old_examples = _examples(old_batches)
     per_example = (_example_losses(model, old_examples, loss), _example_losses(probed, old_examples, loss)) if policy.verify else None
+    step()
     try:
         dh = disrupted_heads(model, probed, old_batches, entropy_threshold=policy.entropy_increase_bits, z_threshold=policy.weight_z)
         ent = dh.entropy_change.tolist()
@@ -587,6 +603,7 @@ def diagnose(
         ent = [[0.0] * H for _ in range(L)]
         wz = [[0.0] * H for _ in range(L)]
         wd = [[0.0] * H for _ in range(L)]
+    step()
     try:
         # token_norm: massive activations (a few tokens 10²–10³× the others' norm in pretrained
         # LLMs) make plain CKA read ≈ 1 on every block, so the LRCP rule could never fire
@@ -596,8 +613,12 @@ def diagnose(
     except (ValueError, RuntimeError) as e:
         notes.append(f"CKA skipped: {e}")
         cka = [float("nan")] * L
+    if policy.compute_curvature:
+        step()
     if policy.compute_curvature and lam_b is not None:
-        lam_a = _lambda_max(probed, old_batches, loss_fn, seed, policy, notes)
+        lam_a = _lambda_max(probed, old_batches, loss_fn, seed, policy, notes, progress)
+    for _ in stage:  # run the iterator out so the bar closes
+        pass
     del probed
     return Diagnosis(
         model_type=mm.model_type, num_layers=L, n_heads=H, global_cosine=float(al.global_cosine),
@@ -608,12 +629,12 @@ def diagnose(
     )
 
 
-def _lambda_max(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn | None, seed: int, policy: PlanPolicy, notes: list[str]) -> float | None:
+def _lambda_max(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn | None, seed: int, policy: PlanPolicy, notes: list[str], progress: bool = True) -> float | None:
     from mitigate.curvature import hessian_eigenvalues
     from mitigate.errors import AttentionKernelError
 
     try:
-        res = hessian_eigenvalues(model, list(batches)[: policy.lambda_batches], loss_fn, k=1, seed=seed, max_iter=policy.lambda_max_iter, tol=policy.lambda_tol)
+        res = hessian_eigenvalues(model, list(batches)[: policy.lambda_batches], loss_fn, k=1, seed=seed, max_iter=policy.lambda_max_iter, tol=policy.lambda_tol, progress=progress)
         return float(res.values[0])
     except (AttentionKernelError, RuntimeError, ValueError) as e:
         notes.append(f"λ_max skipped: {type(e).__name__}: {e}")
@@ -1020,6 +1041,13 @@ def decide(
 #: ``probe_steps`` AdamW steps (240 at the default 20: a small fraction of a new task's training).
 DEFAULT_BUDGET_PROBES = 12
 
+#: Default wall-clock budget of :func:`plan`, in seconds: nine minutes, whatever the model. A
+#: small model never reaches it (a 24-block model of width 32 plans in about a minute on two CPU
+#: cores); on a slow one (SmolLM2-135M on a CPU, ~7 s per probe step) it is what keeps planning
+#: to minutes: λ_max is skipped when its Lanczos runs would take more than a third of it and the
+#: verification probes are fitted to what is left after the diagnosis.
+DEFAULT_BUDGET_S = 540.0
+
 
 def plan(
     model: nn.Module,
@@ -1034,7 +1062,7 @@ def plan(
     calibration: Sequence[tuple[float, float]] | None = None,
     seed: int = 0,
     budget_steps: int | None = None,
-    budget_s: float | None = None,
+    budget_s: float | None = DEFAULT_BUDGET_S,
     progress: bool = True,
 ) -> MitigationPlan:
     """Diagnose forgetting with a short probe of the new task and plan the mitigation, within a
@@ -1055,7 +1083,12 @@ def plan(
     (``ewc_on="auto"``), fewer EWC strengths (the extreme ones dropped first), then the deepest
     structures dropped — each said in the plan's reasons. Before the diagnosis one probe step is
     timed and the estimated wall time is logged (INFO, ``mitigate.planning``) with the candidate
-    count; with ``budget_s`` the verification also stops before a probe that would end past it.
+    count. ``budget_s`` (default :data:`DEFAULT_BUDGET_S` = 540 s) bounds the wall time too:
+    λ_max is not measured when its two Lanczos runs (at most ``4 · lambda_max_iter ·
+    lambda_batches`` step-equivalents: an HVP costs about two steps) would take more than a third
+    of it; after the diagnosis the verification probes are fitted to the time left (at the
+    probe's measured step time), and a probe that would end past the budget is not started. Each
+    cut is said in the plan's reasons (``plan budget: ...``).
 
     **Noise.** The unmitigated probe's old-task loss, per held-out old example, gives the probe's
     noise; a candidate beats a simpler one only by more than ``policy.noise_z`` standard errors
@@ -1075,8 +1108,8 @@ def plan(
         budget_steps: most AdamW probe steps in all (default
             ``DEFAULT_BUDGET_PROBES · probe_steps`` = 240: 1 timing step + the diagnosis probe +
             10 verification probes). Must cover the timing step and the diagnosis probe.
-        budget_s: optional wall-clock budget in seconds for the whole plan (the verification
-            stops early, with a reason, when the next probe would overrun it).
+        budget_s: wall-clock budget in seconds for the whole plan (default 540; ``None``: no
+            time limit, only ``budget_steps``). See **Budget** above.
         progress: show a tqdm bar over the verification probes (``False`` to hide it).
 
     Returns:
@@ -1113,9 +1146,23 @@ def plan(
         _probe(model, new_batches, loss, 1, lr, weight_decay, seed)  # time one probe step (on a copy)
         step_s = time.perf_counter() - t0
         n_verify = (budget_steps - 1 - probe_steps) // probe_steps if policy.verify else 0
-        diag_steps = probe_steps + 2 * (policy.diagnostic_batches or len(old_batches))
-        if policy.compute_curvature:  # two Lanczos runs, an HVP ≈ 2 steps per batch and iteration
-            diag_steps += 4 * policy.lambda_max_iter * policy.lambda_batches
+        db = policy.diagnostic_batches or len(old_batches)
+        diag_steps = probe_steps + 2 * db
+        lanczos_steps = 4 * policy.lambda_max_iter * policy.lambda_batches  # two runs, an HVP ≈ 2 steps per batch
+        notes: list[str] = []
+        if policy.compute_curvature and budget_s is not None and step_s * lanczos_steps > budget_s / 3:
+            notes.append(
+                f"λ_max not measured: its two Lanczos runs (≤ {lanczos_steps} step-equivalents ≈ {step_s * lanczos_steps:.0f} s) "
+                f"would take more than a third of budget_s={budget_s:g} s, so the curvature rule did not run"
+            )
+            policy = replace(policy, compute_curvature=False)
+        if policy.compute_curvature:
+            diag_steps += lanczos_steps
+        if budget_s is not None and policy.verify:
+            fit = int(max(0.0, budget_s - step_s * (1 + diag_steps)) // (step_s * probe_steps))
+            if fit < n_verify:
+                notes.append(f"{fit} verification probes of {probe_steps} steps fit in budget_s={budget_s:g} s at {step_s:.3g} s per step (budget_steps allows {n_verify})")
+                n_verify = fit
         logger.info(
             "mitigate.plan: diagnosis (%d-step probe%s) + up to %d verification probes of %d steps; one probe step "
             "took %.3g s: ≈ %.0f s in all (budget %d steps%s)",
@@ -1123,14 +1170,21 @@ def plan(
             step_s * (diag_steps + n_verify * probe_steps), budget_steps,
             "" if budget_s is None else f", {budget_s:g} s",
         )
-        diag = diagnose(model, old_batches, new_batches, loss_fn, probe_steps=probe_steps, lr=lr, weight_decay=weight_decay, policy=policy, seed=seed)
+        diag = diagnose(model, old_batches, new_batches, loss_fn, probe_steps=probe_steps, lr=lr, weight_decay=weight_decay, policy=policy, seed=seed, progress=progress)
         dec = decide(diag, model, policy)
         if policy.verify:
             deadline = None if budget_s is None else start + float(budget_s)
+            if deadline is not None:  # refit to the time left, at the step time the diagnosis probe measured
+                per_probe = step_s * probe_steps
+                fit = int(max(0.0, deadline - time.perf_counter()) // per_probe)
+                if fit < n_verify:
+                    notes.append(f"{fit} verification probes fit in the {max(0.0, deadline - time.perf_counter()):.0f} s left after the diagnosis")
+                    n_verify = fit
             dec, candidates = _verify(
                 model, diag, dec, old_batches, new_batches, loss_fn, policy, probe_steps, lr, weight_decay, seed,
                 progress, max_probes=n_verify, deadline=deadline,
             )
+        dec["reasons"] = [*(f"plan budget: {n}" for n in notes), *dec["reasons"]]
     forecast = forecast_forgetting(diag.global_cosine if math.isfinite(diag.global_cosine) else 0.0, calibration, seed=seed)
     logger.info("mitigate.plan: %s%s (%.1f s)", _candidate_name(dec), " + curvature" if dec["curvature"] else "", time.perf_counter() - start)
     return MitigationPlan(

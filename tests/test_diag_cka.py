@@ -201,3 +201,57 @@ def test_streaming_restores_mode_and_grads():
     layerwise_cka(a, b, _batches())
     assert a.training and all(m.training for m in a.modules())
     assert torch.equal(p.grad, torch.full_like(p, 3.0))
+
+
+def _massive(model: torch.nn.Module, token: int = 1, scale: float = 1e3) -> torch.nn.Module:
+    """``model`` with a massive-activation token: its embedding row scaled by ``scale`` (the
+    residual stream carries it through every block, as in pretrained LLMs' first token)."""
+    with torch.no_grad():
+        model.get_input_embeddings().weight[token] *= scale
+    return model
+
+
+def test_outlier_share_is_the_squared_norm_of_tokens_beyond_ten_medians():
+    from mitigate.diagnostics.cka import outlier_share
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 8, generator=g, dtype=torch.float64)
+    x[3] *= 40.0  # one outlier: ≥ 10× the median norm
+    norms = x.norm(dim=1)
+    big = norms >= 10 * norms.median()
+    assert big.tolist().count(True) == 1
+    o, t = outlier_share(x)
+    assert o == pytest.approx(float(norms[big].square().sum()), rel=1e-12)
+    assert t == pytest.approx(float(norms.square().sum()), rel=1e-12)
+    assert outlier_share(torch.randn(50, 8, generator=g))[0] == 0.0  # Gaussian rows: no outlier
+
+
+def test_saturation_rule_flags_plain_cka_on_massive_activations_and_token_norm_clears_it():
+    import warnings
+
+    batches = _batches()
+    for b in batches:  # the massive token first in every row, as a BOS token
+        b["input_ids"][:, 0] = 1
+    a, b = build("llama", seed=0), build("llama", seed=1)
+    with warnings.catch_warnings():  # ordinary models: no outlier tokens, no warning
+        warnings.simplefilter("error")
+        res = layerwise_cka(a, b, batches)
+    assert res.saturated_layers == [] and float(res.outlier_share.max()) < 0.5
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():  # b: the same model with every block's weights perturbed
+        for n, p in b.named_parameters():
+            if "layers." in n:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.1)
+    _massive(a), _massive(b)
+    # the last hidden state is after the final RMSNorm (every token rescaled): not saturated
+    with pytest.warns(UserWarning, match=r"plain CKA saturates on 2 of 3 hidden states \[0, 1\].*token_norm=True"):
+        plain = layerwise_cka(a, b, batches)
+    assert plain.saturated_layers == [0, 1] and float(plain.outlier_share[:2].min()) >= 0.5 > float(plain.outlier_share[2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        normed = layerwise_cka(a, b, batches, token_norm=True)
+    assert normed.saturated_layers == []
+    # what the rule protects against: plain CKA reads ≈ 1 on the perturbed blocks, the
+    # token-normalised CKA sees the change
+    assert float(plain.per_layer[1]) > 0.99
+    assert float(normed.per_layer[1]) < float(plain.per_layer[1]) - 0.05

@@ -225,7 +225,8 @@ def test_report_and_plan_use_token_normalised_cka_where_one_massive_token_satura
 
     before, after = spiked(0), spiked(1)
     old = _batches(0, n=2)
-    plain = layerwise_cka(before, after, old).per_layer
+    with pytest.warns(UserWarning, match="plain CKA saturates"):  # the saturation rule fires
+        plain = layerwise_cka(before, after, old).per_layer
     normed = layerwise_cka(before, after, old, token_norm=True).per_layer
     # the residual stream carries the spike through every block (the last hidden state is after the
     # final RMSNorm, which removes it): plain CKA saturates there, token-normalised CKA does not
@@ -233,8 +234,11 @@ def test_report_and_plan_use_token_normalised_cka_where_one_massive_token_satura
     rep = D.report(before, after, old_batches=old, out_dir=tmp_path, curvature=False, plots=False)
     assert rep["cka"]["token_norm"] is True
     assert rep["cka"]["per_layer"] == pytest.approx(normed.tolist(), rel=1e-9)
-    rep = D.report(before, after, old_batches=old, out_dir=tmp_path, curvature=False, plots=False, cka_token_norm=False)
+    assert rep["cka"]["saturated_layers"] == []
+    with pytest.warns(UserWarning, match="plain CKA saturates"):
+        rep = D.report(before, after, old_batches=old, out_dir=tmp_path, curvature=False, plots=False, cka_token_norm=False)
     assert rep["cka"]["per_layer"] == pytest.approx(plain.tolist(), rel=1e-9)
+    assert rep["cka"]["saturated_layers"] == [0, 1] and min(rep["cka"]["outlier_share"][:2]) >= 0.5
 
     seen = []
     real = layerwise_cka

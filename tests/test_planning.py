@@ -487,6 +487,23 @@ def test_plan_respects_its_probe_budget_and_logs_the_estimate_up_front(monkeypat
         PlanPolicy(max_depths=0)
 
 
+def test_plan_fits_lambda_max_and_the_probes_to_its_time_budget(monkeypatch):
+    # a budget far below one probe step: λ_max is skipped and no verification probe fits, each
+    # said in the reasons; only the timing step and the diagnosis probe run
+    steps = _count_adamw_steps(monkeypatch)
+    model = tiny_llama(layers=4)
+    p = plan(model, batches(1), batches(2), probe_steps=3, lr=1e-2, budget_s=1e-6, progress=False)
+    assert len(steps) == 1 + 3
+    assert any(r.startswith("plan budget: λ_max not measured") for r in p.reasons)
+    assert any(r.startswith("plan budget: 0 verification probes of 3 steps fit in budget_s=1e-06 s") for r in p.reasons)
+    assert p.diagnosis.lambda_before is None and not p.policy.compute_curvature
+    assert [c.name for c in p.candidates] == ["freeze 0"]  # the unmitigated probe itself
+    # the default budget (540 s) leaves a tiny model's plan whole
+    steps.clear()
+    p = plan(model, batches(1), batches(2), probe_steps=3, lr=1e-2, budget_steps=25, progress=False)
+    assert p.diagnosis.lambda_before is not None and not any("fit in" in r or "λ_max not measured" in r for r in p.reasons)
+
+
 def test_plan_refuses_to_pick_between_candidates_within_the_probe_noise():
     model = tiny_llama()
     # one structure (no freezing, no head/LRCP rule can fire) and a negligible anchor: two

@@ -13,6 +13,7 @@ drops of 0.32–0.47 in intermediate layers after sequential fine-tuning (0.08�
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -22,7 +23,14 @@ from torch import Tensor, nn
 from mitigate._utils import Batch, preserve_state
 from mitigate.diagnostics._common import Moments, Result, as_batch_list, hidden_states
 
-__all__ = ["CKAResult", "layerwise_cka", "linear_cka"]
+__all__ = ["OUTLIER_FACTOR", "SATURATION_SHARE", "CKAResult", "layerwise_cka", "linear_cka", "outlier_share"]
+
+#: A token is an outlier when its hidden-state norm is at least this many times the median
+#: token norm of its batch (massive activations reach 10²–10³×).
+OUTLIER_FACTOR = 10.0
+#: Plain linear CKA of a layer *saturates* when outlier tokens carry at least this share of the
+#: layer's total squared norm ``Σ‖h‖²``: ``XᵀX`` (and so CKA) is then mostly the outliers'.
+SATURATION_SHARE = 0.5
 
 
 def _check_pair(x: Tensor, y: Tensor) -> None:
@@ -116,11 +124,39 @@ class CKAResult(Result):
     per_layer: Tensor
     layers: list[int]
     n_tokens: int
+    outlier_share: Tensor | None = None
+    token_norm: bool = False
 
     @property
     def drop(self) -> Tensor:
         """``1 − CKA`` per layer (the seed's "CKA drop" when the reference is 1)."""
         return 1.0 - self.per_layer
+
+    @property
+    def saturated_layers(self) -> list[int]:
+        """Hidden-state indices where plain CKA is dominated by outlier tokens
+        (``outlier_share ≥ SATURATION_SHARE``; see :func:`outlier_share`). Empty when
+        ``token_norm`` was used (every token then weighs the same) or the share is unknown."""
+        if self.token_norm or self.outlier_share is None:
+            return []
+        return [i for i, v in zip(self.layers, self.outlier_share.tolist()) if v >= SATURATION_SHARE]
+
+
+@torch.no_grad()
+def outlier_share(x: Tensor, factor: float = OUTLIER_FACTOR) -> tuple[float, float]:
+    """Squared norm carried by outlier tokens, and the total, for features ``x (n, d)``.
+
+    Outliers: rows with ``‖x_j‖ ≥ factor · median_j ‖x_j‖``. Returns
+    ``(Σ_outliers ‖x_j‖², Σ_j ‖x_j‖²)`` (sum them over batches; their ratio is the share of
+    ``tr(XᵀX)`` the outliers hold). Linear CKA is built from ``XᵀX``; when the outliers hold most
+    of it, CKA compares those few tokens and reads ≈ 1 whatever the others do.
+    """
+    sq = x.double().square().sum(-1)
+    if sq.numel() == 0:
+        return 0.0, 0.0
+    med = sq.sqrt().median()
+    out = sq[sq.sqrt() >= factor * med]
+    return float(out.sum()), float(sq.sum())
 
 
 @torch.no_grad()
@@ -160,8 +196,14 @@ def layerwise_cka(
             ~25 000 against ~100 at layer 15), so plain linear CKA measures those few tokens and
             reads ≈ 1 whatever the others do. With ``token_norm`` every token weighs the same.
 
+    **Saturation rule.** On ``model_a``'s hidden states, every layer's share of ``Σ‖h‖²`` held by
+    outlier tokens (norm ≥ ``OUTLIER_FACTOR`` = 10× the batch's median token norm) is measured
+    (``outlier_share``). Without ``token_norm``, a layer whose share is ≥ ``SATURATION_SHARE``
+    (0.5) is *saturated* (``result.saturated_layers``) and a ``UserWarning`` names the layers and
+    the fix (``token_norm=True``; the plan and ``python -m mitigate.diagnose`` use it by default).
+
     Returns:
-        :class:`CKAResult` with ``per_layer`` of shape ``(len(layers),)``.
+        :class:`CKAResult` with ``per_layer`` and ``outlier_share`` of shape ``(len(layers),)``.
 
     Raises:
         ValueError: models with different numbers of hidden states, an out-of-range layer, or no
@@ -170,6 +212,7 @@ def layerwise_cka(
     if layers is not None and not list(layers):
         raise ValueError("layers=[] selects nothing; pass None for every hidden state")
     stats: dict[int, Moments] = {}
+    mass: dict[int, list[float]] = {}
     chosen: list[int] = []
     with preserve_state(model_a, mode=False), preserve_state(model_b, mode=False):
         for batch in as_batch_list(batches):
@@ -186,6 +229,10 @@ def layerwise_cka(
             for i in chosen:
                 m = mask.to(ha[i].device)
                 xa, xb = ha[i][m], hb[i][m.to(hb[i].device)]
+                o, t = outlier_share(xa)
+                acc = mass.setdefault(i, [0.0, 0.0])
+                acc[0] += o
+                acc[1] += t
                 if token_norm:
                     xa, xb = _rms_rows(xa), _rms_rows(xb)
                 stats.setdefault(i, Moments(cross=True)).update(xa, xb)
@@ -193,4 +240,15 @@ def layerwise_cka(
     for i in chosen:
         xx, yy, xy = stats[i].centered()
         values.append(_cka_from_moments(xx, yy, xy))
-    return CKAResult(per_layer=torch.stack(values).cpu(), layers=chosen, n_tokens=stats[chosen[0]].n)
+    share = torch.tensor([mass[i][0] / mass[i][1] if mass[i][1] > 0 else 0.0 for i in chosen], dtype=torch.float64)
+    res = CKAResult(per_layer=torch.stack(values).cpu(), layers=chosen, n_tokens=stats[chosen[0]].n, outlier_share=share, token_norm=token_norm)
+    sat = res.saturated_layers
+    if sat:
+        warnings.warn(
+            f"layerwise_cka: plain CKA saturates on {len(sat)} of {len(chosen)} hidden states {sat}: tokens with "
+            f"≥ {OUTLIER_FACTOR:g}× the median norm (massive activations) hold ≥ {SATURATION_SHARE:.0%} of Σ‖h‖², so "
+            "CKA there compares those few tokens and reads ≈ 1; pass token_norm=True",
+            UserWarning,
+            stacklevel=2,
+        )
+    return res

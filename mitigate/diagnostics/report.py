@@ -64,13 +64,18 @@ def _middle(n: int) -> list[int]:
     return list(range(lo, min(hi, n)))
 
 
-def _section(out: dict[str, Any], name: str, fn: Any) -> Any:
+def _section(out: dict[str, Any], name: str, fn: Any, bar: Any = None) -> Any:
+    if bar is not None:
+        bar.set_postfix_str(name, refresh=True)
     try:
         value = fn()
     except _SKIPPABLE as err:
         logger.warning("report: %s skipped: %s", name, err)
         out[name] = {"skipped": str(err)}
         return None
+    finally:
+        if bar is not None:
+            bar.update()
     out[name] = value
     return value
 
@@ -98,6 +103,7 @@ def report(
     z_threshold: float = 2.5,
     plots: bool = True,
     cka_token_norm: bool = True,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Run every diagnostic between ``model_before`` and ``model_after`` on old-task data and
     write ``report.json``, PNG plots and ``summary.md`` to ``out_dir``.
@@ -138,6 +144,8 @@ def report(
         entropy_threshold, z_threshold: disrupted-head thresholds.
         plots: write the PNGs.
         cka_token_norm: RMS-normalise every token before CKA (``False``: plain linear CKA).
+        progress: a tqdm bar over the sections, the running one named (shown after 2 s;
+            ``False`` hides it). The λ_max section's Lanczos runs show their own bar.
 
     Returns:
         The report as a JSON-ready dict (also in ``report.json``), with ``"files"`` listing the
@@ -153,6 +161,12 @@ def report(
     old = as_batch_list(old_batches)
     new = as_batch_list(new_batches) if new_batches is not None else None
     rep: dict[str, Any] = {"model_type": getattr(getattr(model_before, "config", None), "model_type", None)}
+    from tqdm.auto import tqdm
+
+    mm = try_model_map(model_before)
+    has_router = mm is not None and bool(mm.router_modules())
+    n_sections = 3 + (new is not None) + bool(curvature) + has_router
+    bar = tqdm(total=n_sections, desc="diagnose", unit="section", delay=2.0, leave=False, disable=not progress)
 
     def cka_section() -> dict[str, Any]:
         res = layerwise_cka(model_before, model_after, old, token_norm=cka_token_norm)
@@ -161,13 +175,14 @@ def report(
         return {
             **res.to_dict(),
             "token_norm": cka_token_norm,
+            "saturated_layers": res.saturated_layers,
             "drop": drop.tolist(),
             "max_drop": float(drop.max()),
             "intermediate_layers": mid,
             "intermediate_mean_drop": float(drop[mid].mean()),
         }
 
-    cka = _section(rep, "cka", cka_section)
+    cka = _section(rep, "cka", cka_section, bar)
 
     def rotation_section() -> dict[str, Any]:
         n_hidden = len(cka["layers"]) if cka else None
@@ -176,13 +191,14 @@ def report(
         res = layer_pc_rotation(model_before, model_after, old, layer, k=min(rotation_k, d))
         return {"layer": layer, **res.to_dict()}
 
-    _section(rep, "rotation", rotation_section)
+    _section(rep, "rotation", rotation_section, bar)
     heads = _section(
         rep,
         "heads",
         lambda: disrupted_heads(
             model_before, model_after, old, entropy_threshold=entropy_threshold, z_threshold=z_threshold
         ).to_dict(),
+        bar,
     )
 
     align = None
@@ -192,13 +208,13 @@ def report(
             a = gradient_alignment(model_before, old, new, loss_fn)
             return {**a.to_dict(), "qk_conflict": _qk_conflict(a), "ffn_conflict": a.conflict_rate.get("ffn")}
 
-        align = _section(rep, "alignment", align_section)
+        align = _section(rep, "alignment", align_section, bar)
 
     curv = None
     if curvature:
 
         def curvature_section() -> dict[str, Any]:
-            kw = dict(curvature_kwargs or {})
+            kw = {"progress": progress, **(curvature_kwargs or {})}
             before = lambda_max(model_before, old, loss_fn, **kw)
             after = lambda_max(model_after, old, loss_fn, reference=before, **kw)
             ratio = after.ratio_to_reference
@@ -209,11 +225,11 @@ def report(
                 "change": None if ratio is None else ratio - 1.0,
             }
 
-        curv = _section(rep, "curvature", curvature_section)
+        curv = _section(rep, "curvature", curvature_section, bar)
 
-    mm = try_model_map(model_before)
-    if mm is not None and mm.router_modules():
-        _section(rep, "router", lambda: router_drift(model_before, model_after, old).to_dict())
+    if has_router:
+        _section(rep, "router", lambda: router_drift(model_before, model_after, old).to_dict(), bar)
+    bar.close()
 
     def weights_section() -> dict[str, Any]:
         return WeightTrajectory(model_after, reference=model_before).distances()
@@ -377,6 +393,11 @@ def _summary_md(rep: dict[str, Any]) -> str:
             + "; changed top-k "
             + ", ".join(_fmt(v, ".0%") for v in r["changed_topk_fraction"])
             + "."
+        )
+    if _ok(cka) and cka.get("saturated_layers"):
+        lines.append(
+            f"Plain CKA saturates on hidden states {cka['saturated_layers']} (outlier tokens hold ≥ half of Σ‖h‖²): "
+            "its values there read ≈ 1 whatever the other tokens do; rerun with token-normalised CKA (the default)."
         )
     w = rep.get("weights", {})
     if _ok(w):
