@@ -135,6 +135,30 @@ def preserve_state(model: nn.Module, *, mode: bool | None = None) -> Iterator[No
             p.grad = g
 
 
+@contextlib.contextmanager
+def input_grad_hooks_removed(model: nn.Module) -> Iterator[None]:
+    """Run a block with Hugging Face's input-embedding ``requires_grad_`` hooks taken off.
+
+    ``gradient_checkpointing_enable()`` (and PEFT's k-bit preparation) call
+    ``enable_input_require_grads()``, a forward hook on the input embeddings that calls
+    ``output.requires_grad_(True)`` so that reentrant checkpointing sees a grad-requiring input.
+    Under a :mod:`torch.func` transform (``grad``, ``jvp``, ``vmap``) that call raises ("You are
+    attempting to call Tensor.requires_grad_() ... inside of a function being transformed"). The
+    functional routines (Hessian/GGN products, per-sample gradients) do not need the hook: they
+    differentiate with respect to the parameters. Each module that holds such hooks gets
+    ``disable_input_require_grads()`` here and ``enable_input_require_grads()`` on exit (also on
+    error), so the model leaves as it came.
+    """
+    owners = [m for m in model.modules() if getattr(m, "_require_grads_hooks", None) and hasattr(m, "enable_input_require_grads")]
+    for m in owners:
+        m.disable_input_require_grads()
+    try:
+        yield
+    finally:
+        for m in owners:
+            m.enable_input_require_grads()
+
+
 # ---------------------------------------------------------------- lists of tensors as one vector
 
 

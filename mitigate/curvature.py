@@ -69,6 +69,7 @@ from mitigate._utils import (
     batch_size_of,
     broadcast_,
     flat_dot,
+    input_grad_hooks_removed,
     model_device,
     move_batch,
     preserve_state,
@@ -720,7 +721,7 @@ def hvp(
         AttentionKernelError: SDPA/flash attention (load with ``attn_implementation="eager"``).
         ValueError: no batches, empty selection, or a vector that does not fit the parameters.
     """
-    with preserve_state(model, mode=False if eval_mode else None):
+    with preserve_state(model, mode=False if eval_mode else None), input_grad_hooks_removed(model):
         op = HessianOperator(model, batches, loss_fn, params, reuse_graph=False)
         if isinstance(vector, Tensor):
             if vector.dim() != 1 or vector.numel() != op.dim:
@@ -982,7 +983,7 @@ def hessian_eigenvalues(
     if not (tol > 0 and math.isfinite(tol)):
         raise ValueError(f"tol={tol!r} must be a positive float")
     gen = _generator(seed, generator)
-    with preserve_state(model, mode=False if eval_mode else None):
+    with preserve_state(model, mode=False if eval_mode else None), input_grad_hooks_removed(model):
         op = make_operator(model, batches, loss_fn, params, curvature=curvature, logits_fn=logits_fn,
                            reuse_graph=reuse_graph)
         if k > op.dim:
@@ -1097,7 +1098,7 @@ def hutchinson_trace(
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples={samples!r} must be a positive int")
     gen = _generator(seed, generator)
-    with preserve_state(model, mode=False if eval_mode else None):
+    with preserve_state(model, mode=False if eval_mode else None), input_grad_hooks_removed(model):
         op = HessianOperator(model, batches, loss_fn, params, reuse_graph=reuse_graph)
         quads = []
         for _ in range(samples):
@@ -1151,7 +1152,7 @@ def hutchpp_trace(
     if not isinstance(samples, int) or samples < 3:
         raise ValueError(f"samples={samples!r} must be an int >= 3 (Hutch++ splits it in three)")
     gen = _generator(seed, generator)
-    with preserve_state(model, mode=False if eval_mode else None):
+    with preserve_state(model, mode=False if eval_mode else None), input_grad_hooks_removed(model):
         op = make_operator(model, batches, loss_fn, params, curvature=curvature, logits_fn=logits_fn,
                            reuse_graph=reuse_graph)
         third = samples // 3
