@@ -43,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "PlanPolicy": "mitigate.planning",
     "ProjectionConfig": "mitigate.optim.projection",
     "StateMismatchError": "mitigate.errors",
+    "TaskEndReport": "mitigate.reports",
     "UnsupportedArchitectureError": "mitigate.errors",
     "forecast_forgetting": "mitigate.planning",
     "freeze_attention_qk": "mitigate.freezing",
@@ -82,4 +83,5 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from mitigate.planning import AppliedPlan, Candidate, Diagnosis, Forecast, MitigationPlan, PlanPolicy, forecast_forgetting, plan
     from mitigate.regularizers.curvature import CurvatureConfig, CurvatureDrift, CurvatureRegularizer
     from mitigate.regularizers.ewc import EWC, EWCConfig
+    from mitigate.reports import TaskEndReport
     from mitigate.state_io import load_state, save_state

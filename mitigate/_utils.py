@@ -7,6 +7,8 @@ Everything that more than one module needs lives here once.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Union
@@ -14,6 +16,8 @@ from typing import Any, Union
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+logger = logging.getLogger("mitigate")
 
 Batch = Any
 """A batch as the model takes it: usually a ``dict`` of tensors for ``model(**batch)``."""
@@ -157,6 +161,74 @@ def input_grad_hooks_removed(model: nn.Module) -> Iterator[None]:
     finally:
         for m in owners:
             m.enable_input_require_grads()
+
+
+_PROGRESS: contextvars.ContextVar[bool] = contextvars.ContextVar("mitigate_progress", default=True)
+
+
+@contextlib.contextmanager
+def progress_enabled(enabled: bool) -> Iterator[None]:
+    """Turn every mitigate progress bar on or off inside the block (``MitigationTrainer`` uses it
+    to follow ``TrainingArguments.disable_tqdm``). A bar a call asks to hide stays hidden."""
+    token = _PROGRESS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def progress_bar(*args: Any, enabled: bool = True, **kwargs: Any) -> Any:
+    """``tqdm.auto.tqdm(*args, **kwargs)``, hidden unless ``enabled`` and bars are on
+    (:func:`progress_enabled`)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(*args, disable=not (enabled and _PROGRESS.get()), **kwargs)
+
+
+def free_memory_bytes(device: torch.device | str) -> int | None:
+    """Free memory where tensors on ``device`` live: the CUDA device's free bytes, or the host's
+    available physical memory (Linux ``sysconf``); ``None`` when unknown."""
+    device = torch.device(device)
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type == "cpu":
+            import os
+
+            return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return None
+    return None
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def note_per_sample_memory(what: str, per_sample_bytes: int, chunk: int, device: torch.device | str, *, threshold: int = 2**30) -> None:
+    """Log, before a per-sample-gradient pass, how much memory one chunk holds when that is more
+    than ``threshold`` bytes: WARNING with the ``chunk_size`` that fits in half the free memory
+    when the chunk does not, else INFO.
+
+    Args:
+        what: the routine, for the message (e.g. ``"EWC Fisher"``).
+        per_sample_bytes: one sample's gradient, ``Σ numel · itemsize`` over the parameters.
+        chunk: samples per vmap call.
+        device: where the gradients live.
+    """
+    held = per_sample_bytes * chunk
+    if held <= threshold:
+        return
+    free = free_memory_bytes(device)
+    fits = None if free is None else max(1, int(0.5 * free // max(per_sample_bytes, 1)))
+    msg = (
+        f"{what}: per-sample gradients of {chunk} samples × {_gb(per_sample_bytes)} each hold {_gb(held)} at once"
+        + ("" if free is None else f" ({_gb(free)} free on {torch.device(device)}; chunk_size={fits} fits in half of it)")
+    )
+    if fits is not None and chunk > fits:
+        logger.warning("%s; pass chunk_size=%d to stay within memory", msg, fits)
+    else:
+        logger.info("%s", msg)
 
 
 # ---------------------------------------------------------------- lists of tensors as one vector

@@ -776,7 +776,7 @@ def _lanczos(
     Gaussian draw. ``deflate``: ``(r, n)`` orthonormal rows ``Y``; the iteration runs on
     ``P H P`` with ``P = I − YᵀY`` (the spectrum of ``H`` restricted to the complement of ``Y``).
     """
-    from tqdm.auto import tqdm
+    from mitigate._utils import progress_bar
 
     def project(x: Tensor) -> Tensor:
         if deflate is not None:
@@ -800,7 +800,7 @@ def _lanczos(
     betas: list[float] = []
     values = residuals = vecs_small = None
     converged = False
-    bar = tqdm(total=m_max, desc="lanczos", unit="HVP", delay=2.0, disable=not progress, leave=False)
+    bar = progress_bar(total=m_max, desc="lanczos", unit="HVP", delay=2.0, enabled=progress, leave=False)
     for j in range(m_max):
         if j == basis.shape[0]:
             basis = torch.cat([basis, basis.new_empty(min(basis.shape[0], m_max - j), n)])
@@ -850,14 +850,14 @@ def _power(
     """Power iteration with Hotelling deflation (PyHessian): for each i, iterate
     ``v ← (H − Σ_{p<i} λ_p v_p v_pᵀ) v / ‖·‖`` until the Rayleigh quotient changes by at most
     ``tol·|λ|``. Finds the eigenvalues of largest magnitude."""
-    from tqdm.auto import tqdm
+    from mitigate._utils import progress_bar
 
     found_vals: list[float] = []
     found_vecs: list[Tensor] = []
     residuals: list[float] = []
     converged_all = True
     total = 0
-    bar = tqdm(total=k * max_iter, desc="power", unit="HVP", delay=2.0, disable=not progress, leave=False)
+    bar = progress_bar(total=k * max_iter, desc="power", unit="HVP", delay=2.0, enabled=progress, leave=False)
     for _ in range(k):
         v = op.random_vector(gen, "gaussian")
         v = v / v.norm()

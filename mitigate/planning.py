@@ -564,10 +564,10 @@ def diagnose(
     k = policy.diagnostic_batches
     old_batches, new_batches = list(old_batches)[:k], probe_batches[:k]
 
-    from tqdm.auto import tqdm
+    from mitigate._utils import progress_bar
 
     stages = ["alignment", "λ_max before", "probe", "losses", "heads", "CKA", "λ_max after"] if policy.compute_curvature else ["alignment", "probe", "losses", "heads", "CKA"]
-    bar = tqdm(stages, desc="plan: diagnose", unit="stage", delay=2.0, leave=False, disable=not progress)
+    bar = progress_bar(stages, desc="plan: diagnose", unit="stage", delay=2.0, leave=False, enabled=progress)
     stage = iter(bar)
 
     def step() -> None:
@@ -1361,7 +1361,7 @@ def _verify(
             del probed
         return Candidate(_candidate_name(dec), dec["freeze_bottom"], bool(dec["freeze_heads"] or dec["lrcp_targets"]), old_inc, new_dec, ewc_scale=dec["ewc_scale"])
 
-    from tqdm.auto import tqdm
+    from mitigate._utils import progress_bar
 
     total = cost(decs, scales, ewc_on)
     logger.info("mitigate.plan: verifying %d candidates (%d probes of %d steps)", len(decs) + len(scales) * (len(decs) if ewc_on == "every" else 1), total, probe_steps)
@@ -1379,7 +1379,7 @@ def _verify(
             bar.update()
         return True
 
-    with tqdm(total=total, desc="plan: verify", disable=not progress, leave=False) as bar:
+    with progress_bar(total=total, desc="plan: verify", enabled=progress, leave=False) as bar:
         cands: list[Candidate] = []
         probed_decs: list[dict[str, Any]] = []
         for dec in decs:

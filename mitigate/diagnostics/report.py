@@ -161,12 +161,12 @@ def report(
     old = as_batch_list(old_batches)
     new = as_batch_list(new_batches) if new_batches is not None else None
     rep: dict[str, Any] = {"model_type": getattr(getattr(model_before, "config", None), "model_type", None)}
-    from tqdm.auto import tqdm
+    from mitigate._utils import progress_bar
 
     mm = try_model_map(model_before)
     has_router = mm is not None and bool(mm.router_modules())
     n_sections = 3 + (new is not None) + bool(curvature) + has_router
-    bar = tqdm(total=n_sections, desc="diagnose", unit="section", delay=2.0, leave=False, disable=not progress)
+    bar = progress_bar(total=n_sections, desc="diagnose", unit="section", delay=2.0, leave=False, enabled=progress)
 
     def cka_section() -> dict[str, Any]:
         res = layerwise_cka(model_before, model_after, old, token_norm=cka_token_norm)

@@ -63,8 +63,15 @@ from torch.optim import Optimizer
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from mitigate._utils import LossFn, batch_size_of, model_device, move_batch
+from mitigate._utils import (
+    LossFn,
+    batch_size_of,
+    model_device,
+    move_batch,
+    progress_enabled,
+)
 from mitigate.optim._base import OptimizerWrapper
+from mitigate.reports import TaskEndReport
 
 logger = logging.getLogger(__name__)
 
@@ -344,19 +351,37 @@ def _call_with_optional_loss_fn(fn: Callable[..., Any], *args: Any, loss_fn: Los
 
 @dataclass
 class ConsolidationReport:
-    """What a task boundary did.
+    """What a task boundary did, over every mitigation (the ``end_task`` report family, see
+    :mod:`mitigate.reports`).
 
     Attributes:
         num_batches: batches used (on this rank).
         num_examples: examples in them (on this rank).
         consolidated: names of the mitigations that consolidated, in order.
         seconds: wall time.
+        reports: one :class:`~mitigate.reports.TaskEndReport` per mitigation that has
+            ``end_task`` (custom terms with only ``consolidate``/``remember`` add none).
     """
 
     num_batches: int
     num_examples: int
     consolidated: list[str]
     seconds: float
+    reports: list[TaskEndReport] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        head = (
+            f"task ended: {len(self.consolidated)} mitigation(s) {self.consolidated} on {self.num_batches} batches "
+            f"({self.num_examples} examples) in {self.seconds:.3g} s"
+        )
+        return "\n".join([head, *("  " + line for r in self.reports for line in str(r).splitlines())])
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready copy."""
+        return {
+            "num_batches": self.num_batches, "num_examples": self.num_examples, "consolidated": list(self.consolidated),
+            "seconds": self.seconds, "reports": [r.as_dict() for r in self.reports],
+        }
 
 
 def consolidate_all(
@@ -397,8 +422,12 @@ def consolidate_all(
     mset = mitigations if isinstance(mitigations, MitigationSet) else MitigationSet.from_list(mitigations)
     batches = _take_batches(data, max_batches, model_device(model))
     done: list[str] = []
+    reports: list[TaskEndReport] = []
     for name, term in mset.loss_terms.items():
-        _call_with_optional_loss_fn(term.consolidate, batches, loss_fn=loss_fn)
+        if callable(getattr(term, "end_task", None)):
+            reports.append(term.end_task(batches, loss_fn=loss_fn))
+        else:
+            _call_with_optional_loss_fn(term.consolidate, batches, loss_fn=loss_fn)
         done.append(name)
     wrappers = find_wrappers(optimizer) if optimizer is not None else []
     for spec in mset.optimizer_specs:
@@ -406,11 +435,14 @@ def consolidate_all(
             wrappers.append(spec.wrapper)
     for w in wrappers:
         remember = getattr(w, "remember", None)
-        if callable(remember):
+        if callable(getattr(w, "end_task", None)):
+            reports.append(w.end_task(batches, model=model, loss_fn=loss_fn))
+            done.append(_snake(type(w).__name__))
+        elif callable(remember):
             _call_with_optional_loss_fn(remember, model, batches, loss_fn=loss_fn)
             done.append(_snake(type(w).__name__))
     n = sum(batch_size_of(b) for b in batches)
-    report = ConsolidationReport(len(batches), n, done, time.perf_counter() - t0)
+    report = ConsolidationReport(len(batches), n, done, time.perf_counter() - t0, reports)
     logger.info("consolidated %s on %d batches (%d examples) in %.2fs", done, len(batches), n, report.seconds)
     return report
 
@@ -634,20 +666,26 @@ class MitigationTrainerMixin:
             max_batches: per-rank batch limit (``None``: all).
             loss_fn: overrides ``mitigation_loss_fn`` for this call.
 
+        Progress bars of long consolidations (Fisher, Lanczos, LRCP/projection memories) show
+        unless ``TrainingArguments(disable_tqdm=True)``.
+
         Returns:
-            A :class:`ConsolidationReport`; callbacks with an ``on_task_end`` method receive it.
+            A :class:`ConsolidationReport` (``print`` it: one block per mitigation); callbacks with
+            an ``on_task_end`` method receive it.
         """
         if self.optimizer is None and any(s.wrapper is None for s in self.mitigations.optimizer_specs):  # type: ignore[attr-defined]
             self.create_optimizer()  # a task boundary before any train(): build the wrappers to remember into
         loader: Iterable[Any] = self.get_eval_dataloader(data) if _is_dataset(data) else data  # type: ignore[attr-defined]
-        report = consolidate_all(
-            self.mitigations,
-            self.model,  # type: ignore[attr-defined]
-            loader,
-            optimizer=self.optimizer,  # type: ignore[attr-defined]
-            max_batches=max_batches,
-            loss_fn=loss_fn if loss_fn is not None else self.mitigation_loss_fn,
-        )
+        # progress bars follow transformers' switch: TrainingArguments(disable_tqdm=True) hides them
+        with progress_enabled(not getattr(self.args, "disable_tqdm", False)):  # type: ignore[attr-defined]
+            report = consolidate_all(
+                self.mitigations,
+                self.model,  # type: ignore[attr-defined]
+                loader,
+                optimizer=self.optimizer,  # type: ignore[attr-defined]
+                max_batches=max_batches,
+                loss_fn=loss_fn if loss_fn is not None else self.mitigation_loss_fn,
+            )
         self.tasks_completed += 1
         handler = self.callback_handler  # type: ignore[attr-defined]
         for cb in handler.callbacks:

@@ -58,10 +58,11 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from mitigate._utils import LossFn, all_reduce_sum_
+from mitigate._utils import LossFn, all_reduce_sum_, progress_bar
 from mitigate.architectures import is_linear
 from mitigate.errors import StateMismatchError, UnsupportedArchitectureError
 from mitigate.optim._base import OptimizerWrapper, finite_sq_norm
+from mitigate.reports import TaskEndReport
 
 logger = logging.getLogger(__name__)
 
@@ -444,6 +445,32 @@ class LowRankCircuitProjection(OptimizerWrapper):
         return units
 
     # ------------------------------------------------------------------ remember
+    def end_task(self, batches: Any, *, model: nn.Module | None = None, loss_fn: LossFn | None = None) -> TaskEndReport:
+        """The task is finished: record every protected module's input subspace (:meth:`remember`).
+
+        The one verb every mitigation shares (see :mod:`mitigate.reports`); ``remember`` stays
+        as it was.
+
+        Args:
+            batches: the finished task's batches (one dict or an iterable).
+            model: ``None``: the model given at construction.
+            loss_fn: as :meth:`remember`.
+
+        Returns:
+            :class:`~mitigate.reports.TaskEndReport` with ``modules``, ``total_rank``,
+            ``min_rank`` / ``max_rank`` and the per-module ``ranks``; ``.result`` is the
+            ``{module: rank}`` dict.
+        """
+        from mitigate.reports import run_end_task
+
+        task = max((u.tasks for u in self._units.values()), default=0)
+
+        def details(ranks: dict[str, int]) -> dict[str, Any]:
+            vals = list(ranks.values())
+            return {"modules": len(vals), "total_rank": sum(vals), "min_rank": min(vals, default=0), "max_rank": max(vals, default=0), "ranks": dict(ranks)}
+
+        return run_end_task("LowRankCircuitProjection", task, batches, lambda b: self.remember(model, b, loss_fn), details)
+
     @torch.no_grad()
     def remember(
         self,
@@ -520,7 +547,7 @@ class LowRankCircuitProjection(OptimizerWrapper):
         n_batches = 0
         try:
             with preserve_state(inner, mode=False):
-                for batch in batches:
+                for batch in progress_bar(batches, desc="LRCP remember", unit="batch", delay=2.0, leave=False):
                     n_batches += 1
                     mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
                     mask_box[0] = mask if isinstance(mask, Tensor) else None

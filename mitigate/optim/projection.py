@@ -103,14 +103,16 @@ from mitigate._utils import (
     all_reduce_sum_,
     batch_size_of,
     check_shard,
+    dist_ready,
+    input_grad_hooks_removed,
     is_dtensor,
     local_tensor,
     move_batch,
     preserve_state,
+    progress_bar,
     resolve_loss_fn,
     select_parameters,
     shard_info,
-    dist_ready,
     shard_like,
     sharded_per_sample_grads,
     sharded_state,
@@ -118,6 +120,7 @@ from mitigate._utils import (
 from mitigate.curvature import functional_loss, unwrap_model
 from mitigate.errors import StateMismatchError
 from mitigate.optim._base import OptimizerWrapper, finite_sq_norm
+from mitigate.reports import TaskEndReport
 
 logger = logging.getLogger(__name__)
 
@@ -901,6 +904,46 @@ class GradientProjection(OptimizerWrapper):
 
     # ------------------------------------------------------------------ remember
 
+    def end_task(self, batches: Batch | Iterable[Batch], *, model: nn.Module | None = None, loss_fn: LossFn | None = None) -> TaskEndReport:
+        """The task is finished: add it to the replay memory (agem/pcgrad) or the basis (ogd)
+        (:meth:`remember`).
+
+        The one verb every mitigation shares (see :mod:`mitigate.reports`); ``remember`` stays
+        as it was.
+
+        Args:
+            batches: the finished task's batches (one dict or an iterable; DDP: each rank its
+                shard, same count).
+            model: the model as trained on the task; ``None``: the ``model=`` given at
+                construction.
+            loss_fn: as :meth:`remember`.
+
+        Returns:
+            :class:`~mitigate.reports.TaskEndReport` with :class:`RememberReport`'s figures
+            (``added``, ``memory_batches``, ``basis_size``, ``dropped_energy``); ``.result`` is
+            the :class:`RememberReport`.
+
+        Raises:
+            ValueError: no ``model`` here or at construction; as :meth:`remember`.
+        """
+        from mitigate.reports import run_end_task
+
+        if model is None:
+            model = self._model
+        if model is None:
+            raise ValueError(
+                "GradientProjection.end_task needs the model: pass end_task(batches, model=model), or build the "
+                "wrapper with GradientProjection(optimizer, mode, model=model)"
+            )
+        task = self._tasks
+
+        def details(rep: RememberReport) -> dict[str, Any]:
+            d = dataclasses.asdict(rep)
+            d.pop("task")
+            return d
+
+        return run_end_task(f"GradientProjection ({self.config.mode})", task, batches, lambda b: self.remember(model, b, loss_fn), details)
+
     def remember(
         self, model: nn.Module, batches: Iterable[Batch], loss_fn: LossFn | None = None
     ) -> RememberReport:
@@ -932,6 +975,8 @@ class GradientProjection(OptimizerWrapper):
         model = unwrap_model(model)
         named = self._bind(model)
         dropped = 0.0
+        if not isinstance(batches, Mapping):  # a bar over the batches (shown after 2 s)
+            batches = progress_bar(batches, desc=f"{self.config.mode} remember", unit="batch", delay=2.0, leave=False)
         if self.config.mode == "ogd":
             self._model = model
             if loss_fn is not None:
@@ -1657,7 +1702,8 @@ def _per_sample_flat(
             return f(ps, tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, sample))
 
         in_dims = tree_map(lambda t: 0 if isinstance(t, Tensor) and t.dim() > 0 else None, batch)
-        g = vmap(grad(loss_one), in_dims=(None, in_dims), randomness="different")(detached, batch)
+        with input_grad_hooks_removed(model):  # gradient checkpointing's input hook breaks vmap
+            g = vmap(grad(loss_one), in_dims=(None, in_dims), randomness="different")(detached, batch)
         flat = torch.cat([g[k].reshape(n, -1).float() for k, _ in named], dim=1)
         return list(flat.unbind(0))
     except Exception as exc:  # noqa: BLE001 - vmap coverage varies across models

@@ -97,6 +97,7 @@ from mitigate.curvature import (
     supervised_logits,
     unwrap_model,
 )
+from mitigate.reports import TaskEndReport
 
 __all__ = ["CurvatureConfig", "CurvatureDrift", "CurvatureRegularizer"]
 
@@ -334,6 +335,43 @@ class CurvatureRegularizer(nn.Module):
         """Stored ``θ*`` of task ``task`` (views of the one stored ``(n,)`` buffer)."""
         t = self._index(task)
         return self._split(t, self._buffers[f"t{t}__anchor"])
+
+    def end_task(self, batches: Batch | Iterable[Batch], *, loss_fn: LossFn | None = None, model: nn.Module | None = None) -> TaskEndReport:
+        """The task is finished: store ``θ*``, the replay inputs and the top curvature eigenpairs
+        (:meth:`consolidate`).
+
+        The one verb every mitigation shares (see :mod:`mitigate.reports`); ``consolidate``
+        stays as it was.
+
+        Args:
+            batches: the finished task's batches (one dict or an iterable).
+            loss_fn: ``loss_fn(model, batch) -> scalar``; default ``model(**batch).loss``.
+            model: accepted for a signature shared with the optimizer wrappers; must be this
+                regularizer's model (or ``None``).
+
+        Returns:
+            :class:`~mitigate.reports.TaskEndReport` with the kept ``eigenvalues``, ``k``,
+            whether Lanczos ``converged`` and the ``replay_inputs`` stored; ``.result`` is
+            :meth:`consolidate`'s :class:`~mitigate.curvature.EigenResult`.
+
+        Raises:
+            ValueError: ``model`` is not this regularizer's model; as :meth:`consolidate`.
+        """
+        from mitigate.regularizers.ewc import _check_own_model
+        from mitigate.reports import run_end_task
+
+        _check_own_model(self._model, model, "CurvatureRegularizer")
+        task = len(self._tasks)
+
+        def details(eig: EigenResult) -> dict[str, Any]:
+            t = self._tasks[-1]
+            return {
+                "eigenvalues": [float(v) for v in self._buffers[f"t{task}__eigenvalues"].tolist()],
+                "k": int(t["k"]), "converged": bool(eig.converged), "hvp_iterations": int(eig.iterations),
+                "replay_inputs": sum(batch_size_of(b) for b in self._replay(task)),
+            }
+
+        return run_end_task("CurvatureRegularizer", task, batches, lambda b: self.consolidate(b, loss_fn), details)
 
     @torch.no_grad()
     def consolidate(self, batches: Batch | Iterable[Batch], loss_fn: LossFn | None = None) -> EigenResult:

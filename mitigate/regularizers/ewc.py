@@ -101,7 +101,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, vmap
-from tqdm.auto import tqdm
 
 from mitigate._utils import (
     Batch,
@@ -113,12 +112,15 @@ from mitigate._utils import (
     batch_size_of,
     buffer_key,
     check_shard,
+    input_grad_hooks_removed,
     is_dtensor,
     live_parameters,
     local_tensor,
     model_device,
     move_batch,
+    note_per_sample_memory,
     preserve_state,
+    progress_bar,
     resolve_loss_fn,
     select_parameters,
     shard_info,
@@ -128,6 +130,7 @@ from mitigate._utils import (
 )
 from mitigate.curvature import as_batch_list, functional_loss, unwrap_model
 from mitigate.errors import StateMismatchError
+from mitigate.reports import TaskEndReport
 
 __all__ = ["EWC", "EWCConfig", "relative_strength"]
 
@@ -502,7 +505,10 @@ class EWC(nn.Module):
                                    device=p.device) for n, p in named.items()}
             count = 0.0
             gen = torch.Generator().manual_seed(cfg.seed + self._consolidations)
-            bar = tqdm(blist, desc="EWC Fisher", unit="batch", delay=2.0, leave=False, disable=not cfg.progress)
+            if cfg.fisher != "batch" and not sharded and blist:
+                per_sample = sum(p.numel() * p.element_size() for p in named.values())
+                note_per_sample_memory("EWC Fisher", per_sample, min(cfg.chunk_size or batch_size_of(blist[0]), batch_size_of(blist[0])), device)
+            bar = progress_bar(blist, desc="EWC Fisher", unit="batch", delay=2.0, leave=False, enabled=cfg.progress)
             for batch in bar:
                 batch = move_batch(batch, device)
                 if cfg.fisher == "batch":
@@ -542,6 +548,39 @@ class EWC(nn.Module):
                 )
                 i += s.numel()
         return out
+
+    def end_task(self, batches: Batch | Iterable[Batch], *, loss_fn: LossFn | None = None, model: nn.Module | None = None) -> TaskEndReport:
+        """The task is finished: estimate its Fisher and anchor ``θ*`` (:meth:`consolidate`).
+
+        The one verb every mitigation shares (see :mod:`mitigate.reports`); ``consolidate``
+        stays as it was.
+
+        Args:
+            batches: the finished task's batches (one dict or an iterable).
+            loss_fn: ``loss_fn(model, batch) -> scalar``; default ``model(**batch).loss``.
+            model: accepted for a signature shared with the optimizer wrappers; must be this
+                EWC's model (or ``None``).
+
+        Returns:
+            :class:`~mitigate.reports.TaskEndReport` with ``strength`` (the λ in use), the new
+            Fisher's ``fisher_mean`` / ``fisher_max`` over ``parameters`` entries, and
+            ``stored_pairs``; ``.result`` is :meth:`consolidate`'s Fisher dict.
+
+        Raises:
+            ValueError: ``model`` is not this EWC's model; as :meth:`consolidate`.
+        """
+        from mitigate.reports import run_end_task
+
+        _check_own_model(self.model, model, "EWC")
+        task = self._consolidations
+
+        def details(fisher: dict[str, Tensor]) -> dict[str, Any]:
+            n = sum(f.numel() for f in fisher.values())
+            total = sum(float(f.double().sum()) for f in fisher.values())
+            peak = max((float(f.max()) for f in fisher.values() if f.numel()), default=0.0)
+            return {"strength": self.lambda_, "fisher_mean": total / max(n, 1), "fisher_max": peak, "parameters": n, "stored_pairs": len(self._tasks)}
+
+        return run_end_task("EWC", task, batches, lambda b: self.consolidate(b, loss_fn), details)
 
     @torch.no_grad()
     def consolidate(
@@ -759,7 +798,8 @@ class EWC(nn.Module):
         size = batch_size_of(batch)
         if not self._vmap_failed:
             try:
-                self._per_sample_vmap(named, batch, fn, sums, size)
+                with input_grad_hooks_removed(self._model):  # gradient checkpointing's hook breaks vmap
+                    self._per_sample_vmap(named, batch, fn, sums, size)
                 return float(size)
             except ValueError:
                 raise
@@ -934,4 +974,13 @@ def _check_finite(loss: Tensor) -> None:
         raise ValueError(
             f"non-finite loss ({loss.detach().flatten()[:8].tolist()}) while estimating the Fisher: "
             "check the batch (a sample with no non-ignored labels gives 0/0) and the model's parameters"
+        )
+
+
+def _check_own_model(own: nn.Module, given: nn.Module | None, what: str) -> None:
+    """``end_task(model=...)`` on a loss term: the term already holds its model."""
+    if given is not None and given is not own:
+        raise ValueError(
+            f"{what}.end_task(model=...) got a different model from the one this {what} was built on; "
+            f"a loss term ends a task on its own model: call end_task(batches) (or build a new {what})"
         )
