@@ -94,10 +94,9 @@ def test_functional_routines_restore_the_input_grad_hook_even_on_error():
 
     model = _model("llama")
     hooks = list(model._require_grads_hooks)
-    with pytest.raises(RuntimeError, match="inside"):
-        with input_grad_hooks_removed(model):
-            assert not getattr(model, "_require_grads_hooks", None)
-            raise RuntimeError("inside")
+    with pytest.raises(RuntimeError, match="inside"), input_grad_hooks_removed(model):
+        assert not getattr(model, "_require_grads_hooks", None)
+        raise RuntimeError("inside")
     assert len(model._require_grads_hooks) == len(hooks)
     emb = model.get_input_embeddings()
     out = emb(torch.tensor([[3, 4]]))

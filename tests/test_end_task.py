@@ -158,3 +158,22 @@ def test_mitigation_trainer_end_task_follows_disable_tqdm(tmp_path, monkeypatch)
         rep = trainer.end_task(_batches())
         assert [r.method for r in rep.reports] == ["EWC"]
     assert seen == [False, True]
+
+
+def test_per_sample_memory_note_names_the_chunk_size_that_fits(monkeypatch, caplog):
+    import logging
+
+    import mitigate._utils as U
+
+    caplog.set_level(logging.INFO, logger="mitigate")
+    U.note_per_sample_memory("EWC Fisher", 2**20, 8, "cpu")  # 8 MiB: below the 1 GiB threshold, silent
+    assert not caplog.records
+    monkeypatch.setattr(U, "free_memory_bytes", lambda device: 4 * 2**30)  # 4 GiB free
+    U.note_per_sample_memory("EWC Fisher", 2**30, 8, "cpu")  # 8 × 1 GiB: half of 4 GiB fits 2
+    (rec,) = caplog.records
+    assert rec.levelno == logging.WARNING and "hold 8.00 GiB at once" in rec.getMessage()
+    assert "chunk_size=2 fits in half of it" in rec.getMessage() and "pass chunk_size=2" in rec.getMessage()
+    caplog.clear()
+    U.note_per_sample_memory("EWC Fisher", 2**29, 3, "cpu")  # 1.5 GiB, 3 ≤ 4 fit: a note, not a warning
+    (rec,) = caplog.records
+    assert rec.levelno == logging.INFO and "chunk_size=4 fits" in rec.getMessage()
