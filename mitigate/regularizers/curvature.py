@@ -27,7 +27,7 @@ eigenpairs ``(λ_{t,i}, v_{t,i})`` of that task's Gauss-Newton matrix ``G_t = J�
   loss rise 45× smaller than the real one (issue 13). **Scale rule:** KL is in nats per supervised
   position, the unit of the token-mean cross-entropy the task loss is, so ``w_r`` is a ratio to
   the task loss and needs no rescaling per model. Measured on ``tests/fact_recall.py`` (seed 0,
-  4 replay samples per step): the old-task accuracy kept was nearly flat in ``w_r`` (LoRA
+  4 replay samples per step, with the testbed's earlier 150-step LoRA phase): the old-task accuracy kept was nearly flat in ``w_r`` (LoRA
   gpt2-w48-d3: 74 % at 1, 78 % at 3; llama-w32-d2: 68 % at 1 and 3) while the new task's fell
   (gpt2 LoRA: 77 % at 1, 73 % at 3, 60 % at 10 with 8 per step; plain AdamW 77 %), hence 1.
 * **Curvature anchor** (weight ``strength · w_a``): the rank-k Laplace quadratic along the top GGN

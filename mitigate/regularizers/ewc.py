@@ -22,8 +22,8 @@ new task AdamW → EWC), seed 0: full fine-tuning llama-w32-d2 5→57 % / 100→
 6→56 % / 100→94 %, llama-w64-d4 9→26 % / 100→100 % (seeds 1–2: +22 and +41 on llama-w64, gpt2
 seed 1 loses its new task: 88→23 %). **LoRA is not solved by this Fisher**: the anchor sits at
 ``B = 0`` where ``∂L/∂A = 0``, so ``F_A = 0`` and ``F_B`` is measured along the initial ``A``;
-the default keeps more of the old task but stops the new one (seed 0, llama-w32-d2 5→22 % /
-90→10 %, gpt2 12→53 % / 77→17 %, llama-w64 4→27 % / 92→15 %). A prototype that anchors the
+the default keeps more of the old task but stops the new one (seed 0, 300 LoRA steps,
+llama-w32-d2 2→19 % / 96→35 %, gpt2 14→42 % / 88→10 %, llama-w64 6→17 % / 100→42 %). A prototype that anchors the
 merged update ``ΔW = s·BA`` with the base weight's Fisher (``Σ F_W ⊙ ΔW²``, λ = 1 / mean F_W)
 kept 64 % / 77 % on llama-w32-d2, still short of 90 % of AdamW's new task; not in the library.
 
