@@ -12,9 +12,10 @@ storage), PCGrad replay (``ref_every=10``; ``pcgrad-defaults`` as A-GEM's) and c
 method has its own copy of the model; one *round* times a block of ``--block`` full training steps
 (forward, backward, ``opt.step()``, ``zero_grad``) of every method, in a different order each
 round. The reported ratio is the median over rounds of the paired ratio t_method / t_adamw (same
-round), so background load hits both sides alike. A block (default 10 = ``ref_every``) holds a
-whole reference period, so a reference recomputed every 10th step is inside every ratio (a
-median over single steps would skip it: the earlier table's A-GEM ``ref_every=10`` row was that). "State" is the bytes of
+round), so background load hits both sides alike. A block (default 20) holds a whole number of
+reference periods of every method (``ref_every`` 1, 4 and ``--ref-every``), so every block holds
+the same number of reference recomputations and each ratio includes them (a median over single
+steps would skip them: the earlier table's A-GEM ``ref_every=10`` row was that). "State" is the bytes of
 tensors the wrapper adds to ``state_dict()`` (replay memory, basis, cached reference, counters).
 
 Targets (issue 3): agem ≤ 1.15×, ogd ≤ 1.10×, clipping ≤ 1.03×. OGD streams its k×D basis twice
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import time
@@ -44,6 +46,7 @@ import mitigate
 from benchmarks.metrics import tensor_bytes
 
 TARGETS = {"agem": 1.15, "ogd": 1.10, "clipping": 1.03}
+AGEM_REF4_EVERY = 4  # ``agem-ref4``'s reference period
 
 
 @dataclass
@@ -56,7 +59,7 @@ class BenchConfig:
     vocab: int = 2048  # GPT-2's 50257 would make the LM head dominate the whole step
     rounds: int = 60
     warmup: int = 2
-    block: int = 10
+    block: int = 20
     ref_every: int = 10
     ogd_directions: int = 16
     memory_batches: int = 16
@@ -105,7 +108,7 @@ def make(method: str, cfg: BenchConfig, prior: list[dict]):
     elif method in ("agem-defaults", "pcgrad-defaults"):  # exactly as the README says, no tuning argument
         opt = mitigate.GradientProjection(opt, mode=method.split("-")[0], model=model)
     elif method == "agem-ref4":  # the defaults with the reference gradient reused for 4 steps
-        opt = mitigate.GradientProjection(opt, mode="agem", model=model, ref_every=4)
+        opt = mitigate.GradientProjection(opt, mode="agem", model=model, ref_every=AGEM_REF4_EVERY)
     elif method == "agem-b1":  # one reference batch, recomputed every step (the paper's rule)
         opt = mitigate.GradientProjection(opt, mode="agem", model=model, ref_batches=1)
     elif method == "ogd":
@@ -149,6 +152,10 @@ def block(model, opt, data: list[dict], start: int, n: int, device: str) -> floa
 
 
 def run(cfg: BenchConfig, methods: list[str]) -> list[Row]:
+    if cfg.block % cfg.ref_every or cfg.block % AGEM_REF4_EVERY:
+        raise ValueError(f"block={cfg.block} must be a multiple of ref_every={cfg.ref_every} and of "
+                         f"{AGEM_REF4_EVERY} (agem-ref4), so every block holds the same number of "
+                         f"reference recomputations; e.g. --block {math.lcm(cfg.ref_every, AGEM_REF4_EVERY, 10)}")
     torch.set_num_threads(cfg.threads)
     prior = batches(cfg, max(cfg.memory_batches, cfg.ogd_directions), seed=1)
     setups = {m: make(m, cfg, prior) for m in methods}
