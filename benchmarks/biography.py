@@ -20,11 +20,17 @@ Tokenizer and model
     says).
 
 Protocol
-    * Pretraining: language modelling on the biographies of population 0 (knowledge injection).
-    * Task 0: QA fine-tuning on the first half of population 0, evaluated on the second half
-      (knowledge extraction: held-out people whose biographies were only seen in pretraining).
+    * Task 0, ``default`` preset (``task0_mix=True``): one stream mixing the biographies of
+      population 0 and the QA of its first half ("mixed training", Allen-Zhu & Li 3.1),
+      evaluated on the QA of the second half (knowledge extraction: held-out people whose
+      biographies were seen, their QA never). Trained once per seed by the scenario, cached.
+    * Task 0, ``v1``/``quick``/``micro``: language modelling on the biographies of population 0
+      (knowledge injection), then QA fine-tuning on the first half by the harness. Extraction
+      to held-out people generalises slowly this way (~45-50 % after 1500 + 150 steps, against
+      ~75-90 % after 2000 mixed steps).
     * Task t = 1..T: a new population t; training batches mix its biographies and the QA of its
-      first half; evaluated on the QA of its second half.
+      first half; evaluated on the QA of its second half (the test people; ``tune_fraction`` of
+      that half are tuning people, scored separately and never reported).
 
     ``accuracy`` is exact match of the whole answer under greedy decoding (computed with teacher
     forcing: greedy decoding reproduces the answer iff every answer token is the argmax given the
@@ -160,7 +166,17 @@ class BiographyConfig:
         bios_per_person: biographies generated per person (random templates and order).
         hidden_size / num_layers / num_heads / intermediate_size: the tiny Llama.
         pretrain_steps / pretrain_lr / pretrain_batch: knowledge injection on population 0.
-        task0_steps: QA fine-tuning steps of Task 0 (done once by the harness, cached).
+        task0_steps: training steps of Task 0 (done once per seed, cached; shared by every
+            method).
+        task0_mix: ``True``: Task 0 is trained like the later tasks, on a mix of population 0's
+            biographies and the QA of its first half (knowledge injection and extraction
+            together, "mixed training" in Allen-Zhu & Li 3.1, which lets extraction generalise
+            to held-out people within ~2000 steps), at ``task0_lr`` with a 100-step warmup and a
+            cosine decay to 0.1x, by
+            the scenario itself (the model the harness gets already knows Task 0). ``False``:
+            language modelling on the biographies for ``pretrain_steps``, then QA fine-tuning
+            on the first half for ``task0_steps`` by the harness at ``lr``.
+        task0_lr: Task 0's learning rate when ``task0_mix`` (``None``: ``pretrain_lr``).
         steps_per_task / lr / batch_size: every task's training (AdamW, constant lr).
         qa_fraction: share of QA examples in the batches of tasks 1..T (rest: biographies).
         curve_every / curve_steps: Task-0 evaluation cadence over the first steps of Task 1.
@@ -182,6 +198,8 @@ class BiographyConfig:
     pretrain_lr: float = 3e-3
     pretrain_batch: int = 32
     task0_steps: int = 300
+    task0_mix: bool = False
+    task0_lr: float | None = None
     steps_per_task: int = 300
     lr: float = 1e-3
     batch_size: int = 32
@@ -197,6 +215,9 @@ class BiographyConfig:
             raise ValueError(f"tune_fraction={self.tune_fraction} must be in [0, 1) (0: no tuning people)")
         if self.population < 4 or self.population % 2:
             raise ValueError(f"population={self.population} must be an even number >= 4")
+        if self.task0_mix and self.task0_steps < 1:
+            raise ValueError(f"task0_steps={self.task0_steps} must be >= 1 with task0_mix=True "
+                             "(the scenario trains Task 0 itself)")
         if self.num_new_tasks < 1:
             raise ValueError(f"num_new_tasks={self.num_new_tasks} must be >= 1")
         if not 0.0 < self.qa_fraction <= 1.0:
@@ -221,14 +242,17 @@ class BiographyConfig:
 
     def key(self, seed: int) -> str:
         """Short hash of the whole config and seed (the data's cache directory)."""
-        return _hash({**asdict(self), "seed": seed, "version": 2})
+        return _hash({**asdict(self), "seed": seed, "version": 3})
 
     def pretrain_key(self, seed: int) -> str:
         """Short hash of what the pretrained checkpoint depends on (shared by configs that
         differ only in the later tasks)."""
         fields = ("population", "bios_per_person", "hidden_size", "num_layers", "num_heads",
                   "intermediate_size", "pretrain_steps", "pretrain_lr", "pretrain_batch")
-        return _hash({**{f: getattr(self, f) for f in fields}, "seed": seed, "version": 2})
+        if self.task0_mix:  # the checkpoint then holds Task 0 too
+            fields += ("task0_mix", "task0_steps", "task0_lr", "qa_fraction", "batch_size")
+        return _hash({**{f: getattr(self, f) for f in fields}, "seed": seed, "version": 2,
+                      **({"mix_version": 3} if self.task0_mix else {})})
 
 
 def _hash(blob: dict) -> str:
@@ -243,14 +267,28 @@ PRESETS: dict[str, BiographyConfig] = {
         steps_per_task=8, batch_size=8, curve_every=4, curve_steps=8, probe_examples=8,
         recovery_examples=4, tune_fraction=0.25,
     ),
-    # under 3 minutes for every method on 2 CPU cores (seq keeps ~35-40% of Task 0)
+    # a smoke run: compare.py --quick runs 6 methods x 2 seeds in about 3 minutes on 2 CPU cores
+    # (seq keeps ~35-40% of Task 0; Task 0 scored on 144 items, the new task on 96)
     "quick": BiographyConfig(
         population=48, new_population=32, num_new_tasks=1, bios_per_person=4, hidden_size=64,
         num_layers=4, num_heads=4, intermediate_size=128, pretrain_steps=600, task0_steps=100,
         steps_per_task=60, batch_size=16, curve_every=5, curve_steps=60, probe_examples=24,
     ),
-    # under 30 minutes: two new tasks, the seed's 150-step window
+    # built to measure (issue 14): Task 0 scored on 612 held-out items (102 test people; 26
+    # more are tuning people) and learned by mixed training (every biography and training QA
+    # once per epoch; held-out accuracy at constant lr, seeds 0 / 1: 64 / 49 % after 1200 steps,
+    # 89 / 74 % after 2000, hence 2000 steps with a cosine decay); 3 later tasks of 84 people, each scored on 204 test items and trained
+    # 200 steps (a probe at qa_fraction 0.3, seed 0: seq at 0.909 / 0.913 / 0.893 on the new
+    # tasks at 200 steps, >= 97 % of its 400-step accuracy)
     "default": BiographyConfig(
+        population=256, new_population=84, num_new_tasks=3, bios_per_person=5, hidden_size=64,
+        num_layers=4, num_heads=4, intermediate_size=256, pretrain_steps=0, task0_mix=True,
+        task0_steps=2000, task0_lr=3e-3, steps_per_task=200, lr=1e-3, batch_size=16,
+        qa_fraction=0.4, curve_every=10, curve_steps=150, probe_examples=32, tune_fraction=0.2,
+    ),
+    # the previous default (v1: 300 / 150 scored items, Task 0 at ~50 %), kept to reproduce
+    # the v1 tables of docs/BENCHMARKS.md
+    "v1": BiographyConfig(
         population=100, new_population=50, num_new_tasks=2, bios_per_person=4, hidden_size=64,
         num_layers=4, num_heads=4, intermediate_size=192, pretrain_steps=1500, task0_steps=150,
         steps_per_task=150, batch_size=16, curve_every=10, curve_steps=150, probe_examples=32,
@@ -583,6 +621,32 @@ def _qa_examples(codec: WordCodec, people: Sequence[Person]) -> list[tuple[list[
     return [codec.qa_example(*qa_pair(p, a)) for p in people for a in ATTRIBUTES]
 
 
+def _mix_size(cfg: BiographyConfig, n_bios: int, n_qa: int) -> tuple[int, int]:
+    """(biographies, QA examples) in a mixed stream at ``cfg.qa_fraction``: every biography and
+    every QA example at least once, the smaller side repeated up to the ratio (QA alone when
+    ``qa_fraction`` is 1)."""
+    q = cfg.qa_fraction
+    if q >= 1:
+        return 0, n_qa
+    want_qa = round(n_bios * q / (1 - q))
+    if want_qa >= n_qa:
+        return n_bios, want_qa
+    return round(n_qa * (1 - q) / q), n_qa
+
+
+def _mixed_examples(cfg: BiographyConfig, codec: WordCodec, data: BiographyData, t: int
+                    ) -> list[tuple[list[int], list[int]]]:
+    """Population ``t``'s training stream: its biographies and the QA of its first half, each at
+    least once, the smaller side repeated so that QA is ``qa_fraction`` of the stream (QA alone
+    when it is 1)."""
+    qa_train = _qa_examples(codec, data.qa_split(t)[0])
+    if cfg.qa_fraction >= 1:
+        return qa_train
+    bios = [codec.lm_example(b) for b in data.bios[t]]
+    n_bios, n_qa = _mix_size(cfg, len(bios), len(qa_train))
+    return [bios[i % len(bios)] for i in range(n_bios)] + [qa_train[i % len(qa_train)] for i in range(n_qa)]
+
+
 def describe(preset: str | BiographyConfig = "quick", **overrides) -> dict:
     """What a run of this scenario scores, from its config alone (nothing is built or trained).
 
@@ -597,16 +661,17 @@ def describe(preset: str | BiographyConfig = "quick", **overrides) -> dict:
         k = round(cfg.tune_fraction * (n - n // 2))
         return (n - n // 2 - k) * per_person, k * per_person
 
+    def mixed(n: int) -> int:  # examples in a population's mixed training stream
+        qa, bios = n // 2 * per_person, n * cfg.bios_per_person
+        return sum(_mix_size(cfg, bios, qa))
+
     test0, tune0 = held(cfg.population)
     tasks = [{"name": "task0", "eval_items": test0, "tune_items": tune0,
-              "train_examples": cfg.population // 2 * per_person}]
+              "train_examples": mixed(cfg.population) if cfg.task0_mix else cfg.population // 2 * per_person}]
     n = cfg.new_population_size
     for t in range(1, cfg.num_new_tasks + 1):
-        qa = n // 2 * per_person
-        bios = n * cfg.bios_per_person
-        mixed = qa if cfg.qa_fraction >= 1 else bios + max(1, round(bios * cfg.qa_fraction / (1 - cfg.qa_fraction)))
         test, tune = held(n)
-        tasks.append({"name": f"task{t}", "eval_items": test, "tune_items": tune, "train_examples": mixed})
+        tasks.append({"name": f"task{t}", "eval_items": test, "tune_items": tune, "train_examples": mixed(n)})
     return {"tasks": tasks, "general": [], "steps_per_task": cfg.steps_per_task, "task0_steps": cfg.task0_steps}
 
 
@@ -621,8 +686,9 @@ def build_scenario(preset: str | BiographyConfig = "quick", cache_dir: str | Pat
         **overrides: :class:`BiographyConfig` fields to change.
 
     Returns:
-        A :class:`Scenario` whose ``model_factory`` returns the pretrained model (Task 0 is not
-        yet trained: ``first_task_pretrained=False``).
+        A :class:`Scenario` whose ``model_factory`` returns the pretrained model: with
+        ``task0_mix`` it already knows Task 0 (``first_task_pretrained=True``), otherwise the
+        harness trains Task 0 on it.
     """
     from safetensors.torch import load_file, save_file
 
@@ -646,18 +712,27 @@ def build_scenario(preset: str | BiographyConfig = "quick", cache_dir: str | Pat
         tokenizer.save(str(tok_path))
     codec = WordCodec(tokenizer)
 
+    rng = random.Random(seed + 1)
+    task0_train = codec.batches(_mixed_examples(cfg, codec, data, 0) if cfg.task0_mix
+                                else _qa_examples(codec, data.qa_split(0)[0]), cfg.batch_size, rng)
     if ckpt_path.exists():
         pretrained = load_file(str(ckpt_path))
     else:
         model = build_model(cfg, codec.vocab_size, seed)
-        bios = [codec.lm_example(b) for b in data.bios[0]]
-        batches = codec.batches(bios, cfg.pretrain_batch, random.Random(seed))
-        log.info("pretraining biography model (%d steps), cached at %s", cfg.pretrain_steps, cache)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # a tiny model: threads only add synchronisation
         try:
-            train_steps(model, batches, cfg.pretrain_steps, cfg.pretrain_lr, seed,
-                        desc="pretrain", warmup=min(100, cfg.pretrain_steps // 10), cosine=True)
+            if cfg.pretrain_steps:
+                bios = [codec.lm_example(b) for b in data.bios[0]]
+                batches = codec.batches(bios, cfg.pretrain_batch, random.Random(seed))
+                log.info("pretraining biography model (%d steps), cached at %s", cfg.pretrain_steps, ckpt_path)
+                train_steps(model, batches, cfg.pretrain_steps, cfg.pretrain_lr, seed,
+                            desc="pretrain", warmup=min(100, cfg.pretrain_steps // 10), cosine=True)
+            if cfg.task0_mix:
+                log.info("training Task 0 (biographies + QA, %d steps), cached at %s", cfg.task0_steps, ckpt_path)
+                train_steps(model, task0_train, cfg.task0_steps,
+                            cfg.pretrain_lr if cfg.task0_lr is None else cfg.task0_lr, seed + 3,
+                            desc="task0 (mixed)", warmup=min(100, cfg.task0_steps // 10), cosine=True)
         finally:
             torch.set_num_threads(threads)
         pretrained = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
@@ -668,7 +743,6 @@ def build_scenario(preset: str | BiographyConfig = "quick", cache_dir: str | Pat
         model.load_state_dict(pretrained)
         return model
 
-    rng = random.Random(seed + 1)
     tasks = []
     for t in range(cfg.num_new_tasks + 1):
         train_people = data.qa_split(t)[0]
@@ -676,16 +750,8 @@ def build_scenario(preset: str | BiographyConfig = "quick", cache_dir: str | Pat
         qa_train = _qa_examples(codec, train_people)
         qa_eval = _qa_examples(codec, eval_people)
         qa_tune = _qa_examples(codec, tune_people)
-        if t == 0:
-            train_examples = qa_train
-        else:
-            # mix biographies and QA at qa_fraction (QA examples repeated/cut to the ratio)
-            bios = [codec.lm_example(b) for b in data.bios[t]]
-            n_qa = max(1, round(len(bios) * cfg.qa_fraction / (1 - cfg.qa_fraction))) \
-                if cfg.qa_fraction < 1 else len(qa_train)
-            qa_mix = [qa_train[i % len(qa_train)] for i in range(n_qa)]
-            train_examples = bios + qa_mix if cfg.qa_fraction < 1 else qa_train
-        train = codec.batches(train_examples, cfg.batch_size, rng)
+        train = task0_train if t == 0 else codec.batches(_mixed_examples(cfg, codec, data, t),
+                                                         cfg.batch_size, rng)
         eval_batches = codec.batches(qa_eval, 256)
         probe_rng = random.Random(seed + 100 + t)
         probe = codec.batches(probe_rng.sample(qa_eval, min(cfg.probe_examples, len(qa_eval))),
@@ -711,7 +777,7 @@ def build_scenario(preset: str | BiographyConfig = "quick", cache_dir: str | Pat
         tasks=tasks,
         steps_per_task=cfg.steps_per_task,
         lr=cfg.lr,
-        first_task_pretrained=False,
+        first_task_pretrained=cfg.task0_mix,
         notes=(f"biography: {cfg.population} people/population, T={cfg.num_new_tasks}, "
                f"{cfg.num_layers}x{cfg.hidden_size} Llama, vocab {codec.vocab_size}"),
         task0_steps=cfg.task0_steps,

@@ -90,7 +90,10 @@ from benchmarks.scenario import Scenario, ScenarioUnavailable, Task
 
 log = logging.getLogger("benchmarks.compare")
 
-PRESETS = ("micro", "quick", "default")
+DEFAULT_SEEDS = {("biography", "quick"): 2, ("biography", "default"): 3}
+"""Seeds a run uses when ``--seeds`` is not given (1 for any other scenario and preset): enough
+for a paired interval on ``--quick``, three on the default preset."""
+PRESETS = ("micro", "quick", "default", "v1")  # v1: biography only (the earlier default)
 SCENARIOS = ("biography", "smollm2", "lm")  # lm: --model DIR --tasks FILE ... (benchmarks/lm_tasks.py)
 
 # ============================================================================ configuration
@@ -103,7 +106,7 @@ class BenchConfig:
     scenario: str = "biography"
     preset: str = "default"
     methods: list[str] | None = None  # None: M.default_methods(scenario, preset)
-    seeds: int = 1
+    seeds: int | None = None  # None: DEFAULT_SEEDS[(scenario, preset)], else 1
     seed_base: int = 0
     device: str = "auto"
     run: str | None = None
@@ -138,7 +141,9 @@ class BenchConfig:
             raise ValueError(f"scenario={self.scenario!r}: choose one of {SCENARIOS}")
         if self.preset not in PRESETS:
             raise ValueError(f"preset={self.preset!r}: choose one of {PRESETS}")
-        if self.seeds < 1:
+        if self.seeds is None:
+            self.seeds = DEFAULT_SEEDS.get((self.scenario, self.preset), 1)
+        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
             raise ValueError(f"seeds={self.seeds} must be >= 1")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device={self.device!r}: use auto, cpu or cuda")
@@ -191,8 +196,8 @@ class BenchConfig:
     @property
     def diag(self) -> dict[str, int]:
         """Diagnostic effort: recovery steps and Lanczos iterations per preset."""
-        rec = {"micro": 3, "quick": 10, "default": 10}[self.preset]
-        it = {"micro": 4, "quick": 12, "default": 30}[self.preset]
+        rec = {"micro": 3, "quick": 10, "default": 10, "v1": 10}[self.preset]
+        it = {"micro": 4, "quick": 12, "default": 30, "v1": 30}[self.preset]
         return {"recovery_steps": self.recovery_steps or rec, "hessian_iters": self.hessian_iters or it}
 
 
@@ -219,7 +224,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig | None:
     p.add_argument("--methods", default=None,
                    help="comma list; 'a+b' combines methods (default: all twelve; smollm2 --quick: "
                         "the eight that fit its CPU hour, see methods.SCENARIO_DEFAULT_METHODS)")
-    p.add_argument("--seeds", type=int, default=1, help="number of seeds (mean ± std)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="number of seeds (default: biography --quick 2, biography default 3, else 1)")
     p.add_argument("--seed-base", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     p.add_argument("--run", default=None, help="run name (default: <scenario>-<preset>-<time>)")
@@ -298,10 +304,12 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig | None:
     return cfg
 
 
-# Measured seconds per method and seed on the 2-core reference machine (docs/BENCHMARKS.md:
-# quick 1 min 55 s and default 7 min 2 s for twelve methods, one seed), for --describe's estimate.
-SECONDS_PER_METHOD_SEED = {("biography", "micro"): 2.0, ("biography", "quick"): 9.6,
-                           ("biography", "default"): 35.0, ("smollm2", "quick"): 300.0}
+# Measured seconds per method and seed on the 2-core reference machine, cold cache included
+# (docs/BENCHMARKS.md: quick 153 s for 6 methods x 2 seeds; default 2501 s for 12 methods x 3
+# seeds; v1, the earlier default, 7 min 2 s for 12 methods x 1 seed), for --describe's estimate.
+SECONDS_PER_METHOD_SEED = {("biography", "micro"): 2.0, ("biography", "quick"): 12.7,
+                           ("biography", "default"): 69.5, ("biography", "v1"): 35.0,
+                           ("smollm2", "quick"): 300.0}
 
 
 def describe(cfg: BenchConfig) -> dict[str, Any]:
@@ -910,6 +918,36 @@ def _worker_unit(cfg: BenchConfig, seed: int, name: str, base_diag: BaseDiagnost
     return _run_unit(cfg, seed, name, scenario, base, base_diag, device, reference)
 
 
+def _warm_seed(cfg: BenchConfig, seed: int) -> float:
+    """Build (or load) seed ``seed``'s cached scenario, Task-0 model and null control in a worker
+    process; returns the seconds it took. The parent then loads them from the cache."""
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    scenario, base = _prepare_seed(cfg, seed, device)
+    torch.set_num_threads(1)
+    null_model(scenario, cfg.cache_dir, seed, device, base)
+    return time.perf_counter() - t0
+
+
+def _warm_caches(cfg: BenchConfig, seeds: list[int], device: torch.device) -> None:
+    """Fill the caches of several biography seeds in parallel (one seed per worker process):
+    each seed's Task 0 and null control are minutes of single-threaded training, which the
+    per-seed loop of :func:`run_benchmark` would otherwise run one after another."""
+    n = _workers_for(cfg, device, len(seeds))
+    if n <= 1 or cfg.scenario != "biography":
+        return
+    import concurrent.futures as cf
+    import importlib
+    import multiprocessing as mp
+
+    worker = importlib.import_module("benchmarks.compare")  # picklable under spawn
+    with cf.ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"),
+                                initializer=worker._worker_init) as pool:
+        futures = {pool.submit(worker._warm_seed, cfg, seed): seed for seed in seeds}
+        for fut in cf.as_completed(futures):
+            print(f"[seed {futures[fut]}] cache ready in {fut.result():.1f}s (built in a worker)", flush=True)
+
+
 def _workers_for(cfg: BenchConfig, device: torch.device, units: int) -> int:
     if cfg.workers is not None:
         return min(cfg.workers, units)
@@ -948,6 +986,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
                              "status": "ok", "message": None, "seeds": []} for m in chosen},
     }
     prepared: dict[int, tuple[Scenario, nn.Module, BaseDiagnostics]] = {}
+    _warm_caches(cfg, seeds, device)
     for seed in seeds:
         t0 = time.perf_counter()
         scenario, base = _prepare_seed(cfg, seed, device)

@@ -472,6 +472,9 @@ DEFAULT_METHODS = ("seq", "freeze-bottom", "freeze-qk", "agem", "ogd", "curvatur
 # planned (probes every candidate plan on a copy); name them with --methods to run them anyway.
 SCENARIO_DEFAULT_METHODS: dict[tuple[str, str], tuple[str, ...]] = {
     ("smollm2", "quick"): ("seq", "freeze-bottom", "freeze-qk", "agem", "ewc", "clip", "replay", "lrcp"),
+    # biography --quick: a smoke run of 2 seeds that still gives paired intervals in ~3 min:
+    # seq, the seed's recipe, issue 13's three defaults and replay
+    ("biography", "quick"): ("seq", "freeze-bottom", "agem", "curvature", "ewc", "replay"),
     # your own model (--model): the same eight on --quick; every method otherwise
     ("lm", "quick"): ("seq", "freeze-bottom", "freeze-qk", "agem", "ewc", "clip", "replay", "lrcp"),
 }

@@ -194,3 +194,43 @@ def test_task0_trains_on_one_half_and_evaluates_on_the_other(tmp_path):
     lengths = torch.cat([b["attention_mask"].sum(1) for b in sc.tasks[1].train])
     assert (labelled == lengths - 1).any() or (labelled == lengths).any()  # a biography
     assert (labelled < lengths // 2).any()  # a QA example
+
+
+def test_mixed_task0_is_trained_by_the_scenario_on_bios_and_half_the_qa(tmp_path):
+    cfg = replace(MICRO, task0_mix=True, task0_steps=6, pretrain_steps=0, qa_fraction=0.5)
+    sc = B.build_scenario(cfg, tmp_path, seed=0)
+    assert sc.first_task_pretrained  # the harness gets a model that already knows Task 0
+    data = B.generate_data(cfg, 0)
+    codec = B.WordCodec(B.build_tokenizer())
+    train_people, eval_people = data.qa_split(0)
+    rows = [row for b in sc.tasks[0].train for row in zip(b["input_ids"], b["labels"])]
+    is_qa = [bool(lab[0] == -100) for _, lab in rows]  # QA: the prompt (from bos on) is unlabelled
+    qa_text = " ".join(codec.tok.decode(ids.tolist()) for (ids, _), q in zip(rows, is_qa) if q)
+    bio_text = " ".join(codec.tok.decode(ids.tolist()) for (ids, _), q in zip(rows, is_qa) if not q)
+    in_qa = {p.name for p in data.populations[0] if re.search(rf"\b{p.name}\b", qa_text)}
+    in_bios = {p.name for p in data.populations[0] if re.search(rf"\b{p.name}\b", bio_text)}
+    assert in_qa == {p.name for p in train_people}  # QA of the first half only
+    assert in_bios == {p.name for p in data.populations[0]}  # everyone's biographies
+    n_qa = sum(is_qa)
+    # qa_fraction 0.5: as many QA examples as biographies, each of both at least once
+    assert n_qa == len(rows) - n_qa == max(len(data.bios[0]), len(train_people) * len(B.ATTRIBUTES))
+    assert B.describe(cfg)["tasks"][0]["train_examples"] == len(rows)
+    # the checkpoint holds Task 0: it depends on Task 0's steps, and differs from the init
+    assert cfg.pretrain_key(0) != replace(cfg, task0_steps=7).pretrain_key(0)
+    assert MICRO.pretrain_key(0) == replace(MICRO, task0_steps=7).pretrain_key(0)
+    init = B.build_model(cfg, codec.vocab_size, 0)
+    trained = sc.model_factory()
+    assert not all(torch.equal(p, q) for p, q in zip(init.parameters(), trained.parameters()))
+    with pytest.raises(ValueError, match="task0_steps=0"):
+        replace(cfg, task0_steps=0)
+
+
+def test_default_preset_scores_what_issue_14_asks():
+    d = B.describe("default")
+    task0, *later = d["tasks"]
+    assert task0["eval_items"] >= 600 and task0["tune_items"] > 0
+    assert len(later) >= 3 and all(t["eval_items"] >= 200 and t["tune_items"] > 0 for t in later)
+    assert sum(t["eval_items"] for t in later) >= 600
+    # v1 keeps the earlier default, so its tables stay reproducible
+    v1 = B.PRESETS["v1"]
+    assert (v1.population, v1.new_population, v1.num_new_tasks, v1.pretrain_steps, v1.task0_mix) == (100, 50, 2, 1500, False)

@@ -42,7 +42,15 @@ def test_every_default_method_is_registered_and_documented():
 
 
 def test_default_methods_depend_on_scenario_and_preset():
-    assert C.BenchConfig(preset="quick").methods == list(M.DEFAULT_METHODS)
+    assert C.BenchConfig(preset="default").methods == list(M.DEFAULT_METHODS)
+    quick = C.BenchConfig(preset="quick")
+    assert quick.methods == list(M.SCENARIO_DEFAULT_METHODS[("biography", "quick")])
+    assert {"seq", "ewc", "curvature", "agem"} <= set(quick.methods)
+    # --quick gives a paired interval (2 seeds), the default preset 3; --seeds overrides
+    assert (quick.seeds, C.BenchConfig(preset="default").seeds, C.BenchConfig(preset="micro").seeds) == (2, 3, 1)
+    assert C.parse_args(["--quick", "--seeds", "5"]).seeds == 5 and C.parse_args(["--quick"]).seeds == 2
+    with pytest.raises(ValueError, match="seeds=0"):
+        C.BenchConfig(seeds=0)
     assert C.BenchConfig(scenario="smollm2", preset="default").methods == list(M.DEFAULT_METHODS)
     reduced = C.BenchConfig(scenario="smollm2", preset="quick").methods
     assert reduced == list(M.SCENARIO_DEFAULT_METHODS[("smollm2", "quick")])
@@ -425,3 +433,22 @@ def test_smollm2_describe_needs_no_model():
     assert [t["name"] for t in d["tasks"]] == list(cfg.tasks)
     assert all(t["eval_items"] == len(x.evals["main"]) for t, x in zip(d["tasks"], smollm2.generate_tasks(cfg, 0)))
     assert {g["name"] for g in d["general"]} == {"stdlib_nll", "fact_probe"}
+
+
+def test_caches_warmed_in_workers_equal_those_built_in_process(tmp_path):
+    """Several seeds' Task-0 models and null controls are built in parallel worker processes;
+    the parent must then load exactly what it would have built itself."""
+    warm = C.BenchConfig(preset="micro", methods=["seq"], seeds=2, workers=2, cache_dir=str(tmp_path / "warm"))
+    cold = C.BenchConfig(preset="micro", methods=["seq"], seeds=2, workers=1, cache_dir=str(tmp_path / "cold"))
+    cpu = torch.device("cpu")
+    C._warm_caches(warm, [0, 1], cpu)
+    assert len(list((tmp_path / "warm").rglob("null-*.safetensors"))) == 2  # both seeds, in workers
+    C._warm_caches(cold, [0, 1], cpu)  # one worker: nothing is built ahead
+    assert not (tmp_path / "cold").exists() or not list((tmp_path / "cold").rglob("*.safetensors"))
+    for seed in (0, 1):
+        _, a = C._prepare_seed(warm, seed, cpu)
+        sc, b = C._prepare_seed(cold, seed, cpu)
+        assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+        na = C.null_model(sc, warm.cache_dir, seed, cpu, a)
+        nb = C.null_model(sc, cold.cache_dir, seed, cpu, b)
+        assert all(torch.equal(p, q) for p, q in zip(na.state_dict().values(), nb.state_dict().values()))
