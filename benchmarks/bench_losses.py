@@ -210,8 +210,6 @@ def main() -> None:
     for rep in range(a.eig_repeats):
         order = ("lanczos", "power", "power_acc", "lanczos_mult")
         for which in (order if rep % 2 == 0 else order[::-1]):
-            if which == "power_acc" and lz_res is None:
-                continue  # needs Lanczos' accuracy; the reversed order times it after Lanczos
             t = time.perf_counter()
             if which in ("lanczos", "lanczos_mult"):
                 res = hessian_eigenvalues(model, batch, k=1, tol=a.tol, max_iter=300, seed=rep,

@@ -172,8 +172,7 @@ class BiographyConfig:
             biographies and the QA of its first half (knowledge injection and extraction
             together, "mixed training" in Allen-Zhu & Li 3.1, which lets extraction generalise
             to held-out people within ~2000 steps), at ``task0_lr`` with a 100-step warmup and a
-            cosine decay to 0.1x, by
-            the scenario itself (the model the harness gets already knows Task 0). ``False``:
+            cosine decay to 0.1x, by the scenario itself (the model the harness gets already knows Task 0). ``False``:
             language modelling on the biographies for ``pretrain_steps``, then QA fine-tuning
             on the first half for ``task0_steps`` by the harness at ``lr``.
         task0_lr: Task 0's learning rate when ``task0_mix`` (``None``: ``pretrain_lr``).
@@ -277,9 +276,9 @@ PRESETS: dict[str, BiographyConfig] = {
     # built to measure (issue 14): Task 0 scored on 612 held-out items (102 test people; 26
     # more are tuning people) and learned by mixed training (every biography and training QA
     # once per epoch; held-out accuracy at constant lr, seeds 0 / 1: 64 / 49 % after 1200 steps,
-    # 89 / 74 % after 2000, hence 2000 steps with a cosine decay); 3 later tasks of 84 people, each scored on 204 test items and trained
-    # 200 steps (a probe at qa_fraction 0.3, seed 0: seq at 0.909 / 0.913 / 0.893 on the new
-    # tasks at 200 steps, >= 97 % of its 400-step accuracy)
+    # 89 / 74 % after 2000, hence 2000 steps with a cosine decay); 3 later tasks of 84 people,
+    # each scored on 204 test items and trained 200 steps (seed 0: seq's new-task accuracy at
+    # 200 steps is 94 / 97 / 97 % of its 400-step maximum)
     "default": BiographyConfig(
         population=256, new_population=84, num_new_tasks=3, bios_per_person=5, hidden_size=64,
         num_layers=4, num_heads=4, intermediate_size=256, pretrain_steps=0, task0_mix=True,

@@ -53,6 +53,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.report import fmt_value  # noqa: E402
 from benchmarks.stats import PairedInterval, paired_interval  # noqa: E402
 
 
@@ -64,8 +65,7 @@ class Claim:
     paper: str
     lo: float
     hi: float
-    unit: str  # "pct" (fractions shown as %), "points" (differences of fractions), "ratio",
-    # "pct100" (values already in percent), "float"
+    unit: str  # a kind of benchmarks.report.fmt_value: "pct", "pp", "ratio", "pct100", "float"
 
 
 def _per_seed(results: dict[str, Any], method: str, key: str) -> dict[int, float]:
@@ -85,28 +85,14 @@ def _verdict(iv: PairedInterval, claim: Claim) -> str:
     return "consistent"
 
 
-def _fmt(x: float | None, unit: str) -> str:
-    if x is None:
-        return "–"
-    if unit == "pct":
-        return f"{100 * x:.1f} %"
-    if unit == "points":
-        return f"{100 * x:+.1f}"
-    if unit == "ratio":
-        return f"{x:.2f}×"
-    if unit == "pct100":  # already in percent
-        return f"{x:.1f} %"
-    return f"{x:.3f}"
-
-
 def _row(claim: Claim, values: list[float], ours: str) -> dict[str, Any]:
     iv = paired_interval(values) if values else None
     if iv is None:
         return {"claim": claim.name, "paper": claim.paper, "ours": "not measured", "ci95": None,
                 "n_seeds": 0, "verdict": "not measured"}
     ci = None if iv.low is None else [iv.low, iv.high]
-    text = f"{_fmt(iv.mean, claim.unit)}"
-    ci_text = "–" if ci is None else f"[{_fmt(ci[0], claim.unit)}, {_fmt(ci[1], claim.unit)}]"
+    text = fmt_value(iv.mean, claim.unit)
+    ci_text = "–" if ci is None else f"[{fmt_value(ci[0], claim.unit)}, {fmt_value(ci[1], claim.unit)}]"
     return {"claim": claim.name, "paper": claim.paper, "ours": f"{text} {ours}".strip(), "mean": iv.mean,
             "ci95": ci, "ci_text": ci_text, "n_seeds": iv.n, "verdict": _verdict(iv, claim),
             "claimed_range": [claim.lo, claim.hi]}
@@ -131,7 +117,7 @@ def claims_table(results: dict[str, Any]) -> list[dict[str, Any]]:
         levels = (f"({100 * sum(sq[s] for s in common) / len(common):.1f} % → "
                   f"{100 * sum(fb[s] for s in common) / len(common):.1f} %)")
     rows.append(_row(Claim("freeze bottom layers + embeddings − seq, final Task-0 accuracy",
-                           "11 % → 44 % (+33 points)", 0.28, 0.38, "points"),
+                           "11 % → 44 % (+33 points)", 0.28, 0.38, "pp"),
                      [fb[s] - sq[s] for s in common], levels))
     rows.append(_row(Claim("curvature regularizer: forgetting reduction over seq", "−34 %", 34 - 5, 34 + 5, "pct100"),
                      list(_per_seed(results, "curvature", "mitigation_pct").values()), ""))
@@ -145,7 +131,7 @@ def claims_table(results: dict[str, Any]) -> list[dict[str, Any]]:
     if common and sum(lost) > 0:
         share = f"(restores {100 * sum(gains) / sum(lost):.1f} % of the {100 * sum(lost) / len(lost):.1f} points lost)"
     rows.append(_row(Claim("recovery probe, 10 Task-0 examples: seq's gain", "substantial (spurious forgetting)",
-                           0.10, 1.0, "points"), gains, share))
+                           0.10, 1.0, "pp"), gains, share))
     return rows
 
 

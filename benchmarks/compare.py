@@ -48,6 +48,7 @@ issue's target: keep ≥ 90% of the Task-0 accuracy, reach ≥ 95% of seq's new-
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import copy
 import hashlib
 import json
@@ -918,6 +919,18 @@ def _worker_unit(cfg: BenchConfig, seed: int, name: str, base_diag: BaseDiagnost
     return _run_unit(cfg, seed, name, scenario, base, base_diag, device, reference)
 
 
+def _worker_pool(n: int):
+    """``(pool, worker)``: a ``ProcessPoolExecutor`` of ``n`` spawned processes (one thread each,
+    :func:`_worker_init`) and this module imported by its name, whose functions pickle under
+    spawn (``__main__``'s would not)."""
+    import importlib
+    import multiprocessing as mp
+
+    worker = importlib.import_module("benchmarks.compare")
+    return cf.ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"),
+                                  initializer=worker._worker_init), worker
+
+
 def _warm_seed(cfg: BenchConfig, seed: int) -> float:
     """Build (or load) seed ``seed``'s cached scenario, Task-0 model and null control in a worker
     process; returns the seconds it took. The parent then loads them from the cache."""
@@ -936,13 +949,8 @@ def _warm_caches(cfg: BenchConfig, seeds: list[int], device: torch.device) -> No
     n = _workers_for(cfg, device, len(seeds))
     if n <= 1 or cfg.scenario != "biography":
         return
-    import concurrent.futures as cf
-    import importlib
-    import multiprocessing as mp
-
-    worker = importlib.import_module("benchmarks.compare")  # picklable under spawn
-    with cf.ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"),
-                                initializer=worker._worker_init) as pool:
+    pool, worker = _worker_pool(n)
+    with pool:
         futures = {pool.submit(worker._warm_seed, cfg, seed): seed for seed in seeds}
         for fut in cf.as_completed(futures):
             print(f"[seed {futures[fut]}] cache ready in {fut.result():.1f}s (built in a worker)", flush=True)
@@ -1045,15 +1053,10 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
                 progress(seed, m.name)
             del reference
     else:
-        import concurrent.futures as cf
-        import importlib
-        import multiprocessing as mp
-
-        worker = importlib.import_module("benchmarks.compare")  # picklable under spawn
         print(f"running {len(units)} method x seed units in {n_workers} worker processes "
               f"(one thread each)", flush=True)
-        with cf.ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn"),
-                                    initializer=worker._worker_init) as pool:
+        pool, worker = _worker_pool(n_workers)
+        with pool:
             futures = {pool.submit(worker._worker_unit, cfg, seed, name, prepared[seed][2]): (seed, name)
                        for seed, name in units}
             for fut in cf.as_completed(futures):

@@ -60,7 +60,11 @@ SUMMARY_COLUMNS = (
 )
 
 
-def _fmt(value: float | None, kind: str) -> str:
+def fmt_value(value: float | None, kind: str) -> str:
+    """One number as the benchmark's tables show it: ``kind`` is ``"pct"`` (a fraction, as %),
+    ``"pct100"`` (already in percent), ``"pp"`` (a difference of fractions, in signed points),
+    ``"ratio"``, ``"float1"``/``"int"`` (no decimals), ``"float2"`` or anything else (3 decimals);
+    ``None`` or non-finite: ``"–"``."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     if kind == "pct":
@@ -83,7 +87,7 @@ def _fmt(value: float | None, kind: str) -> str:
 def _cell(agg: dict[str, Any], key: str, kind: str) -> str:
     entry = agg.get(key) or {}
     mean, std, n = entry.get("mean"), entry.get("std"), entry.get("n", 0)
-    text = _fmt(mean, kind)
+    text = fmt_value(mean, kind)
     if n and n > 1 and std is not None and mean is not None:
         scale = 100 if kind in ("pct", "pp") else 1
         text += f" ± {scale * std:.1f}" if kind in ("pct", "pp", "pct100") else f" ± {std:.2f}"
