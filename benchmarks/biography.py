@@ -294,6 +294,10 @@ PRESETS: dict[str, BiographyConfig] = {
     ),
 }
 
+# the spurious-forgetting regime (issue 14, item 1): the default preset with the later tasks
+# trained at a tenth of its lr (1e-4; Task 0 and its cached model are the default preset's)
+PRESETS["lowlr"] = replace(PRESETS["default"], lr=1e-4)
+
 
 # --------------------------------------------------------------------------------------------
 # Generator

@@ -5,6 +5,7 @@ Exact commands (repository root)::
     python benchmarks/tune.py --quick                       # -> benchmarks/tuned/biography-quick.json
     python benchmarks/tune.py --quick --methods ewc,replay --seeds 2
     python benchmarks/compare.py --quick --tuned benchmarks/tuned/biography-quick.json --seeds 5
+    python benchmarks/tune.py --show benchmarks/tuned/biography-default.json   # the record as a table
 
 Protocol. Each method gets the same budget: the configurations in :data:`GRIDS` (at most
 :data:`BUDGET` per method, its registered default among them; methods without a knob have the
@@ -146,6 +147,33 @@ def load_tuned(path: str | Path, scenario: str, preset: str) -> dict[str, Any]:
     return rec
 
 
+def table(rec: dict[str, Any]) -> str:
+    """A tuning record as a markdown table: one row per configuration (mean over the tuning
+    seeds of the final Task-0 accuracy and the new-task gain, per-seed values in brackets), the
+    chosen one in bold; seq's figures in the header line."""
+    seq = rec["seq"]
+    def cell(c: dict[str, Any], key: str, pct: bool) -> str:
+        per = " / ".join(f"{p[key] * (100 if pct else 1):.{1 if pct else 3}f}" for p in c.get("per_seed", []))
+        mean = c[key] * (100 if pct else 1)
+        return f"{mean:.{1 if pct else 3}f}" + (" %" if pct else "") + (f" ({per})" if per else "")
+    lines = [f"Tuning seeds {rec['tuning_seeds']}, scored on {rec['evaluated_on']}; seq: Task-0 "
+             f"{cell(seq, 'task0_final', True)}, gain {cell(seq, 'plasticity_gain', False)}. "
+             f"Rule: {rec['rule']}.", "",
+             "| method | configuration | Task-0 acc (per seed) | new-task gain (per seed) | chosen |",
+             "|---|---|---:|---:|---|"]
+    for name, m in rec["methods"].items():
+        for i, c in enumerate(m["candidates"]):
+            hp = ", ".join(f"{k}={v}" for k, v in c["hp"].items()) or "defaults"
+            chosen = i == m["chosen"]
+            if c.get("status", "ok") != "ok":
+                lines.append(f"| {name} | {hp} | {c['status']} | {c.get('message', '')} | |")
+                continue
+            b = "**" if chosen else ""
+            lines.append(f"| {name} | {b}{hp}{b} | {cell(c, 'task0_final', True)} | "
+                         f"{cell(c, 'plasticity_gain', False)} | {'yes' if chosen else ''} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -160,7 +188,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default=None, help="output file (default: benchmarks/tuned/<scenario>-<preset>.json)")
     p.add_argument("--cache-dir", default=".cache/mitigate-bench")
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--show", default=None, metavar="FILE",
+                   help="print the tuning record FILE as a markdown table and exit (runs nothing)")
     a = p.parse_args(argv)
+    if a.show:
+        rec = json.loads(Path(a.show).read_text())
+        print(table(rec))
+        return rec
     preset = a.preset or ("quick" if a.quick else "default")
     cfg = C.BenchConfig(scenario=a.scenario, preset=preset, seeds=a.seeds, seed_base=a.seed_base,
                         cache_dir=a.cache_dir, workers=a.workers, plots=False, ref_every=0,

@@ -234,3 +234,13 @@ def test_default_preset_scores_what_issue_14_asks():
     # v1 keeps the earlier default, so its tables stay reproducible
     v1 = B.PRESETS["v1"]
     assert (v1.population, v1.new_population, v1.num_new_tasks, v1.pretrain_steps, v1.task0_mix) == (100, 50, 2, 1500, False)
+
+
+def test_lowlr_preset_is_the_default_at_a_tenth_of_the_lr():
+    from dataclasses import asdict
+
+    low, default = B.PRESETS["lowlr"], B.PRESETS["default"]
+    diff = {k: (v, asdict(default)[k]) for k, v in asdict(low).items() if v != asdict(default)[k]}
+    assert diff == {"lr": (1e-4, 1e-3)}
+    # the same Task 0: its cached model is shared, so only the later tasks differ
+    assert low.pretrain_key(0) == default.pretrain_key(0) and low.key(0) != default.key(0)

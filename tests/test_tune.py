@@ -73,3 +73,15 @@ def test_compare_applies_the_choice_and_refuses_tuning_seeds(tuned):
         C.run_benchmark(C.BenchConfig(**{**base, "methods": ["seq"]}, seed_base=T.DEFAULT_TUNING_SEED))
     with pytest.raises(ValueError, match="tuned on biography/micro, not biography/quick"):
         T.load_tuned(root / "tuned.json", "biography", "quick")
+
+
+def test_show_renders_every_configuration_and_marks_the_choice(tuned, capsys):
+    root, rec = tuned
+    T.main(["--show", str(root / "tuned.json")])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| replay |")]
+    assert len(rows) == len(T.grid("replay"))
+    k = rec["methods"]["replay"]["chosen"]
+    assert [r.endswith("| yes |") for r in rows] == [i == k for i in range(len(rows))]
+    c = rec["methods"]["replay"]["candidates"][k]
+    assert f"{c['task0_final'] * 100:.1f} %" in rows[k] and f"{c['plasticity_gain']:.3f}" in rows[k]
