@@ -307,11 +307,13 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig | None:
 
 
 # Measured seconds per method and seed on the 2-core reference machine, cold cache included
-# (docs/BENCHMARKS.md: quick 153 s for 6 methods x 2 seeds; default 2501 s for 12 methods x 3
-# seeds; v1, the earlier default, 7 min 2 s for 12 methods x 1 seed), for --describe's estimate.
+# (docs/BENCHMARKS.md: quick 153 s for 6 methods x 2 seeds; default 1498 s warm for 12 methods x
+# 3 seeds (run default-v3) plus the ~420 s cold build of the three seeds' Task-0 caches measured
+# in run default-v2; v1, the earlier default, 7 min 2 s for 12 methods x 1 seed), for
+# --describe's estimate.
 SECONDS_PER_METHOD_SEED = {("biography", "micro"): 2.0, ("biography", "quick"): 12.7,
-                           ("biography", "default"): 69.5, ("biography", "v1"): 35.0,
-                           ("biography", "lowlr"): 69.5,
+                           ("biography", "default"): 53.3, ("biography", "v1"): 35.0,
+                           ("biography", "lowlr"): 53.3,
                            ("smollm2", "quick"): 300.0}
 
 
