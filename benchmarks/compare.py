@@ -615,7 +615,9 @@ def stored_state_mb(state: dict[str, Any]) -> float:
 
     total = 0
     for value in state.values():
-        if isinstance(value, nn.Module):
+        if isinstance(value, M.RunContext):  # a combined method's part: its own state
+            total += stored_state_mb(value.state) * 2**20
+        elif isinstance(value, nn.Module):
             total += tensor_bytes(value.state_dict())
         elif isinstance(value, list):
             total += tensor_bytes(value)
@@ -721,11 +723,12 @@ def run_method(method: M.Method, hp: dict[str, Any], scenario: Scenario, base: n
                 if curve_every and step <= curve_end and step % curve_every == 0:
                     curve.append((step, float(tasks[0].evaluate(model)["accuracy"])))
                     model.train()
-                batch = _to(tasks[t].train[order.next()], device)
-                batch = method.batch(ctx, batch)
+                plain = _to(tasks[t].train[order.next()], device)
                 _sync(device)
-                ts = time.perf_counter()
-                loss = model(**batch).loss
+                ts = time.perf_counter()  # the method's batch hook (replay rows) is in its step
+                batch = method.batch(ctx, plain)
+                ctx.outputs = model(**batch)
+                loss = ctx.outputs.loss
                 if method.loss_extra is not None:
                     extra = method.loss_extra(model, batch, ctx)
                     if extra is not None:
@@ -735,8 +738,9 @@ def run_method(method: M.Method, hp: dict[str, Any], scenario: Scenario, base: n
                 optimizer.step()
                 _sync(device)
                 step_times.append(time.perf_counter() - ts)
+                ctx.outputs = None
                 if reference is not None and cfg.ref_every and step % cfg.ref_every == 0:
-                    reference.step(batch)
+                    reference.step(plain)  # seq's step on the task's own batch
                 if not math.isfinite(float(loss.detach())):
                     raise FloatingPointError(f"{method.name}: non-finite loss at task {t} step {step}")
             optimizer.zero_grad(set_to_none=True)
@@ -907,7 +911,25 @@ _WORKER: dict[int, tuple[Scenario, nn.Module, ReferenceStepper | None]] = {}
 def _worker_init() -> None:
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the parent prints one progress line per unit
+    _quiet_tqdm()  # the parent prints one progress line per unit
+
+
+def _quiet_tqdm() -> None:
+    """Hide every tqdm bar of this (worker) process. ``TQDM_DISABLE`` alone does not: tqdm reads
+    its environment overrides when it is imported, and transformers imports it before a worker's
+    initializer runs; bars that pass ``disable=`` themselves would override it anyway."""
+    import tqdm.std
+
+    init = tqdm.std.tqdm.__init__
+    if getattr(init, "_mitigate_quiet", False):
+        return
+
+    def quiet(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs["disable"] = True
+        init(self, *args, **kwargs)
+
+    quiet._mitigate_quiet = True  # type: ignore[attr-defined]
+    tqdm.std.tqdm.__init__ = quiet  # type: ignore[method-assign]
 
 
 def _worker_unit(cfg: BenchConfig, seed: int, name: str, base_diag: BaseDiagnostics

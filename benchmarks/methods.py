@@ -38,7 +38,9 @@ curvature             the library defaults (``CurvatureRegularizer(model)``): th
                       function-space anchor (``replay_weight=1``) on ``replay_samples=32``
                       stored inputs of each finished task, 4 per step, plus the rank-1
                       Gauss-Newton anchor (``strength=1``); no eigenvalue-preservation term
-                      (measured not to help, issue 13), on ``consolidate_batches=2`` batches
+                      (measured not to help, issue 13), on ``consolidate_batches=2`` batches;
+                      ``with_replay=True``: the 4 rows per finished task ride in the training
+                      batch (``reg.with_replay``), one forward per step for both terms
 ewc                   the library default ``EWC(model)``: λ = ``scale`` / mean(F) with
                       ``scale=100`` (scale-free: the per-sample Fisher of a memorised task is
                       tiny), ``fisher="empirical"`` (per-sample squared grads; Kirkpatrick et
@@ -105,6 +107,9 @@ class RunContext:
         budget: what the method spends beyond seq, reported per run: ``extra_train_steps``
             (training steps outside the tasks' own, e.g. plan's probes) and ``old_examples``
             (distinct examples of finished tasks it read: consolidation batches, replay memory).
+        outputs: the model's output on this step's batch (after the ``batch`` hook), while
+            ``loss_extra`` runs (``None`` otherwise): the curvature method reads its KL term off
+            the replay rows it appended (``CurvatureRegularizer.with_replay``).
     """
 
     model: nn.Module
@@ -117,6 +122,7 @@ class RunContext:
     state: dict[str, Any] = field(default_factory=dict)
     rng: random.Random = field(default_factory=random.Random)
     budget: dict[str, int] = field(default_factory=lambda: {"extra_train_steps": 0, "old_examples": 0})
+    outputs: Any = None
     _seen: set[tuple[int, int]] = field(default_factory=set, repr=False)
 
     def count_old(self, t: int, indices: Iterable[int]) -> None:
@@ -221,14 +227,19 @@ def _mitigate(attr: str) -> Any:
 
 def _lib_kwargs(ctx: RunContext) -> dict[str, Any]:
     """The method's hyperparameters that go to the library constructor (all but the harness's
-    ``consolidate_batches``)."""
-    return {k: v for k, v in ctx.hp.items() if k != "consolidate_batches"}
+    own, :data:`HARNESS_KEYS`)."""
+    return {k: v for k, v in ctx.hp.items() if k not in HARNESS_KEYS}
 
 
-def _bottom_layers(model: nn.Module, spec: float | int) -> int:
-    """Blocks to freeze: an int as is, a float as that fraction of the blocks (at least one,
-    and at least one left to train)."""
-    n_layers = model.config.num_hidden_layers
+HARNESS_KEYS = ("consolidate_batches", "with_replay")
+"""Hyperparameters the harness reads itself: how many batches a consolidation gets, and whether
+the curvature term's replay rows ride in the training batch (``--hp curvature.with_replay=false``:
+its own forward per step, as ``reg()`` alone does)."""
+
+
+def bottom_layers(n_layers: int, spec: float | int) -> int:
+    """Blocks to freeze of a model with ``n_layers`` blocks: an int as is, a float as that
+    fraction of the blocks (at least one, and at least one left to train)."""
     if isinstance(spec, float):
         return max(1, min(n_layers - 1, int(round(spec * n_layers))))
     return int(spec)
@@ -246,7 +257,7 @@ def _seq() -> dict:
           layers=0.75, embeddings=True)
 def _freeze_bottom() -> dict:
     def setup(model, optimizer, ctx):
-        n = _bottom_layers(model, ctx.hp["layers"])
+        n = bottom_layers(model.config.num_hidden_layers, ctx.hp["layers"])
         ctx.state["freeze_bottom"] = _mitigate("freeze_bottom_layers")(
             model, n, embeddings=bool(ctx.hp["embeddings"]))
         return optimizer
@@ -288,9 +299,11 @@ def _ogd() -> dict:
     return _projection("ogd")
 
 
-def _loss_term(cls_name: str, key: str) -> dict:
+def _loss_term(cls_name: str, key: str, with_replay: bool = False) -> dict:
     """Hooks of a loss-term method: build ``mitigate.<cls_name>`` at setup, ``consolidate`` on each
-    finished task, add its penalty to the loss (kept in ``ctx.state[key]``)."""
+    finished task, add its penalty to the loss (kept in ``ctx.state[key]``). ``with_replay``:
+    append the term's replay rows to each batch and read the penalty off that one forward
+    (``CurvatureRegularizer.with_replay``, as the README's loop does)."""
     def setup(model, optimizer, ctx):
         ctx.state[key] = _mitigate(cls_name)(model, **_lib_kwargs(ctx))
         return optimizer
@@ -298,16 +311,22 @@ def _loss_term(cls_name: str, key: str) -> dict:
     def after_task(ctx, t):
         ctx.state[key].consolidate(ctx.task_batches(t))
 
-    def loss_extra(model, batch, ctx):
-        return ctx.state[key]()
+    def fused(ctx: RunContext) -> bool:
+        return with_replay and bool(ctx.hp.get("with_replay", True))
 
-    return {"setup": setup, "after_task": after_task, "loss_extra": loss_extra}
+    def loss_extra(model, batch, ctx):
+        return ctx.state[key](outputs=ctx.outputs) if fused(ctx) else ctx.state[key]()
+
+    def batch(ctx, batch):
+        return ctx.state[key].with_replay(batch) if fused(ctx) else batch
+
+    return {"setup": setup, "after_task": after_task, "loss_extra": loss_extra, "batch": batch}
 
 
 @register("curvature", "curvature regularizer: KL on stored old inputs + top Gauss-Newton anchor",
-          consolidate_batches=2)
+          consolidate_batches=2, with_replay=True)
 def _curvature() -> dict:
-    return _loss_term("CurvatureRegularizer", "curvature")
+    return _loss_term("CurvatureRegularizer", "curvature", with_replay=True)
 
 
 @register("ewc", "EWC with the empirical Fisher (Kirkpatrick et al. 2017)",
@@ -417,10 +436,11 @@ def combine(name: str) -> Method:
         hp.setdefault("consolidate_batches", ctx.hp.get("consolidate_batches", 8))
         sub_ctx = ctx.state.setdefault(f"_ctx.{p.name}", None)
         if sub_ctx is None:
+            # the parts' budgets (old examples, extra steps) count into the combination's, once
             sub_ctx = RunContext(model=ctx.model, scenario=ctx.scenario, device=ctx.device,
-                                 seed=ctx.seed, hp=hp, rng=ctx.rng)
+                                 seed=ctx.seed, hp=hp, rng=ctx.rng, budget=ctx.budget, _seen=ctx._seen)
             ctx.state[f"_ctx.{p.name}"] = sub_ctx
-        sub_ctx.optimizer, sub_ctx.task = ctx.optimizer, ctx.task
+        sub_ctx.optimizer, sub_ctx.task, sub_ctx.outputs = ctx.optimizer, ctx.task, ctx.outputs
         return sub_ctx
 
     def setup(model, optimizer, ctx):

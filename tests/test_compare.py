@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -410,6 +411,23 @@ def test_budgets_and_gain_columns(micro_run):
         assert col in md
 
 
+def test_a_combination_counts_its_parts_budgets(micro_run):
+    root, _, _ = micro_run
+    from benchmarks import biography
+
+    sc = biography.build_scenario("micro", str(root / "cache"), 0)
+    model = sc.model_factory()
+    method = M.get("freeze-bottom+replay")
+    ctx = M.RunContext(model=model, scenario=sc, device=torch.device("cpu"), seed=0,
+                       hp=C._method_hp(method, {}))
+    ctx.optimizer = method.setup(model, torch.optim.AdamW(model.parameters()), ctx)
+    method.after_task(ctx, 0)
+    n0 = sum(int(b["input_ids"].shape[0]) for b in sc.tasks[0].train)
+    assert ctx.budget["old_examples"] == n0  # the replay part's memory, counted in the combination
+    memory = sum(v.numel() * v.element_size() for b in sc.tasks[0].train for v in b.values())
+    assert memory > 0 and C.stored_state_mb(ctx.state) == pytest.approx(memory / 2**20)
+
+
 def test_describe_states_the_scored_items_without_training(micro_run, capsys):
     root, results, _ = micro_run
     assert C.main(["--describe", "--preset", "micro", "--methods", "seq,ewc", "--seeds", "2"]) is None
@@ -452,3 +470,18 @@ def test_caches_warmed_in_workers_equal_those_built_in_process(tmp_path):
         na = C.null_model(sc, warm.cache_dir, seed, cpu, a)
         nb = C.null_model(sc, cold.cache_dir, seed, cpu, b)
         assert all(torch.equal(p, q) for p, q in zip(na.state_dict().values(), nb.state_dict().values()))
+
+
+def test_worker_processes_show_no_progress_bars():
+    """A worker's bars are hidden even when the bar asks to be shown (TQDM_DISABLE is read at
+    tqdm's import, before the worker initializer runs)."""
+    import subprocess
+    import sys
+
+    code = ("import transformers, tqdm.auto\n"
+            "from benchmarks.compare import _quiet_tqdm\n"
+            "_quiet_tqdm(); _quiet_tqdm()\n"
+            "print(tqdm.auto.tqdm(range(3), disable=False).disable, tqdm.auto.tqdm(range(3)).disable)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    assert out.stdout.split() == ["True", "True"] and not out.stderr.strip().count("it/s")

@@ -511,3 +511,106 @@ def test_drift_reports_the_true_current_top_eigenvalue_not_the_stale_rayleigh_qu
     torch.testing.assert_close(d.current, true, rtol=1e-6, atol=0)
     torch.testing.assert_close(d.ratio, true / curv.eigenvalues().cpu(), rtol=1e-6, atol=0)
     assert float(d.rayleigh[0]) < float(true[0]) * (1 - 1e-3)  # the stale vector underestimates it
+
+
+def _lm_task(seed: int, length: int, rows: int = 8) -> list[dict]:
+    """Batches of a causal-LM task whose rows have ``length`` tokens, the last 2 supervised, the
+    last row right-padded by 2 (``attention_mask`` 0, ``labels`` -100)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 96, (rows, length), generator=g)
+    mask = torch.ones_like(ids)
+    labels = torch.full_like(ids, -100)
+    labels[:, -2:] = ids[:, -2:]
+    mask[-1, -2:], labels[-1, -2:] = 0, -100
+    labels[-1, -4:-2] = ids[-1, -4:-2]
+    return [{"input_ids": ids[:4], "attention_mask": mask[:4], "labels": labels[:4]},
+            {"input_ids": ids[4:], "attention_mask": mask[4:], "labels": labels[4:]}]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_kl_terms_of_several_tasks_come_from_one_forward_and_equal_one_forward_each(arch):
+    from tiny_models import build
+
+    model = build(arch).train()
+    curv = CurvatureRegularizer(model, replay_samples=8, replay_batch_size=4, anchor_weight=0.0)
+    tasks = [_lm_task(1, 7), _lm_task(2, 11), _lm_task(3, 5)]  # three lengths: padded when stacked
+    for batches in tasks:
+        curv.consolidate(batches)
+        perturb(model, scale=0.02, seed=len(batches) + curv.num_tasks)
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        for step in range(3):  # slices 0, 1, 0 of every task
+            calls.clear()
+            pen = curv()
+            assert len(calls) == 1  # one forward for the three tasks' KL terms
+            ref = sum(curv._kl_term(t, step) for t in range(3))  # one forward per task
+            torch.testing.assert_close(pen, ref * curv.config.replay_weight, rtol=1e-5, atol=1e-7)
+            params = [p for p in model.parameters() if p.requires_grad]
+            for a, b in zip(torch.autograd.grad(pen, params, allow_unused=True),
+                            torch.autograd.grad(ref, params, allow_unused=True)):
+                if a is None or b is None:
+                    assert a is None and b is None
+                    continue
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    finally:
+        hook.remove()
+    assert model.training  # eval mode for the replay forward, restored after
+
+
+def test_stack_padded_pads_right_and_refuses_what_it_cannot_hide():
+    from mitigate.regularizers.curvature import _stack_padded
+
+    a = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+         "labels": torch.tensor([[-100, 6, 7]])}
+    b = {"input_ids": torch.tensor([[8, 9], [3, 4]]), "attention_mask": torch.ones(2, 2, dtype=torch.long),
+         "labels": torch.tensor([[-100, 9], [-100, 4]])}
+    out = _stack_padded([a, b])
+    assert out["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0], [3, 4, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0], [1, 1, 0]]
+    assert out["labels"].tolist() == [[-100, 6, 7], [-100, 9, -100], [-100, 4, -100]]
+    no_mask = [{k: v for k, v in x.items() if k != "attention_mask"} for x in (a, b)]
+    assert _stack_padded(no_mask) is None  # unequal lengths and nothing to hide the padding
+    assert _stack_padded([no_mask[1], no_mask[1]])["input_ids"].shape == (4, 2)  # equal lengths stack
+    assert _stack_padded([a, {**b, "position_ids": b["input_ids"]}]) is None  # another key
+    assert _stack_padded([(a["input_ids"],), (b["input_ids"],)]) is None  # not dicts
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_with_replay_reads_the_kl_off_one_forward_and_keeps_the_task_loss(arch):
+    from tiny_models import build
+
+    model = build(arch).eval()  # dropout off: with_replay's rows run in the model's own mode
+    curv = CurvatureRegularizer(model, replay_samples=8, replay_batch_size=4)
+    for seed, length in ((1, 7), (2, 11)):
+        curv.consolidate(_lm_task(seed, length))
+        perturb(model, scale=0.02, seed=seed)
+    twin = CurvatureRegularizer(model, replay_samples=8, replay_batch_size=4)
+    twin.load_state_dict(curv.state_dict())
+    task = {k: v for k, v in _lm_task(9, 9)[0].items() if k != "attention_mask"}  # no mask: one is added
+    params = [p for p in model.parameters() if p.requires_grad]
+    for step in range(3):
+        big = curv.with_replay(task)
+        assert big["input_ids"].shape == (4 + 4 + 4, 11)  # the task's rows, then 4 rows of each task
+        assert (big["labels"][4:] == -100).all() and big["attention_mask"][:4, 9:].sum() == 0
+        out = model(**big)
+        torch.testing.assert_close(out.loss, model(**task).loss, rtol=1e-5, atol=1e-6)  # task loss alone
+        pen = curv(outputs=out)
+        ref = twin()  # the separate pass (eval mode; these models have no dropout)
+        torch.testing.assert_close(pen, ref, rtol=1e-5, atol=1e-7)
+        for a, b in zip(torch.autograd.grad(pen, params, allow_unused=True),
+                        torch.autograd.grad(ref, params, allow_unused=True)):
+            if a is not None or b is not None:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    # misuse is named, and clears the step
+    with pytest.raises(ValueError, match="call batch = reg.with_replay"):
+        curv(outputs=model(**task))
+    curv.with_replay(task)
+    with pytest.raises(ValueError, match="pass the model's output on it"):
+        curv()
+    curv.with_replay(task)
+    with pytest.raises(ValueError, match=r"expected \(B, T\) = \(12, 11\)"):
+        curv(outputs=model(**task))
+    with pytest.raises(ValueError, match="input_ids and labels"):
+        curv.with_replay({"input_ids": task["input_ids"]})
+    assert CurvatureRegularizer(model).with_replay(task) is task  # nothing stored: the batch itself

@@ -423,3 +423,41 @@ def test_agem_cached_reference_follows_a_freeze_by_name():
     assert opt.parameter_names == trainable and len(trainable) < len(names)
     assert opt._ref_age == 2  # the cache was used, not recomputed
     assert torch.equal(opt._ref, torch.cat([cached[n] for n in trainable]))
+
+
+def test_curvature_replay_rows_ride_in_the_training_batch(tmp_path):
+    """With ``fuse_replay`` (default) the curvature term's replay rows join the training forward:
+    one model forward per step instead of two, and the same training as the unfused run (tiny
+    Llama has no dropout; float rounding apart)."""
+    runs = {}
+    for fuse in (True, False):
+        model = tiny_llama()
+        curv = mitigate.CurvatureRegularizer(model, max_iter=20)
+        calls = []
+        trainer = MitigationTrainer(model=model, args=targs(tmp_path), train_dataset=dataset(1),
+                                    mitigations=[curv], fuse_replay=fuse, log_drift=False)
+        trainer.end_task(dataset(0), max_batches=2)
+        hook = model.register_forward_hook(lambda *_: calls.append(1))
+        trainer.train()
+        hook.remove()
+        runs[fuse] = (len(calls), params_of(model), [h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert runs[True][0] == 4 and runs[False][0] == 8  # 4 steps: one forward each, or two
+    for name, p in runs[True][1].items():
+        torch.testing.assert_close(p, runs[False][1][name], rtol=1e-4, atol=1e-5)
+    assert runs[True][2] == pytest.approx(runs[False][2], rel=1e-4)
+
+
+def test_a_batch_that_cannot_carry_replay_rows_falls_back(tmp_path, caplog):
+    model = tiny_llama()
+    curv = mitigate.CurvatureRegularizer(model, max_iter=20)
+    trainer = MitigationTrainer(model=model, args=targs(tmp_path, max_steps=2), train_dataset=dataset(1),
+                                mitigations=[curv])
+    trainer.end_task(dataset(0), max_batches=2)
+    batch = {k: torch.tensor(v) for k, v in dataset(1, 4)[:4].items()}
+    batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
+    model.train()
+    with caplog.at_level("INFO", logger="mitigate.integrations.trainer"):
+        loss = trainer.compute_loss(model, batch)
+    assert "replay rows not fused into the training batch" in caplog.text
+    assert curv._pending is None  # nothing appended: the term ran its own forward
+    torch.testing.assert_close(loss, model(**batch).loss, rtol=1e-5, atol=1e-6)  # at θ*: penalty 0

@@ -589,13 +589,20 @@ class MitigationTrainerMixin:
         mitigation_loss_fn: ``loss_fn(model, batch)`` for consolidation in :meth:`end_task`
             (``None``: ``model(**batch).loss``).
         log_drift: passed to the :class:`MitigationCallback` this trainer installs.
+        fuse_replay: let a :class:`~mitigate.CurvatureRegularizer` append its replay rows to each
+            training batch (``with_replay``) and read its KL term off that forward, instead of a
+            forward of its own per step (the replay rows then run in training mode; batches with
+            keys other than ``input_ids``/``attention_mask``/``labels`` fall back to ``term()``).
         *args, **kwargs: the Trainer's own arguments (``optimizers=(wrapper, None)`` works too).
     """
 
     def __init__(self, *args: Any, mitigations: Iterable[Any] | None = None,
-                 mitigation_loss_fn: LossFn | None = None, log_drift: bool = True, **kwargs: Any) -> None:
+                 mitigation_loss_fn: LossFn | None = None, log_drift: bool = True, fuse_replay: bool = True,
+                 **kwargs: Any) -> None:
         self.mitigations = MitigationSet.from_list(mitigations)
         self.mitigation_loss_fn = mitigation_loss_fn
+        self.fuse_replay = fuse_replay
+        self._fuse_refused = False
         model = kwargs.get("model", args[0] if args else None)
         if self.mitigations.freezes:
             if model is None:
@@ -629,19 +636,41 @@ class MitigationTrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
         """Task loss plus every loss term's penalty (training mode only; evaluation losses are
         the task loss alone). See the module docstring for the gradient-accumulation scaling."""
+        fused = self._replay_term(inputs) if model.training else None
+        if fused is not None:
+            inputs = fused[1]
         result = super().compute_loss(  # type: ignore[misc]
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            model, inputs, return_outputs=return_outputs or fused is not None, num_items_in_batch=num_items_in_batch
         )
         if not self.mitigations.loss_terms or not model.training:
             return result
-        loss, outputs = result if return_outputs else (result, None)
+        loss, outputs = result if return_outputs or fused is not None else (result, None)
         ga_steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
         scale = 1.0 / ga_steps if self._loss_scaled_for_ga(num_items_in_batch) else 1.0
         for name, term in self.mitigations.loss_terms.items():
-            penalty = term()
+            penalty = term(outputs=outputs) if fused is not None and term is fused[0] else term()
             self.mitigation_callback.record_penalty(name, penalty)
             loss = loss + penalty * scale if scale != 1.0 else loss + penalty
         return (loss, outputs) if return_outputs else loss
+
+    def _replay_term(self, inputs: Any) -> tuple[Any, Any] | None:
+        """``(term, inputs with its replay rows)`` for the first loss term that can read its
+        penalty off the training forward (``with_replay``, :class:`~mitigate.CurvatureRegularizer`)
+        when ``fuse_replay`` is on and the batch can carry the rows; else ``None`` (the term then
+        runs its own forward, as ``term()``), logged once at INFO with the reason."""
+        if not self.fuse_replay:
+            return None
+        for term in self.mitigations.loss_terms.values():
+            if callable(getattr(term, "with_replay", None)):
+                try:
+                    extended = term.with_replay(inputs)
+                except ValueError as err:
+                    if not self._fuse_refused:
+                        logger.info("replay rows not fused into the training batch: %s", err)
+                        self._fuse_refused = True
+                    return None
+                return (term, extended) if extended is not inputs else None
+        return None
 
     def _loss_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
         """Whether ``training_step`` will *not* divide the loss by the accumulation steps

@@ -20,8 +20,10 @@ eigenpairs ``(λ_{t,i}, v_{t,i})`` of that task's Gauss-Newton matrix ``G_t = J�
 
 * **Function-space anchor** ``KL_t`` (default weight ``w_r = replay_weight = 1``): the KL
   divergence from the finished task's predictions to the current ones on a rotating slice of
-  ``replay_batch_size`` stored inputs (one per step, so each step costs a forward and backward on
-  that slice). Its Hessian at ``θ*_t`` is exactly the Gauss-Newton matrix of the stored inputs
+  ``replay_batch_size`` stored inputs (one per step). The slices of all finished tasks share one
+  forward and backward per step (stacked into one padded batch), and
+  :meth:`CurvatureRegularizer.with_replay` appends them to the training batch itself, so the KL
+  term is read off the training forward (``reg(outputs=out)``) with no pass of its own. Its Hessian at ``θ*_t`` is exactly the Gauss-Newton matrix of the stored inputs
   (``∇²_θ KL|θ* = Jᵀ (diag p − ppᵀ) J``), so it is the full-rank curvature anchor, and unlike the
   quadratic it stays valid far from ``θ*``: on a memorised task the quadratic model predicted a
   loss rise 45× smaller than the real one (issue 13). **Scale rule:** KL is in nats per supervised
@@ -131,10 +133,12 @@ class CurvatureConfig:
             0 keeps none.
         replay_batch_size: stored samples per step (a rotating slice) for the KL and preservation
             terms; ``None``: a whole stored batch. Its cost is one forward and backward on the
-            slice per step. Measured on the testbed's tiny models (batch 16 of 4 tokens, 1 CPU
-            thread, interleaved medians): 1.90× (llama-w32-d2) and 1.83× (llama-w64-d4) a plain
-            AdamW step — per-forward overhead dominates there, so a slice of 4 costs nearly a
-            whole batch; the issue's 1.25× target is not met on these models.
+            slices of all finished tasks together per step, or, with
+            :meth:`CurvatureRegularizer.with_replay`, those rows added to the training batch's
+            forward. Measured on the testbed's tiny models (batch 16 of 4 tokens, 1 CPU thread,
+            interleaved medians), ``reg()`` alone: 1.90× (llama-w32-d2) and 1.83× (llama-w64-d4)
+            a plain AdamW step — per-forward overhead dominates there, so a slice of 4 costs
+            nearly a whole batch; ``with_replay`` removes that second pass.
         every: the preservation term is computed every ``every`` calls (×``every``), else 0.
         anchor_weight: ``w_a``, weight of the low-rank Laplace anchor term.
         preservation_weight: ``w_p``, weight of the eigenvalue-preservation term (default 0:
@@ -244,6 +248,10 @@ class CurvatureRegularizer(nn.Module):
         reg.consolidate(task0_batches)        # end of task 0
         loss = model(**batch).loss + reg()    # every step of task 1
 
+        batch = reg.with_replay(batch)        # or: one forward for both terms
+        out = model(**batch)
+        loss = out.loss + reg(outputs=out)
+
     Args:
         model: the model being fine-tuned (DDP unwrapped, eager attention). A plain reference,
             not a submodule: ``state_dict()`` holds only this module's buffers.
@@ -303,6 +311,7 @@ class CurvatureRegularizer(nn.Module):
         self._loss_fns: list[LossFn | None] = []
         self._step = 0
         self._replay_cursor = 0
+        self._pending: dict[str, Any] | None = None  # what with_replay() appended this step
 
     # ------------------------------------------------------------------ public
     @property
@@ -469,12 +478,115 @@ class CurvatureRegularizer(nn.Module):
             self.register_buffer(f"t{t}__qref", qref.to(device=device, dtype=torch.float64))
         return eig
 
-    def forward(self, step: int | None = None) -> Tensor:
+    def with_replay(self, batch: Batch) -> dict[str, Tensor]:
+        """``batch`` with this step's replay rows of every consolidated task appended, so the KL
+        term needs no forward pass of its own: pass the model's output on the returned batch to
+        the next call, ``reg(outputs=out)``::
+
+            batch = reg.with_replay(batch)          # + 4 stored old-task rows per task
+            out = model(**batch)
+            loss = out.loss + reg(outputs=out)      # KL read off the appended rows' logits
+
+        The appended rows carry ``labels = -100`` everywhere, so a Hugging Face ``out.loss`` (the
+        mean over supervised tokens) is the task loss of ``batch`` alone; rows are right-padded
+        to a common length with ``attention_mask = 0`` (one of ones is added to ``batch`` if it
+        has none). One forward and backward over ``B + R`` rows instead of two passes: on the
+        benchmark's tiny models, where each pass has a fixed overhead, this is what brings the
+        KL term's cost down. Unlike ``reg()`` alone, the replay rows then run in the model's
+        training mode (dropout on, if the model has any).
+
+        Args:
+            batch: the training batch, a dict of ``(B, T)`` tensors with ``input_ids`` and
+                ``labels`` (``attention_mask`` optional, no other keys).
+
+        Returns:
+            the extended batch (``batch`` itself when nothing is stored or ``replay_weight=0``).
+
+        Raises:
+            ValueError: a custom ``logits_fn`` (only the Hugging Face causal-LM positions are
+                read off the output), a batch or replay memory that is not such a dict; nothing
+                is changed then.
+        """
+        self._pending = None
+        parts = self._current_slices(self._replay_cursor) if self.config.replay_weight > 0 else []
+        if not parts:
+            return batch
+        if self.logits_fn is not None:
+            raise ValueError("with_replay() reads the Hugging Face causal-LM positions off the output; "
+                             "with a custom logits_fn call reg() without it")
+        if not isinstance(batch, Mapping) or "labels" not in batch or "input_ids" not in batch:
+            raise ValueError(f"with_replay() needs a dict batch with input_ids and labels, got "
+                             f"{sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__}; call reg() without it")
+        device = batch["input_ids"].device
+        def with_mask(b: Mapping[str, Tensor]) -> dict[str, Tensor]:
+            b = dict(b)
+            b.setdefault("attention_mask", torch.ones_like(b["input_ids"]))
+            return b
+        task_rows = with_mask(batch)
+        replay_rows, labels = [], []
+        for t, (s, b) in parts:
+            if not isinstance(b, Mapping) or not isinstance(b.get("labels"), Tensor):
+                raise ValueError(f"task {t}'s replay memory holds no dict batches with labels; call reg() "
+                                 "without with_replay()")
+            b = with_mask(move_batch(b, device))
+            labels.append(b["labels"])
+            replay_rows.append({**b, "labels": torch.full_like(b["labels"], -100)})
+        # the same keys in the same order as the task's rows (else _stack_padded refuses)
+        same_order = [{k: r[k] for k in task_rows} if set(r) == set(task_rows) else r for r in replay_rows]
+        stacked = _stack_padded([task_rows, *same_order])
+        if stacked is None:
+            raise ValueError(f"with_replay() cannot stack the batch (keys {sorted(batch)}) with the replay "
+                             "rows: only input_ids, attention_mask and labels of (B, T) tensors of the same "
+                             "dtypes; call reg() without it")
+        width = stacked["input_ids"].shape[1]
+        offset = task_rows["input_ids"].shape[0]
+        index, rows = [], []
+        for (t, (s, _)), lab in zip(parts, labels):
+            lab = F.pad(lab, (0, width - lab.shape[1]), value=-100)
+            sup = (lab[:, 1:] != -100).reshape(-1).nonzero().squeeze(1)  # HF's shifted positions
+            index.append(sup + offset * (width - 1))
+            rows.append(int(sup.numel()))
+            offset += lab.shape[0]
+            teacher = self._buffers[f"t{t}__teacher{s}"]
+            if teacher.shape[0] != rows[-1]:
+                raise ValueError(f"task {t}: {rows[-1]} supervised positions on replay slice {s}, "
+                                 f"{teacher.shape[0]} stored: the replay memory changed since consolidate()")
+        self._pending = {"cursor": self._replay_cursor, "shape": (offset, width), "index": torch.cat(index),
+                         "rows": rows, "parts": parts}
+        return stacked
+
+    def _current_slices(self, slice_index: int) -> list[tuple[int, tuple[int, Batch]]]:
+        """``(task, (slice, batch))`` of every task with a KL teacher, at ``slice_index``."""
+        out = []
+        for t, task in enumerate(self._tasks):
+            if task.get("teachers"):
+                s = slice_index % task["teachers"]
+                out.append((t, (s, self._replay_slices(t)[s])))
+        return out
+
+    def _kl_from_outputs(self, outputs: Any, slice_index: int) -> list[Tensor]:
+        pending, self._pending = self._pending, None
+        if pending is None or pending["cursor"] != slice_index:
+            raise ValueError("reg(outputs=...) reads the replay rows that with_replay() appended to this "
+                             "step's batch: call batch = reg.with_replay(batch) before model(**batch)")
+        logits = outputs if isinstance(outputs, Tensor) else getattr(outputs, "logits", None)
+        if not isinstance(logits, Tensor) or logits.dim() != 3 or tuple(logits.shape[:2]) != pending["shape"]:
+            got = None if not isinstance(logits, Tensor) else tuple(logits.shape)
+            raise ValueError(f"reg(outputs=...): logits of shape {got}, expected (B, T) = {pending['shape']} "
+                             "of the batch with_replay() returned (B, T, V); pass model(**that_batch)")
+        z = logits[:, :-1].reshape(-1, logits.shape[-1]).index_select(0, pending["index"].to(logits.device))
+        return [self._kl(t, zt, self._buffers[f"t{t}__teacher{s}"])
+                for (t, (s, _)), zt in zip(pending["parts"], z.split(pending["rows"]))]
+
+    def forward(self, step: int | None = None, outputs: Any = None) -> Tensor:
         """The penalty at the live parameters (see the module docstring).
 
         Args:
             step: the training step deciding whether the preservation term is computed
                 (``step % every == 0``); ``None`` uses (and advances) the internal call counter.
+            outputs: the model's output on the batch :meth:`with_replay` returned this step
+                (anything with ``.logits``, or the logits): the KL term is read off its replay
+                rows instead of a forward pass of its own. ``None``: the usual separate pass.
 
         Returns:
             0-d tensor on the model's device, differentiable w.r.t. the parameters; a zero that
@@ -487,6 +599,10 @@ class CurvatureRegularizer(nn.Module):
         if step is None:
             step = self._step
             self._step += 1
+        if outputs is None and self._pending is not None:
+            self._pending = None
+            raise ValueError("with_replay() appended replay rows to this step's batch: pass the model's "
+                             "output on it, reg(outputs=model(**batch))")
         if not self._tasks:
             return torch.zeros((), device=model_device(self._model), requires_grad=True)
         terms: list[Tensor] = []
@@ -495,12 +611,16 @@ class CurvatureRegularizer(nn.Module):
         used: dict[int, nn.Parameter] = {}
         slice_index = self._replay_cursor
         self._replay_cursor += 1
+        if cfg.replay_weight > 0:
+            kls = self._kl_terms(slice_index) if outputs is None else self._kl_from_outputs(outputs, slice_index)
+            terms.extend(kl * cfg.replay_weight for kl in kls)
+        elif outputs is not None:
+            self._pending = None
+        flat: dict[tuple[int, ...], Tensor] = {}
         for t in range(len(self._tasks)):
             plist = live_parameters(self._model, self._tasks[t]["shapes"], f"curvature regularizer task {t}")
             if cfg.anchor_weight > 0 and cfg.strength > 0:
-                terms.append(self._anchor_term(t, plist) * (cfg.anchor_weight * cfg.strength))
-            if cfg.replay_weight > 0 and self._tasks[t].get("teachers"):
-                terms.append(self._kl_term(t, slice_index) * cfg.replay_weight)
+                terms.append(self._anchor_term(t, plist, flat) * (cfg.anchor_weight * cfg.strength))
             if preserve and self._tasks[t]["replay"]:
                 term = self._preservation_term(t, plist, slice_index=slice_index)
                 pres = term if pres is None else pres + term
@@ -599,12 +719,41 @@ class CurvatureRegularizer(nn.Module):
     def _logits(self, batch: Batch) -> Tensor:
         return (self.logits_fn or supervised_logits)(self._model, batch)
 
-    def _anchor_term(self, t: int, plist: list[nn.Parameter]) -> Tensor:
+    def _anchor_term(self, t: int, plist: list[nn.Parameter], flat: dict[tuple[int, ...], Tensor] | None = None
+                     ) -> Tensor:
+        """``½ Σᵢ λᵢ ⟨vᵢ, θ − θ*⟩²`` of task ``t``; ``flat`` caches the flattened ``θ`` per
+        parameter list, so tasks on the same parameters concatenate them once per step."""
         anchor, vecs = self._buffers[f"t{t}__anchor"], self._buffers[f"t{t}__vectors"]  # (n,), (k, n)
-        theta = torch.cat([p.reshape(-1) for p in plist]).to(device=anchor.device, dtype=anchor.dtype)
+        key = tuple(id(p) for p in plist)
+        theta = None if flat is None else flat.get(key)
+        if theta is None:
+            theta = torch.cat([p.reshape(-1) for p in plist])
+            if flat is not None:
+                flat[key] = theta
+        theta = theta.to(device=anchor.device, dtype=anchor.dtype)
         c = vecs @ (theta - anchor)  # (k,) ⟨vᵢ, θ − θ*⟩
         lam = self._buffers[f"t{t}__eigenvalues"].to(device=c.device, dtype=c.dtype)
         return 0.5 * torch.dot(lam, c * c).to(plist[0].device)
+
+    def _replay_logits(self, batch: Batch) -> Tensor:
+        """The supervised logits of a replay batch, with dropout off when ``eval_mode``."""
+        model = self._model
+        training = [(m, m.training) for m in model.modules()]
+        try:
+            if self.config.eval_mode:
+                model.eval()
+            return self._logits(batch)
+        finally:
+            for m, flag in training:
+                m.training = flag
+
+    @staticmethod
+    def _kl(t: int, z: Tensor, teacher: Tensor) -> Tensor:
+        logp = F.log_softmax(z.to(teacher.dtype), dim=-1)
+        if logp.shape != teacher.shape:
+            raise ValueError(f"task {t}: logits of shape {tuple(logp.shape)} on a replay slice, stored "
+                             f"{tuple(teacher.shape)}: the model's output changed since consolidate()")
+        return F.kl_div(logp, teacher, log_target=True, reduction="sum") / max(teacher.shape[0], 1)
 
     def _kl_term(self, t: int, slice_index: int) -> Tensor:
         """``(1/N) Σⱼ KL(p_θ*(·|x)ⱼ ‖ p_θ(·|x)ⱼ)`` on replay slice ``slice_index mod S`` of task ``t``."""
@@ -612,20 +761,28 @@ class CurvatureRegularizer(nn.Module):
         s = slice_index % task["teachers"]
         teacher = self._buffers[f"t{t}__teacher{s}"]  # (N, C) log p_θ*
         batch = move_batch(self._replay_slices(t)[s], teacher.device)
-        model = self._model
-        training = [(m, m.training) for m in model.modules()]
-        try:
-            if self.config.eval_mode:
-                model.eval()
-            z = self._logits(batch)
-        finally:
-            for m, flag in training:
-                m.training = flag
-        logp = F.log_softmax(z.to(teacher.dtype), dim=-1)
-        if logp.shape != teacher.shape:
-            raise ValueError(f"task {t}: logits of shape {tuple(logp.shape)} on a replay slice, stored "
-                             f"{tuple(teacher.shape)}: the model's output changed since consolidate()")
-        return F.kl_div(logp, teacher, log_target=True, reduction="sum") / max(teacher.shape[0], 1)
+        return self._kl(t, self._replay_logits(batch), teacher)
+
+    def _kl_terms(self, slice_index: int) -> list[Tensor]:
+        """Every consolidated task's KL term on its slice ``slice_index``, from **one** forward
+        pass: the tasks' slices are stacked into one batch (right-padded with
+        ``attention_mask = 0`` and ``labels = -100``, see :func:`_stack_padded`) and the
+        ``(N, C)`` supervised logits are split back by each task's stored row count. The values
+        are those of one forward per task up to float rounding (a causal or masked model's real
+        positions do not see the padding); the cost is one extra forward and backward per step
+        however many tasks are stored. Batches that cannot be stacked (not dicts, other keys, no
+        ``attention_mask`` with unequal lengths) take one forward each."""
+        parts = [(t, self._buffers[f"t{t}__teacher{s}"], b) for t, (s, b) in self._current_slices(slice_index)]
+        if not parts:
+            return []
+        device = parts[0][1].device
+        stacked = _stack_padded([b for _, _, b in parts]) if len(parts) > 1 else None
+        if stacked is not None:
+            z = self._replay_logits(move_batch(stacked, device))
+            rows = [teacher.shape[0] for _, teacher, _ in parts]
+            if z.dim() == 2 and z.shape[0] == sum(rows):
+                return [self._kl(t, zt, teacher) for (t, teacher, _), zt in zip(parts, z.split(rows))]
+        return [self._kl(t, self._replay_logits(move_batch(b, device)), teacher) for t, teacher, b in parts]
 
     def _rayleigh(self, t: int, plist: list[nn.Parameter], batch: Batch) -> Tensor:
         """``(k,)`` differentiable ``vᵢᵀ H_t(θ; batch) vᵢ``, averaged across DDP ranks."""
@@ -807,6 +964,35 @@ def _upgrade_v1(state_dict: Mapping[str, Any], prefix: str, extra: Mapping[str, 
         tasks.append({**task, "teachers": 0})  # slices: the loading module's replay_batch_size, as in v1
     out[prefix + "_extra_state"] = {**extra, "version": _STATE_VERSION, "tasks": tasks}
     return out
+
+
+_PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "labels": -100}
+
+
+def _stack_padded(batches: list[Batch]) -> dict[str, Tensor] | None:
+    """Dict batches of ``(B_i, T_i)`` tensors with the same keys (of ``input_ids``,
+    ``attention_mask``, ``labels``) stacked along the rows into one ``(Σ B_i, max T_i)`` batch,
+    each right-padded with ``input_ids = 0``, ``attention_mask = 0`` and ``labels = -100``;
+    ``None`` when they cannot be: not dicts, other or unequal keys, other shapes or dtypes, or
+    unequal lengths without an ``attention_mask`` to hide the padding."""
+    if not all(isinstance(b, Mapping) for b in batches):
+        return None
+    keys = list(batches[0])
+    if not keys or any(list(b) != keys for b in batches) or not set(keys) <= set(_PAD_VALUES):
+        return None
+    tensors = [[b[k] for k in keys] for b in batches]
+    if not all(isinstance(v, Tensor) and v.dim() == 2 for row in tensors for v in row):
+        return None
+    lengths = {v.shape[1] for row in tensors for v in row}
+    if any(len({v.shape[0] for v in row}) != 1 or len({v.shape[1] for v in row}) != 1 for row in tensors):
+        return None
+    if any(len({row[i].dtype for row in tensors}) != 1 for i in range(len(keys))):
+        return None
+    if len(lengths) > 1 and "attention_mask" not in keys:
+        return None
+    width = max(lengths)
+    return {k: torch.cat([F.pad(row[i], (0, width - row[i].shape[1]), value=_PAD_VALUES[k]) for row in tensors])
+            for i, k in enumerate(keys)}
 
 
 def _clip_gradient(value: Tensor, params: list[nn.Parameter], max_norm: float) -> Tensor:

@@ -13,7 +13,14 @@ recomputed at every :meth:`EWC.consolidate` (``scale=100`` by default). A langua
 per-sample Fisher is tiny and model-dependent (mean 4e-7 for full fine-tuning of a memorised
 fact-recall task, 4e-8 to 5e-11 on LoRA adapters), so a fixed λ is a no-op on one model and a
 freeze on another; relative to ``mean(F̄)`` the penalty's size is set by the shape of ``F``, not
-its units. Passing ``strength=`` instead gives the papers' absolute λ (``strength_mode ==
+its units. **That is not enough to transfer one scale across models**
+(``benchmarks/ewc_scales.py``, docs/BENCHMARKS.md): the scale that keeps the most of the old task
+at ≥ 90 % of the new task's accuracy was 10–1000 for full fine-tuning of the unit tests'
+fact-recall models, 0.01–1 for LoRA adapters on them and 0.01 on the biography benchmark
+(where ``scale=1`` already stops the new task: 15 % against 85 %), because what sets it is the
+*new* task's gradient against the old Fisher, which a consolidation cannot see. The default 100
+is the full-fine-tuning value; tune ``scale`` on your own sequence (the benchmark does).
+Passing ``strength=`` instead gives the papers' absolute λ (``strength_mode ==
 "absolute"``), as in Kirkpatrick et al. The same rule is :func:`relative_strength`, which
 ``mitigate.plan`` uses for its EWC anchor.
 
