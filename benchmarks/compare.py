@@ -311,9 +311,11 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig | None:
 # 3 seeds (run default-v3) plus the ~420 s cold build of the three seeds' Task-0 caches measured
 # in run default-v2; v1, the earlier default, 7 min 2 s for 12 methods x 1 seed), for
 # --describe's estimate.
-SECONDS_PER_METHOD_SEED = {("biography", "micro"): 2.0, ("biography", "quick"): 12.7,
-                           ("biography", "default"): 53.3, ("biography", "v1"): 35.0,
-                           ("biography", "lowlr"): 53.3,
+# wall seconds of a whole run (caches built) / (methods x seeds), 2-core reference machine:
+# default 1276 s / 36 (run default-v4, cold), quick 83 s / 12 (quick-v4, cold)
+SECONDS_PER_METHOD_SEED = {("biography", "micro"): 2.0, ("biography", "quick"): 6.9,
+                           ("biography", "default"): 35.4, ("biography", "v1"): 35.0,
+                           ("biography", "lowlr"): 35.4,
                            ("smollm2", "quick"): 300.0}
 
 

@@ -193,11 +193,11 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 UNIT_COST: dict[str, float] = {
-    "agem": 3.8, "curvature": 1.9, "planned": 1.6, "freeze-bottom+curvature": 1.2, "ogd": 1.1,
-    "freeze-bottom": 0.6,
+    "agem": 3.9, "planned": 1.8, "curvature": 1.6, "freeze-bottom+curvature": 1.2, "ogd": 1.2,
+    "freeze-bottom": 0.7,
 }
 """Wall time of one (method, seed) unit relative to ``seq``'s (measured: default biography
-preset, run ``default-v2``, mean over seeds 0-2; unlisted methods count 1). Only the order in
+preset, run ``default-v4``, mean over seeds 0-2; unlisted methods count 1). Only the order in
 which the worker processes take the units uses it (longest first, so no long unit starts last)."""
 
 
