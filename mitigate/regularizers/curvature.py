@@ -23,7 +23,8 @@ eigenpairs ``(λ_{t,i}, v_{t,i})`` of that task's Gauss-Newton matrix ``G_t = J�
   ``replay_batch_size`` stored inputs (one per step). The slices of all finished tasks share one
   forward and backward per step (stacked into one padded batch), and
   :meth:`CurvatureRegularizer.with_replay` appends them to the training batch itself, so the KL
-  term is read off the training forward (``reg(outputs=out)``) with no pass of its own. Its Hessian at ``θ*_t`` is exactly the Gauss-Newton matrix of the stored inputs
+  term is read off the training forward (``reg(outputs=out)``) with no pass of its own. Its
+  Hessian at ``θ*_t`` is exactly the Gauss-Newton matrix of the stored inputs
   (``∇²_θ KL|θ* = Jᵀ (diag p − ppᵀ) J``), so it is the full-rank curvature anchor, and unlike the
   quadratic it stays valid far from ``θ*``: on a memorised task the quadratic model predicted a
   loss rise 45× smaller than the real one (issue 13). **Scale rule:** KL is in nats per supervised
