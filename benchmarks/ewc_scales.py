@@ -25,7 +25,6 @@ Prints a markdown table; ``--out`` writes the rows as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -37,6 +36,8 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(_ROOT))
 
 import torch  # noqa: E402
+
+from benchmarks.report import finish_side_study  # noqa: E402
 
 SCALES = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 
@@ -166,11 +167,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows += fact_recall_rows(shape, lora, a.seed, SCALES)
     if not a.no_biography:
         rows += biography_rows(a.biography_seed, SCALES, a.cache_dir)
-    print(table(rows))
-    print(f"\n{time.perf_counter() - t0:.0f} s")
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(rows, indent=1))
+    finish_side_study(rows, table(rows), t0, a.out)
     return rows
 
 

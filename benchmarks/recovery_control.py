@@ -25,7 +25,6 @@ Task 0 after the later task scored with answers in the *new* format (is the know
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 import statistics
@@ -39,6 +38,8 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(_ROOT))
 
 import torch  # noqa: E402
+
+from benchmarks.report import finish_side_study  # noqa: E402
 
 from benchmarks import biography as B  # noqa: E402
 from benchmarks.compare import BatchOrder  # noqa: E402
@@ -146,11 +147,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     t0 = time.perf_counter()
     rows = [r for s in a.seeds.split(",") for r in run_seed(int(s), a.cache_dir, a.steps, a.recovery_steps,
                                                              a.recovery_lr_scale, a.preset)]
-    print(table(rows))
-    print(f"\n{time.perf_counter() - t0:.0f} s")
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(rows, indent=1))
+    finish_side_study(rows, table(rows), t0, a.out)
     return rows
 
 

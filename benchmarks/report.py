@@ -328,6 +328,19 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
     return written
 
 
+def finish_side_study(rows: list[dict[str, Any]], table: str, started: float, out: str | None) -> None:
+    """End a side study's script (``ewc_scales.py``, ``recovery_control.py``): print its markdown
+    ``table`` and the wall seconds since ``started`` (``time.perf_counter()``), and write its
+    ``rows`` as JSON to ``out`` (parents created) when given."""
+    import time
+
+    print(table)
+    print(f"\n{time.perf_counter() - started:.0f} s")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(_clean(rows), indent=1, default=_json_default))
+
+
 def write_outputs(results: dict[str, Any], out_dir: str | Path, plots: bool = True) -> Path:
     """Write ``results.json``, ``results.csv``, ``summary.csv``, ``summary.md`` and the plots."""
     out_dir = Path(out_dir)
