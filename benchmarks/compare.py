@@ -612,21 +612,34 @@ def evaluate_all(model: nn.Module, tasks: list[Task], detail: dict[str, list] | 
 def stored_state_mb(state: dict[str, Any]) -> float:
     """MiB a method keeps beyond a plain AdamW run: the state of its loss terms (``nn.Module``s),
     the own state of each optimizer wrapper in a chain (``wrapper_state_dict()``), and batch
-    memories (lists of batches, e.g. replay's)."""
+    memories (lists of batches, e.g. replay's); a combined method's parts included, each object
+    counted once (two parts' wrapper chains share the inner wrappers)."""
     from mitigate.optim._base import OptimizerWrapper
 
-    total = 0
-    for value in state.values():
-        if isinstance(value, M.RunContext):  # a combined method's part: its own state
-            total += stored_state_mb(value.state) * 2**20
-        elif isinstance(value, nn.Module):
-            total += tensor_bytes(value.state_dict())
-        elif isinstance(value, list):
-            total += tensor_bytes(value)
-        while isinstance(value, OptimizerWrapper):
-            total += tensor_bytes(value.wrapper_state_dict())
-            value = value.optimizer
-    return total / 2**20
+    seen: set[int] = set()
+
+    def walk(st: dict[str, Any]) -> int:
+        total = 0
+        for value in st.values():
+            if isinstance(value, M.RunContext):  # a combined method's part: its own state
+                total += walk(value.state)
+                continue
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            if isinstance(value, nn.Module):
+                total += tensor_bytes(value.state_dict())
+            elif isinstance(value, list):
+                total += tensor_bytes(value)
+            while isinstance(value, OptimizerWrapper):
+                total += tensor_bytes(value.wrapper_state_dict())
+                value = value.optimizer
+                if id(value) in seen:
+                    break
+                seen.add(id(value))
+        return total
+
+    return walk(state) / 2**20
 
 
 def recovery(model: nn.Module, scenario: Scenario, cfg: BenchConfig, seed: int, reference: float) -> Any:
@@ -735,12 +748,12 @@ def run_method(method: M.Method, hp: dict[str, Any], scenario: Scenario, base: n
                     extra = method.loss_extra(model, batch, ctx)
                     if extra is not None:
                         loss = loss + extra
+                ctx.outputs = None  # autograd keeps what backward needs; not the whole output
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 _sync(device)
                 step_times.append(time.perf_counter() - ts)
-                ctx.outputs = None
                 if reference is not None and cfg.ref_every and step % cfg.ref_every == 0:
                     reference.step(plain)  # seq's step on the task's own batch
                 if not math.isfinite(float(loss.detach())):

@@ -178,6 +178,9 @@ class Method:
         batch: ``batch(ctx, batch) -> batch`` transform of each training batch (replay).
         loss_extra: ``loss_extra(model, batch, ctx) -> scalar | None`` added to the task loss.
         after_task: ``after_task(ctx, t)`` after task ``t`` (``t = 0``: on the Task-0 model).
+        appends_rows: its ``batch`` hook appends rows that its ``loss_extra`` reads back (the
+            curvature term's replay rows): in a combination it runs after every other part's
+            ``batch`` hook, so no part replaces those rows (replay swaps a batch's last rows).
     """
 
     name: str
@@ -188,6 +191,7 @@ class Method:
     batch: Hook = _keep_batch
     loss_extra: Hook | None = None
     after_task: Hook = _noop
+    appends_rows: bool = False
 
 
 METHODS: dict[str, Method] = {}
@@ -320,7 +324,8 @@ def _loss_term(cls_name: str, key: str, with_replay: bool = False) -> dict:
     def batch(ctx, batch):
         return ctx.state[key].with_replay(batch) if fused(ctx) else batch
 
-    return {"setup": setup, "after_task": after_task, "loss_extra": loss_extra, "batch": batch}
+    return {"setup": setup, "after_task": after_task, "loss_extra": loss_extra, "batch": batch,
+            "appends_rows": with_replay}
 
 
 @register("curvature", "curvature regularizer: KL on stored old inputs + top Gauss-Newton anchor",
@@ -452,8 +457,10 @@ def combine(name: str) -> Method:
         for p in parts:
             p.before_task(sub(ctx, p), t)
 
+    batch_order = sorted(parts, key=lambda p: p.appends_rows)  # stable: appended rows stay last
+
     def batch(ctx, b):
-        for p in parts:
+        for p in batch_order:
             b = p.batch(sub(ctx, p), b)
         return b
 
@@ -465,6 +472,8 @@ def combine(name: str) -> Method:
             term = p.loss_extra(model, b, sub(ctx, p))
             if term is not None:
                 total = term if total is None else total + term
+        for p in parts:  # the step's output is not kept past the loss
+            ctx.state[f"_ctx.{p.name}"].outputs = None
         return total
 
     def after_task(ctx, t):
@@ -473,7 +482,8 @@ def combine(name: str) -> Method:
 
     return Method(name=name, help=" + ".join(p.help.split(":")[0] for p in parts),
                   defaults=defaults, setup=setup, before_task=before_task, batch=batch,
-                  loss_extra=loss_extra if extras else None, after_task=after_task)
+                  loss_extra=loss_extra if extras else None, after_task=after_task,
+                  appends_rows=any(p.appends_rows for p in parts))
 
 
 def get(name: str) -> Method:

@@ -195,13 +195,8 @@ def tune(base: C.BenchConfig, methods: list[str]) -> dict[str, Any]:
     cfg = replace(base, methods=["seq"], evaluate_on="tune", tuned=None)
     seq = _means(C.run_benchmark(cfg)["methods"]["seq"])
     out: dict[str, Any] = {
-        "scenario": base.scenario, "preset": base.preset,
-        "tuning_seeds": list(range(base.seed_base, base.seed_base + base.seeds)),
-        "evaluated_on": "tuning people (Task.tune_evaluate)",
-        "rule": f"max mean Task-0 accuracy among configurations with mean new-task gain >= "
-                f"{PLASTICITY_FLOOR} x seq's; else max new-task gain",
-        "budget": BUDGET, "layout": {"num_layers": layout.num_layers,
-                                     "batches_per_task": list(layout.batches_per_task)},
+        **header(base), "layout": {"num_layers": layout.num_layers,
+                                   "batches_per_task": list(layout.batches_per_task)},
         "seq": seq, "methods": {},
     }
     for name in methods:
@@ -228,6 +223,17 @@ def tune(base: C.BenchConfig, methods: list[str]) -> dict[str, Any]:
         out["methods"][name] = {"candidates": cands, "chosen": k, "hp": cands[k]["hp"]}
     out["wall_s"] = time.perf_counter() - t0
     return out
+
+
+def header(base: C.BenchConfig) -> dict[str, Any]:
+    """What a tuning record says about how it was made: scenario, preset, tuning seeds, where it
+    was scored, the rule and the budget (:func:`merge` refuses records that differ in these)."""
+    return {"scenario": base.scenario, "preset": base.preset,
+            "tuning_seeds": list(range(base.seed_base, base.seed_base + base.seeds)),
+            "evaluated_on": "tuning people (Task.tune_evaluate)",
+            "rule": f"max mean Task-0 accuracy among configurations with mean new-task gain >= "
+                    f"{PLASTICITY_FLOOR} x seq's; else max new-task gain",
+            "budget": BUDGET}
 
 
 def merge(record: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -332,10 +338,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         cache_dir=a.cache_dir, workers=a.workers, plots=False, ref_every=0,
                         methods=None if a.methods is None else a.methods.split(","))
     old = json.loads(Path(a.merge).read_text()) if a.merge else None
+    out = Path(a.out or a.merge or Path(__file__).parent / "tuned" / f"{a.scenario}-{preset}.json")
+    if old is not None:
+        merge(old, {**header(cfg), "seq": old["seq"], "methods": {}})  # refuse before hours of runs
     rec = tune(cfg, list(cfg.methods or []))
     if old is not None:
-        rec = merge(old, rec)
-    out = Path(a.out or a.merge or Path(__file__).parent / "tuned" / f"{a.scenario}-{preset}.json")
+        try:
+            rec = merge(old, rec)
+        except ValueError:  # seq came out differently: keep the runs, do not merge them
+            kept = out.with_suffix(".unmerged.json")
+            kept.write_text(json.dumps(rec, indent=1, default=str))
+            print(f"not merged; this run's record is in {kept}", flush=True)
+            raise
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rec, indent=1, default=str))
     print(f"wrote {out} in {rec['wall_s']:.0f}s", flush=True)

@@ -485,3 +485,22 @@ def test_worker_processes_show_no_progress_bars():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(Path(__file__).resolve().parents[1]))
     assert out.stdout.split() == ["True", "True"] and not out.stderr.strip().count("it/s")
+
+
+def test_a_part_that_appends_rows_runs_its_batch_hook_last(monkeypatch):
+    appended = {"input_ids": torch.full((1, 3), 7)}
+    def append(ctx, b):
+        return {"input_ids": torch.cat([b["input_ids"], appended["input_ids"]])}
+    def swap_last(ctx, b):
+        ids = b["input_ids"].clone()
+        ids[-1] = 5
+        return {"input_ids": ids}
+    monkeypatch.setitem(M.METHODS, "_app", M.Method(name="_app", help="", batch=append, appends_rows=True))
+    monkeypatch.setitem(M.METHODS, "_swap", M.Method(name="_swap", help="", batch=swap_last))
+    for name in ("_app+_swap", "_swap+_app"):
+        method = M.get(name)
+        ctx = M.RunContext(model=torch.nn.Linear(1, 1), scenario=None, device=torch.device("cpu"), seed=0,
+                           hp={})
+        out = method.batch(ctx, {"input_ids": torch.zeros(2, 3, dtype=torch.long)})
+        assert out["input_ids"][-1].tolist() == [7, 7, 7] and out["input_ids"][1].tolist() == [5, 5, 5]
+        assert method.appends_rows

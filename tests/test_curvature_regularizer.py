@@ -614,3 +614,19 @@ def test_with_replay_reads_the_kl_off_one_forward_and_keeps_the_task_loss(arch):
     with pytest.raises(ValueError, match="input_ids and labels"):
         curv.with_replay({"input_ids": task["input_ids"]})
     assert CurvatureRegularizer(model).with_replay(task) is task  # nothing stored: the batch itself
+
+
+def test_with_replay_without_a_teacher_is_the_plain_loop():
+    from tiny_models import build
+
+    model = build("llama").eval()
+    curv = CurvatureRegularizer(model, replay_samples=0)  # no replay memory: no KL teacher
+    curv.consolidate(_lm_task(1, 7))
+    perturb(model, scale=0.02)
+    task = _lm_task(9, 9)[0]
+    assert curv.with_replay(task) is task
+    pen = curv(outputs=model(**task))  # the anchor alone, no error
+    twin = CurvatureRegularizer(model, replay_samples=0)
+    twin.load_state_dict(curv.state_dict())
+    torch.testing.assert_close(pen, twin())
+    assert float(pen) > 0

@@ -461,3 +461,18 @@ def test_a_batch_that_cannot_carry_replay_rows_falls_back(tmp_path, caplog):
     assert "replay rows not fused into the training batch" in caplog.text
     assert curv._pending is None  # nothing appended: the term ran its own forward
     torch.testing.assert_close(loss, model(**batch).loss, rtol=1e-5, atol=1e-6)  # at θ*: penalty 0
+
+
+def test_an_output_without_logits_falls_back_and_stops_fusing(tmp_path):
+    from types import SimpleNamespace
+
+    model = tiny_llama()
+    curv = mitigate.CurvatureRegularizer(model, max_iter=20)
+    trainer = MitigationTrainer(model=model, args=targs(tmp_path, max_steps=2), train_dataset=dataset(1),
+                                mitigations=[curv])
+    trainer.end_task(dataset(0), max_batches=2)
+    batch = {k: torch.tensor(v) for k, v in dataset(1, 4)[:4].items()}
+    curv.with_replay(batch)
+    penalty = trainer._fused_penalty(curv, SimpleNamespace(logits=None))  # e.g. a fused-loss kernel
+    assert torch.is_tensor(penalty) and penalty.requires_grad  # from term(), its own forward
+    assert curv._pending is None and not trainer.fuse_replay and trainer._replay_term(batch) is None

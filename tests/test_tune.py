@@ -145,3 +145,14 @@ def test_show_renders_every_configuration_and_marks_the_choice(tuned, capsys):
     assert [r.endswith("| yes |") for r in rows] == [i == k for i in range(len(rows))]
     c = rec["methods"]["replay"]["candidates"][k]
     assert f"{c['task0_final'] * 100:.1f} %" in rows[k] and f"{c['plasticity_gain']:.3f}" in rows[k]
+
+
+def test_merge_refuses_another_setting_before_running_anything(tmp_path):
+    rec = {**T.header(C.BenchConfig(preset="micro", seeds=1, seed_base=T.DEFAULT_TUNING_SEED)),
+           "seq": {"task0_final": 0.1, "plasticity_gain": 0.5}, "methods": {}}
+    bad = tmp_path / "old.json"
+    bad.write_text(json.dumps({**rec, "budget": 3}))
+    with pytest.raises(ValueError, match="budget is 4 in the new record and 3 in the old one"):
+        T.main(["--preset", "micro", "--methods", "seq", "--seeds", "1", "--merge", str(bad),
+                "--cache-dir", str(tmp_path / "never-built")])
+    assert not (tmp_path / "never-built").exists()  # refused before any scenario was built

@@ -648,7 +648,7 @@ class MitigationTrainerMixin:
         ga_steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
         scale = 1.0 / ga_steps if self._loss_scaled_for_ga(num_items_in_batch) else 1.0
         for name, term in self.mitigations.loss_terms.items():
-            penalty = term(outputs=outputs) if fused is not None and term is fused[0] else term()
+            penalty = self._fused_penalty(term, outputs) if fused is not None and term is fused[0] else term()
             self.mitigation_callback.record_penalty(name, penalty)
             loss = loss + penalty * scale if scale != 1.0 else loss + penalty
         return (loss, outputs) if return_outputs else loss
@@ -658,7 +658,7 @@ class MitigationTrainerMixin:
         penalty off the training forward (``with_replay``, :class:`~mitigate.CurvatureRegularizer`)
         when ``fuse_replay`` is on and the batch can carry the rows; else ``None`` (the term then
         runs its own forward, as ``term()``), logged once at INFO with the reason."""
-        if not self.fuse_replay:
+        if not self.fuse_replay or self.args.n_gpu > 1:  # DataParallel could hand a replica only replay rows
             return None
         for term in self.mitigations.loss_terms.values():
             if callable(getattr(term, "with_replay", None)):
@@ -671,6 +671,18 @@ class MitigationTrainerMixin:
                     return None
                 return (term, extended) if extended is not inputs else None
         return None
+
+    def _fused_penalty(self, term: Any, outputs: Any) -> Any:
+        """``term(outputs=outputs)``; when the output carries no usable logits (``return_dict=False``,
+        fused-loss kernels that drop them), ``term()`` with its own forward instead, and fusing
+        stops for the rest of this trainer's life (logged once)."""
+        try:
+            return term(outputs=outputs)
+        except ValueError as err:
+            logger.info("replay rows could not be read off the training output (%s): the loss term "
+                        "runs its own forward from now on (fuse_replay off)", err)
+            self.fuse_replay = False
+            return term()
 
     def _loss_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
         """Whether ``training_step`` will *not* divide the loss by the accumulation steps

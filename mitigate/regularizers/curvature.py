@@ -540,12 +540,12 @@ class CurvatureRegularizer(nn.Module):
                              "rows: only input_ids, attention_mask and labels of (B, T) tensors of the same "
                              "dtypes; call reg() without it")
         width = stacked["input_ids"].shape[1]
-        offset = task_rows["input_ids"].shape[0]
+        first_row = offset = task_rows["input_ids"].shape[0]
         index, rows = [], []
         for (t, (s, _)), lab in zip(parts, labels):
             lab = F.pad(lab, (0, width - lab.shape[1]), value=-100)
             sup = (lab[:, 1:] != -100).reshape(-1).nonzero().squeeze(1)  # HF's shifted positions
-            index.append(sup + offset * (width - 1))
+            index.append(sup + (offset - first_row) * (width - 1))  # in logits[first_row:, :-1]
             rows.append(int(sup.numel()))
             offset += lab.shape[0]
             teacher = self._buffers[f"t{t}__teacher{s}"]
@@ -553,7 +553,7 @@ class CurvatureRegularizer(nn.Module):
                 raise ValueError(f"task {t}: {rows[-1]} supervised positions on replay slice {s}, "
                                  f"{teacher.shape[0]} stored: the replay memory changed since consolidate()")
         self._pending = {"cursor": self._replay_cursor, "shape": (offset, width), "index": torch.cat(index),
-                         "rows": rows, "parts": parts}
+                         "rows": rows, "parts": parts, "first_row": first_row}
         return stacked
 
     def _current_slices(self, slice_index: int) -> list[tuple[int, tuple[int, Batch]]]:
@@ -567,6 +567,8 @@ class CurvatureRegularizer(nn.Module):
 
     def _kl_from_outputs(self, outputs: Any, slice_index: int) -> list[Tensor]:
         pending, self._pending = self._pending, None
+        if pending is None and not self._current_slices(slice_index):
+            return []  # no task has a KL teacher: with_replay() returned the batch as it was
         if pending is None or pending["cursor"] != slice_index:
             raise ValueError("reg(outputs=...) reads the replay rows that with_replay() appended to this "
                              "step's batch: call batch = reg.with_replay(batch) before model(**batch)")
@@ -575,7 +577,8 @@ class CurvatureRegularizer(nn.Module):
             got = None if not isinstance(logits, Tensor) else tuple(logits.shape)
             raise ValueError(f"reg(outputs=...): logits of shape {got}, expected (B, T) = {pending['shape']} "
                              "of the batch with_replay() returned (B, T, V); pass model(**that_batch)")
-        z = logits[:, :-1].reshape(-1, logits.shape[-1]).index_select(0, pending["index"].to(logits.device))
+        first = pending["first_row"]  # only the replay rows' logits are flattened (no copy of the task's)
+        z = logits[first:, :-1].reshape(-1, logits.shape[-1]).index_select(0, pending["index"].to(logits.device))
         return [self._kl(t, zt, self._buffers[f"t{t}__teacher{s}"])
                 for (t, (s, _)), zt in zip(pending["parts"], z.split(pending["rows"]))]
 
@@ -597,13 +600,13 @@ class CurvatureRegularizer(nn.Module):
             StateMismatchError: a stored parameter is missing or changed shape.
         """
         cfg = self.config
-        if step is None:
-            step = self._step
-            self._step += 1
         if outputs is None and self._pending is not None:
             self._pending = None
             raise ValueError("with_replay() appended replay rows to this step's batch: pass the model's "
                              "output on it, reg(outputs=model(**batch))")
+        if step is None:
+            step = self._step
+            self._step += 1
         if not self._tasks:
             return torch.zeros((), device=model_device(self._model), requires_grad=True)
         terms: list[Tensor] = []
@@ -768,7 +771,8 @@ class CurvatureRegularizer(nn.Module):
         """Every consolidated task's KL term on its slice ``slice_index``, from **one** forward
         pass: the tasks' slices are stacked into one batch (right-padded with
         ``attention_mask = 0`` and ``labels = -100``, see :func:`_stack_padded`) and the
-        ``(N, C)`` supervised logits are split back by each task's stored row count. The values
+        ``(N, C)`` supervised logits are split back by each task's stored row count (with the
+        default ``logits_fn`` and labelled ``(B, T)`` rows only; otherwise one forward each). The values
         are those of one forward per task up to float rounding (a causal or masked model's real
         positions do not see the padding); the cost is one extra forward and backward per step
         however many tasks are stored. Batches that cannot be stacked (not dicts, other keys, no
@@ -777,7 +781,12 @@ class CurvatureRegularizer(nn.Module):
         if not parts:
             return []
         device = parts[0][1].device
-        stacked = _stack_padded([b for _, _, b in parts]) if len(parts) > 1 else None
+        # stacking pads rows, which only the default logits_fn on labelled causal-LM rows ignores
+        # (a classifier pools at the last non-pad token; a custom logits_fn may read any position)
+        stackable = len(parts) > 1 and self.logits_fn is None and all(
+            isinstance(b, Mapping) and isinstance(b.get("labels"), Tensor) and b["labels"].dim() == 2
+            for _, _, b in parts)
+        stacked = _stack_padded([b for _, _, b in parts]) if stackable else None
         if stacked is not None:
             z = self._replay_logits(move_batch(stacked, device))
             rows = [teacher.shape[0] for _, teacher, _ in parts]
@@ -915,6 +924,7 @@ class CurvatureRegularizer(nn.Module):
                 "replay_cursor": self._replay_cursor}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._pending = None  # a step begun by with_replay() does not survive a load
         self._tasks = [dict(t) for t in state["tasks"]]
         self._step = int(state["step"])
         self._replay_cursor = int(state["replay_cursor"])
