@@ -211,4 +211,6 @@ def finish(results: dict[str, Any], out: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _common import exit_now
+
+    exit_now(main())

@@ -136,4 +136,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _common import exit_now
+
+    exit_now(main())
