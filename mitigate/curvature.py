@@ -95,6 +95,7 @@ __all__ = [
     "make_loss_of_params",
     "make_operator",
     "rayleigh_quotients",
+    "shifted_label_positions",
     "supervised_logits",
     "unwrap_model",
 ]
@@ -535,6 +536,19 @@ class HessianOperator:
 LogitsFn = Callable[[nn.Module, Batch], Tensor]
 
 
+def shifted_label_positions(labels: Tensor) -> Tensor:
+    """Flat indices into ``logits[:, :-1].reshape(-1, V)`` of the positions a Hugging Face
+    causal-LM loss supervises: position ``t`` of row ``b`` where ``labels[b, t + 1] != -100``.
+
+    Args:
+        labels: ``(B, T)`` labels (``-100`` ignored).
+
+    Returns:
+        ``(N,)`` int64 indices in ``[0, B·(T − 1))``, row-major.
+    """
+    return (labels[:, 1:].reshape(-1) != -100).nonzero().squeeze(1)
+
+
 def supervised_logits(model: nn.Module, batch: Batch) -> Tensor:
     """The logits at the positions a Hugging Face loss supervises, as one ``(N, C)`` matrix.
 
@@ -568,7 +582,7 @@ def supervised_logits(model: nn.Module, batch: Batch) -> Tensor:
     if logits.dim() != 3:
         raise ValueError(f"logits of shape {tuple(logits.shape)}: expected (B, C) or (B, T, V); pass logits_fn=")
     if isinstance(labels, Tensor) and labels.shape == logits.shape[:2]:
-        idx = (labels[:, 1:].reshape(-1) != -100).nonzero().squeeze(1).to(logits.device)
+        idx = shifted_label_positions(labels).to(logits.device)
         return logits[:, :-1].reshape(-1, logits.shape[-1]).index_select(0, idx)
     flat = logits.reshape(-1, logits.shape[-1])
     mask = batch.get("attention_mask")

@@ -455,3 +455,15 @@ def test_float16_non_finite_products_raise_a_clear_error():
     assert torch.isfinite(model(**batch).loss)  # the loss itself is fine...
     with pytest.raises(ValueError, match=r"non-finite Hessian-vector product.*float16.*float32 or bfloat16"):
         hessian_eigenvalues(model, batch, k=1, max_iter=5)  # ...its curvature overflows
+
+
+def test_shifted_label_positions_index_the_logits_a_causal_lm_loss_supervises():
+    from mitigate.curvature import shifted_label_positions
+
+    labels = torch.tensor([[-100, -100, 7, 8], [-100, 5, -100, -100], [-100, -100, -100, -100]])
+    # row-major over logits[:, :-1] (3 columns a row): row 0 at 1, 2; row 1 at 0
+    assert shifted_label_positions(labels).tolist() == [1, 2, 3]
+    logits = torch.randn(3, 4, 11)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
+    picked = logits[:, :-1].reshape(-1, 11)[shifted_label_positions(labels)]
+    torch.testing.assert_close(torch.nn.functional.cross_entropy(picked, torch.tensor([7, 8, 5])), ce)

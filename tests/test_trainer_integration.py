@@ -447,13 +447,19 @@ def test_curvature_replay_rows_ride_in_the_training_batch(tmp_path):
     assert runs[True][2] == pytest.approx(runs[False][2], rel=1e-4)
 
 
-def test_a_batch_that_cannot_carry_replay_rows_falls_back(tmp_path, caplog):
+def _curvature_trainer(tmp_path):
+    """A tiny Llama with a CurvatureRegularizer consolidated on task 0 in a MitigationTrainer
+    (fusing on, the default), and a training batch of task 1."""
     model = tiny_llama()
     curv = mitigate.CurvatureRegularizer(model, max_iter=20)
     trainer = MitigationTrainer(model=model, args=targs(tmp_path, max_steps=2), train_dataset=dataset(1),
                                 mitigations=[curv])
     trainer.end_task(dataset(0), max_batches=2)
-    batch = {k: torch.tensor(v) for k, v in dataset(1, 4)[:4].items()}
+    return model, curv, trainer, {k: torch.tensor(v) for k, v in dataset(1, 4)[:4].items()}
+
+
+def test_a_batch_that_cannot_carry_replay_rows_falls_back(tmp_path, caplog):
+    model, curv, trainer, batch = _curvature_trainer(tmp_path)
     batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
     model.train()
     with caplog.at_level("INFO", logger="mitigate.integrations.trainer"):
@@ -466,12 +472,7 @@ def test_a_batch_that_cannot_carry_replay_rows_falls_back(tmp_path, caplog):
 def test_an_output_without_logits_falls_back_and_stops_fusing(tmp_path):
     from types import SimpleNamespace
 
-    model = tiny_llama()
-    curv = mitigate.CurvatureRegularizer(model, max_iter=20)
-    trainer = MitigationTrainer(model=model, args=targs(tmp_path, max_steps=2), train_dataset=dataset(1),
-                                mitigations=[curv])
-    trainer.end_task(dataset(0), max_batches=2)
-    batch = {k: torch.tensor(v) for k, v in dataset(1, 4)[:4].items()}
+    _, curv, trainer, batch = _curvature_trainer(tmp_path)
     curv.with_replay(batch)
     penalty = trainer._fused_penalty(curv, SimpleNamespace(logits=None))  # e.g. a fused-loss kernel
     assert torch.is_tensor(penalty) and penalty.requires_grad  # from term(), its own forward

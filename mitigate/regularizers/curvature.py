@@ -97,6 +97,7 @@ from mitigate.curvature import (
     hessian_eigenvalues,
     make_operator,
     rayleigh_quotients,
+    shifted_label_positions,
     supervised_logits,
     unwrap_model,
 )
@@ -532,9 +533,7 @@ class CurvatureRegularizer(nn.Module):
             b = with_mask(move_batch(b, device))
             labels.append(b["labels"])
             replay_rows.append({**b, "labels": torch.full_like(b["labels"], -100)})
-        # the same keys in the same order as the task's rows (else _stack_padded refuses)
-        same_order = [{k: r[k] for k in task_rows} if set(r) == set(task_rows) else r for r in replay_rows]
-        stacked = _stack_padded([task_rows, *same_order])
+        stacked = _stack_padded([task_rows, *replay_rows])
         if stacked is None:
             raise ValueError(f"with_replay() cannot stack the batch (keys {sorted(batch)}) with the replay "
                              "rows: only input_ids, attention_mask and labels of (B, T) tensors of the same "
@@ -544,7 +543,7 @@ class CurvatureRegularizer(nn.Module):
         index, rows = [], []
         for (t, (s, _)), lab in zip(parts, labels):
             lab = F.pad(lab, (0, width - lab.shape[1]), value=-100)
-            sup = (lab[:, 1:] != -100).reshape(-1).nonzero().squeeze(1)  # HF's shifted positions
+            sup = shifted_label_positions(lab)
             index.append(sup + (offset - first_row) * (width - 1))  # in logits[first_row:, :-1]
             rows.append(int(sup.numel()))
             offset += lab.shape[0]
@@ -981,15 +980,15 @@ _PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "labels": -100}
 
 
 def _stack_padded(batches: list[Batch]) -> dict[str, Tensor] | None:
-    """Dict batches of ``(B_i, T_i)`` tensors with the same keys (of ``input_ids``,
-    ``attention_mask``, ``labels``) stacked along the rows into one ``(Σ B_i, max T_i)`` batch,
+    """Dict batches of ``(B_i, T_i)`` tensors with the same keys in any order (of ``input_ids``,
+    ``attention_mask``, ``labels``; the first batch's order is kept) stacked along the rows into one ``(Σ B_i, max T_i)`` batch,
     each right-padded with ``input_ids = 0``, ``attention_mask = 0`` and ``labels = -100``;
     ``None`` when they cannot be: not dicts, other or unequal keys, other shapes or dtypes, or
     unequal lengths without an ``attention_mask`` to hide the padding."""
     if not all(isinstance(b, Mapping) for b in batches):
         return None
     keys = list(batches[0])
-    if not keys or any(list(b) != keys for b in batches) or not set(keys) <= set(_PAD_VALUES):
+    if not keys or any(set(b) != set(keys) for b in batches) or not set(keys) <= set(_PAD_VALUES):
         return None
     tensors = [[b[k] for k in keys] for b in batches]
     if not all(isinstance(v, Tensor) and v.dim() == 2 for row in tensors for v in row):
