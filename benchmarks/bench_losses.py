@@ -156,7 +156,7 @@ def main() -> None:
         if name == "ewc":
             term = EWC(model, strength=1.0)
             term.consolidate(task0)
-        elif name == "ewc_default":  # exactly as the README says: EWC(model), λ relative to mean F
+        elif name == "ewc_default":  # exactly as the README says: EWC(model), λ_t calibrated on the next task
             term = EWC(model)
             term.consolidate(task0)
         elif name in ("curv_default", "curv_fused"):  # CurvatureRegularizer(model): replay KL (4 samples/step) + GGN anchor
@@ -182,7 +182,9 @@ def main() -> None:
                 loss = out.loss + v["term"](outputs=out)
             else:
                 loss = v["model"](**b).loss
-                if v["term"] is not None:
+                if isinstance(v["term"], EWC):  # as the README: ewc(batch) (the default calibrates on it)
+                    loss = loss + v["term"](b)
+                elif v["term"] is not None:
                     loss = loss + v["term"]()
             loss.backward()
             v["opt"].step()

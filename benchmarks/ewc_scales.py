@@ -19,6 +19,12 @@ Run (one process, one thread; ~5 min)::
 
     python benchmarks/ewc_scales.py --out results/ewc_scales.json
 
+``--sequence-balances 1e-3,3e-3,1e-2`` instead runs the calibrated default's rule
+(``EWC(model, balance=b)``, a λ per task from the next task's gradient) through biography's whole
+sequence on the tuning seeds 1000–1001, against seq: how ``balance = 3e-3`` was checked (~8 min)::
+
+    python benchmarks/ewc_scales.py --sequence-balances 1e-3,3e-3,1e-2 --out results/ewc_balance_sequence.json
+
 Prints a markdown table; ``--out`` writes the rows as JSON.
 """
 
@@ -122,6 +128,60 @@ def biography_rows(seed: int, scales: tuple[float, ...], cache_dir: str) -> list
     return rows
 
 
+def biography_sequence_rows(seed: int, balances: tuple[float, ...], cache_dir: str) -> list[dict]:
+    """``EWC(model, balance=b)`` (the calibrated default's rule) through the biography default
+    preset's *whole* sequence on a tuning seed, as the benchmark's ``ewc`` method does (consolidate
+    on 4 batches of each finished task, ``ewc(batch)`` in every step), and seq's run (``balance``
+    ``None``); Task 0 and every later task scored on the tuning people."""
+    from benchmarks.biography import build_scenario
+    from benchmarks.compare import BatchOrder
+
+    import mitigate
+
+    sc = build_scenario("default", cache_dir, seed)
+    rows = []
+    for balance in (None, *balances):
+        model = sc.model_factory()
+        opt = torch.optim.AdamW(model.parameters(), lr=sc.lr, weight_decay=0.0)
+        ewc = None if balance is None else mitigate.EWC(model, balance=balance, progress=False)
+        new_acc = []
+        for t in range(1, len(sc.tasks)):
+            if ewc is not None:
+                ewc.consolidate(sc.tasks[t - 1].train[:4])
+            order = BatchOrder(len(sc.tasks[t].train), seed + t)
+            model.train()
+            for _ in range(sc.steps_per_task):
+                b = sc.tasks[t].train[order.next()]
+                loss = model(**b).loss
+                if ewc is not None:
+                    loss = loss + ewc(b)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            model.eval()
+            new_acc.append(sc.tasks[t].tune_evaluate(model)["accuracy"])
+        rows.append({"testbed": f"biography default, whole sequence, tuning seed {seed}", "balance": balance,
+                     "old": sc.tasks[0].tune_evaluate(model)["accuracy"], "new": sum(new_acc) / len(new_acc),
+                     "new_per_task": new_acc, "task_lambdas": [] if ewc is None else ewc.task_lambdas})
+    return rows
+
+
+def sequence_table(rows: list[dict]) -> str:
+    """Markdown: per balance, Task 0 at the end and the mean new-task accuracy per seed, and the
+    new task against seq's (means over seeds)."""
+    seeds = list(dict.fromkeys(r["testbed"] for r in rows))
+    out = ["| balance | Task 0 at the end (per seed) | mean new-task accuracy (per seed) | new task / seq's |",
+           "|---|---|---|---:|"]
+    base = sum(r["new"] for r in rows if r["balance"] is None) / len(seeds)
+    for b in dict.fromkeys(r["balance"] for r in rows):
+        rs = [r for r in rows if r["balance"] == b]
+        new = sum(r["new"] for r in rs) / len(rs)
+        out.append(f"| {'seq (no EWC)' if b is None else f'{b:g}'} | "
+                   + " / ".join(f"{100 * r['old']:.1f}" for r in rs) + " % | "
+                   + " / ".join(f"{100 * r['new']:.1f}" for r in rs) + f" % | {new / base:.2f} |")
+    return "\n".join(out)
+
+
 def best_scale(rows: list[dict]) -> float | None:
     """The scale keeping the most of the old task among those whose new task is ≥ 90 % of the
     unregularised run's (issue 13's plasticity floor); ``None`` if none is."""
@@ -154,6 +214,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--seed", type=int, default=0, help="fact-recall seed")
     p.add_argument("--biography-seed", type=int, default=1000, help="a tuning seed (not a test seed)")
     p.add_argument("--no-biography", action="store_true")
+    p.add_argument("--sequence-balances", default=None,
+                   help="instead of the scale sweep: EWC(model, balance=b) through biography's whole sequence on "
+                        "--sequence-seeds, e.g. 1e-3,3e-3,1e-2 (how the default's balance was checked)")
+    p.add_argument("--sequence-seeds", default="1000,1001", help="tuning seeds for --sequence-balances")
     p.add_argument("--cache-dir", default=".cache/mitigate-bench")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -162,6 +226,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     rows: list[dict] = []
+    if a.sequence_balances:
+        balances = tuple(float(x) for x in a.sequence_balances.split(","))
+        for seed in (int(x) for x in a.sequence_seeds.split(",")):
+            rows += biography_sequence_rows(seed, balances, a.cache_dir)
+        finish_side_study(rows, sequence_table(rows), t0, a.out)
+        return rows
     for shape in a.shapes.split(","):
         for lora in (False, True):
             rows += fact_recall_rows(shape, lora, a.seed, SCALES)

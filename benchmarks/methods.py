@@ -31,6 +31,11 @@ freeze-qk             every layer's Q/K projections frozen after Task 0 (arXiv 2
 agem                  ``memory_size=64`` remembered batches, ``ref_every=1``; the library's
                       ``ref_batches=4`` and ``hold="update"`` (the final AdamW update is
                       projected, not only the gradient) (A-GEM, Chaudhry et al. 2019)
+pcgrad                the library defaults ``GradientProjection(opt, mode="pcgrad",
+                      model=model)``: the task gradient and the gradient of 4 replay-memory
+                      batches (64 kept), each projected off the other where they conflict,
+                      summed (Yu et al. 2020); ``hold="update"``. Not in the default set (6x
+                      seq's step): ``--methods seq,pcgrad``
 ogd                   ``directions_per_task=16`` (one per batch: at most
                       ``consolidate_batches``), ``max_basis=256``
                       (OGD, Farajtabar et al. 2020)
@@ -41,12 +46,12 @@ curvature             the library defaults (``CurvatureRegularizer(model)``): th
                       (measured not to help, issue 13), on ``consolidate_batches=2`` batches;
                       ``with_replay=True``: the 4 rows per finished task ride in the training
                       batch (``reg.with_replay``), one forward per step for both terms
-ewc                   the library default ``EWC(model)``: λ = ``scale`` / mean(F) with
-                      ``scale=100`` (scale-free: the per-sample Fisher of a memorised task is
-                      tiny), ``fisher="empirical"`` (per-sample squared grads; Kirkpatrick et
-                      al. 2017) on ``consolidate_batches=4`` batches. The earlier fixed
-                      ``strength=1e6`` was chosen on the reported seeds (biography quick, Task 0
-                      retained: λ=1e2 33%, 1e4 41%, 1e6 70%)
+ewc                   the library default ``EWC(model)``, called as ``ewc(batch)``: each
+                      finished task's λ_t = 3e-3 · mean(g²) / mean(F_t)², calibrated on the
+                      next task's first 4 batches (g at θ*_t); ``fisher="empirical"``
+                      (per-sample squared grads; Kirkpatrick et al. 2017) on
+                      ``consolidate_batches=4`` batches. ``--hp ewc.scale=0.01`` gives the
+                      fixed λ = scale / mean(F) (the benchmark's earlier tuned choice)
 clip                  ``max_norm=0.5`` (global gradient-norm clipping; arXiv 2601.18699).
                       Under AdamW a clip that is active every step only rescales g by a
                       constant, which Adam's normalisation undoes: 0.1 and 0.5 give the same
@@ -197,11 +202,12 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 UNIT_COST: dict[str, float] = {
-    "agem": 3.9, "planned": 1.8, "curvature": 1.6, "freeze-bottom+curvature": 1.2, "ogd": 1.2,
+    "agem": 3.9, "pcgrad": 3.9, "planned": 1.8, "curvature": 1.6, "freeze-bottom+curvature": 1.2, "ogd": 1.2,
     "freeze-bottom": 0.7,
 }
 """Wall time of one (method, seed) unit relative to ``seq``'s (measured: default biography
-preset, run ``default-v4``, mean over seeds 0-2; unlisted methods count 1). Only the order in
+preset, run ``default-v4``, mean over seeds 0-2; ``pcgrad``: run ``default-v4-pcgrad-fresh5``,
+seeds 3-7; unlisted methods count 1). Only the order in
 which the worker processes take the units uses it (longest first, so no long unit starts last)."""
 
 
@@ -297,17 +303,24 @@ def _agem() -> dict:
     return _projection("agem")
 
 
+@register("pcgrad", "PCGrad: the task gradient and a replay-memory gradient, each projected off "
+          "the other where they conflict, summed")
+def _pcgrad() -> dict:
+    return _projection("pcgrad")
+
+
 @register("ogd", "OGD: step orthogonally to earlier tasks' gradient directions",
           directions_per_task=16, max_basis=256)
 def _ogd() -> dict:
     return _projection("ogd")
 
 
-def _loss_term(cls_name: str, key: str, with_replay: bool = False) -> dict:
+def _loss_term(cls_name: str, key: str, with_replay: bool = False, takes_batch: bool = False) -> dict:
     """Hooks of a loss-term method: build ``mitigate.<cls_name>`` at setup, ``consolidate`` on each
     finished task, add its penalty to the loss (kept in ``ctx.state[key]``). ``with_replay``:
     append the term's replay rows to each batch and read the penalty off that one forward
-    (``CurvatureRegularizer.with_replay``, as the README's loop does)."""
+    (``CurvatureRegularizer.with_replay``, as the README's loop does). ``takes_batch``: call the
+    term with the training batch (``EWC(model)`` calibrates λ on the first batch of each task)."""
     def setup(model, optimizer, ctx):
         ctx.state[key] = _mitigate(cls_name)(model, **_lib_kwargs(ctx))
         return optimizer
@@ -319,7 +332,9 @@ def _loss_term(cls_name: str, key: str, with_replay: bool = False) -> dict:
         return with_replay and bool(ctx.hp.get("with_replay", True))
 
     def loss_extra(model, batch, ctx):
-        return ctx.state[key](outputs=ctx.outputs) if fused(ctx) else ctx.state[key]()
+        if fused(ctx):
+            return ctx.state[key](outputs=ctx.outputs)
+        return ctx.state[key](batch) if takes_batch else ctx.state[key]()
 
     def batch(ctx, batch):
         return ctx.state[key].with_replay(batch) if fused(ctx) else batch
@@ -337,7 +352,7 @@ def _curvature() -> dict:
 @register("ewc", "EWC with the empirical Fisher (Kirkpatrick et al. 2017)",
           fisher="empirical", consolidate_batches=4)
 def _ewc() -> dict:
-    return _loss_term("EWC", "ewc")
+    return _loss_term("EWC", "ewc", takes_batch=True)
 
 
 @register("clip", "global gradient-norm clipping", max_norm=0.5)

@@ -110,7 +110,9 @@ def _train(model, batches, opt, steps: int, penalty=None) -> None:
     for step in range(steps):
         b = batches[step % len(batches)]
         loss = model(**b).loss
-        if penalty is not None:
+        if isinstance(penalty, mitigate.EWC):  # as the README: ewc(batch) calibrates λ on the first batches
+            loss = loss + penalty(b)
+        elif penalty is not None:
             loss = loss + penalty()
         loss.backward()
         opt.step()

@@ -261,9 +261,9 @@ def test_errors():
 # ------------------------------------------------------------------ issue 13 / 15 items
 
 
-def test_default_strength_is_scale_over_mean_fisher_and_absolute_stays_reachable():
+def test_relative_strength_is_scale_over_mean_fisher_and_absolute_stays_reachable():
     model, batches = tiny_llama(), lm_batches()
-    rel = EWC(model, dtype=torch.float64)
+    rel = EWC(model, scale=100.0, dtype=torch.float64)
     fisher = rel.consolidate(batches)
     assert rel.strength_mode == "relative" and rel.lambda_ == pytest.approx(relative_strength(100.0, fisher.values()))
     mean = sum(float(f.sum()) for f in fisher.values()) / sum(f.numel() for f in fisher.values())
@@ -275,6 +275,128 @@ def test_default_strength_is_scale_over_mean_fisher_and_absolute_stays_reachable
     assert float(rel()) == pytest.approx(float(ab()) * rel.lambda_ / 7.0, rel=1e-12)
     with pytest.raises(ValueError, match="Fisher is zero on every selected parameter"):
         EWC(model).consolidate(batches, fisher={n: torch.zeros_like(f) for n, f in fisher.items()})
+    with pytest.raises(ValueError, match="both given"):
+        EWC(model, strength=1.0, scale=100.0)
+    with pytest.raises(ValueError, match="calibrated mode"):
+        rel.calibrate(batches[0])
+    assert EWC(model).strength_mode == "calibrated"  # the default
+
+
+def _new_task_batch() -> dict:
+    b = lm_batches()[1]
+    g = torch.Generator().manual_seed(7)
+    labels = torch.randint(0, 16, b["labels"].shape, generator=g)
+    return {**b, "labels": torch.where(b["labels"] == -100, b["labels"], labels)}
+
+
+def _grad_sq_mean(model: nn.Module, batches: list[dict]) -> float:
+    """mean over elements of n_b-weighted squared minibatch gradients, by hand."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total, rows = 0.0, 0
+    for b in batches:
+        grads = torch.autograd.grad(model(**b).loss, params)
+        n_b = b["input_ids"].shape[0]
+        total += n_b * sum(float(g.pow(2).sum()) for g in grads) / sum(g.numel() for g in grads)
+        rows += n_b
+    return total / rows
+
+
+def _fisher_mean(fisher: dict) -> float:
+    return sum(float(f.sum()) for f in fisher.values()) / sum(f.numel() for f in fisher.values())
+
+
+def test_calibrated_strength_is_set_per_task_from_the_next_tasks_gradient_at_its_anchor():
+    """λ_t = balance · mean(g²) / mean(F_t)², g the next task's minibatch gradients at θ*_t over
+    the first ``calibration_batches`` batches given to ewc(batch); checked in float64 against
+    autograd by hand. The gradient is taken at the anchor, not at the live parameters."""
+    import copy
+
+    model, batches = tiny_llama(), lm_batches()
+    model.eval()
+    ewc = EWC(model, balance=3e-3, calibration_batches=2, dtype=torch.float64)
+    fisher = ewc.consolidate(batches)
+    at_anchor = copy.deepcopy(model)
+    assert ewc.strength_mode == "calibrated" and ewc.lambda_ is None and ewc.pending_calibration
+    new = [_new_task_batch(), batches[0]]
+    want = 3e-3 * _grad_sq_mean(at_anchor, new) / _fisher_mean(fisher) ** 2
+    assert float(ewc(new[0])) == 0.0 and ewc.pending_calibration  # one of two batches measured
+    perturb(model)  # the second batch is still measured at θ*_0
+    ewc(new[1])
+    assert not ewc.pending_calibration and ewc.task_lambdas == [pytest.approx(want, rel=1e-10)]
+    lam0 = ewc.lambda_
+    ab = EWC(model, strength=lam0, dtype=torch.float64)
+    ab.consolidate(batches, fisher=fisher)
+    ab._buffers.update({k: v.clone() for k, v in ewc._buffers.items()})  # same θ*
+    assert float(ewc(new[0])) == pytest.approx(float(ab()), rel=1e-12) and ewc.task_lambdas == [lam0]
+    # a second task: its own λ_1 from its own Fisher, merged storage folds λ_t F_t exactly
+    per_task = EWC(model, balance=3e-3, calibration_batches=2, dtype=torch.float64, keep_tasks=True)
+    per_task.consolidate(None, fisher=fisher)
+    per_task._buffers.update({k: v.clone() for k, v in ewc._buffers.items()})
+    per_task.calibrate(new[:1])
+    per_task._pair_lambdas[0] = per_task._task_lambdas[0] = lam0
+    f1 = ewc.consolidate(batches)
+    per_task.consolidate(None, fisher=f1)
+    assert ewc.pending_calibration and ewc.lambda_ is None and ewc.task_lambdas == [lam0]
+    lam1 = ewc.calibrate([new[1]])
+    assert lam1 == pytest.approx(3e-3 * _grad_sq_mean(model, [new[1]]) / _fisher_mean(f1) ** 2, rel=1e-10)
+    assert per_task.calibrate([new[1]]) == pytest.approx(lam1, rel=1e-12)
+    assert len(ewc.state_dict()) < len(per_task.state_dict())  # one merged pair against two
+    perturb(model, seed=3)
+    params = list(model.parameters())
+    va, vb = ewc(), per_task()
+    for a, b in zip(torch.autograd.grad(va, params), torch.autograd.grad(vb, params)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-14)
+    assert float(va) == pytest.approx(float(vb), rel=1e-9)
+    with pytest.raises(ValueError, match="no task waits"):
+        ewc.calibrate(new)
+
+
+def test_uncalibrated_ewc_warns_once_and_uses_scale_over_mean_fisher_then_round_trips(tmp_path):
+    import warnings
+
+    model, batches = tiny_llama(), lm_batches()
+    ewc = EWC(model, balance=3e-3, dtype=torch.float64)
+    fisher = ewc.consolidate(batches)
+    rel = EWC(model, scale=100.0, dtype=torch.float64)
+    rel.consolidate(batches, fisher=fisher)
+    perturb(model)
+    with pytest.warns(UserWarning, match="pass the batch"):
+        first = float(ewc())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert float(ewc()) == first  # warned once
+    assert first == pytest.approx(float(rel()), rel=1e-12) and ewc.pending_calibration
+    ewc(_new_task_batch())  # 1 of 4 calibration batches: running λ, still pending
+    assert ewc.pending_calibration and ewc.lambda_ is not None
+    # the pending state, the running measurement and mean(F_t) survive a state_dict round trip
+    buf = io.BytesIO()
+    torch.save(ewc.state_dict(), buf)
+    buf.seek(0)
+    fresh = EWC(model, balance=3e-3, dtype=torch.float64)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert fresh.pending_calibration and fresh.lambda_ == ewc.lambda_ and float(fresh()) == float(ewc())
+    lam = fresh.calibrate(_new_task_batch())
+    assert lam == pytest.approx(ewc.calibrate(_new_task_batch()), rel=1e-12)
+    buf = io.BytesIO()
+    torch.save(fresh.state_dict(), buf)
+    buf.seek(0)
+    again = EWC(model, scale=10.0, dtype=torch.float64)  # relative: adopts the saved calibrated mode, warns
+    with pytest.warns(UserWarning, match="calibrated strength 0.003"):
+        again.load_state_dict(torch.load(buf, weights_only=True))
+    assert again.strength_mode == "calibrated"
+    assert not again.pending_calibration and again.task_lambdas == [lam] and float(again()) == float(fresh())
+    with pytest.raises(ValueError, match="no task waits"):
+        EWC(model, balance=3e-3).calibrate(batches[0])
+    again.consolidate(batches)
+    zero = {**batches[0], "labels": torch.full_like(batches[0]["labels"], -100)}
+    with pytest.raises(ValueError):
+        again.calibrate(zero)
+    assert again.pending_calibration and again.task_lambdas == [lam]  # unchanged by the refused calibration
+    with pytest.raises(ValueError, match="online_decay"):
+        EWC(model, online_decay=0.5)
+    assert EWC(model, scale=100.0, online_decay=0.5).strength_mode == "relative"
+    with pytest.raises(ValueError, match="calibration_batches=0"):
+        EWC(model, balance=3e-3, calibration_batches=0)
 
 
 def test_merged_pairs_equal_the_per_task_sum_over_three_tasks_and_state_stays_constant():
@@ -329,7 +451,7 @@ def test_state_carries_strength_and_mode_and_refuses_a_curvature_state(tmp_path)
     buf = io.BytesIO()
     torch.save(ewc.state_dict(), buf)
     buf.seek(0)
-    fresh = EWC(model, dtype=torch.float64)  # defaults: relative, scale 100
+    fresh = EWC(model, dtype=torch.float64)  # defaults: calibrated
     with pytest.warns(UserWarning, match="absolute strength 250"):
         fresh.load_state_dict(torch.load(buf, weights_only=True))
     assert fresh.strength_mode == "absolute" and fresh.lambda_ == 250.0

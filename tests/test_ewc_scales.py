@@ -18,3 +18,11 @@ def test_best_scale_keeps_most_of_the_old_task_above_the_plasticity_floor():
     table = E.table(_rows(news, olds))
     line = table.splitlines()[2]
     assert line.startswith("| t | 5 / 100 | 6 / 100 | — | 40 / 95 |") and "| 1 | 1.00e-06 |" in line
+
+
+def test_sequence_table_has_seq_first_and_the_new_task_against_seqs():
+    rows = [{"testbed": f"s{seed}", "balance": b, "old": old, "new": new}
+            for seed, b, old, new in [(0, None, 0.10, 0.80), (0, 3e-3, 0.20, 0.72), (1, None, 0.05, 0.60), (1, 3e-3, 0.15, 0.54)]]
+    lines = E.sequence_table(rows).splitlines()
+    assert lines[2] == "| seq (no EWC) | 10.0 / 5.0 % | 80.0 / 60.0 % | 1.00 |"
+    assert lines[3] == "| 0.003 | 20.0 / 15.0 % | 72.0 / 54.0 % | 0.90 |"

@@ -331,9 +331,12 @@ def _is_dataset(data: Any) -> bool:
 
 
 def _pure_forward(term: nn.Module) -> bool:
-    """Whether ``term()`` may be called just to read the penalty: its ``forward`` takes no
-    arguments. (``CurvatureRegularizer.forward(step=None)`` advances a schedule counter: calling it
+    """Whether ``term()`` may be called just to read the penalty: the term says so
+    (``pure_forward``), or its ``forward`` takes no arguments. (``CurvatureRegularizer.forward(step=None)`` advances a schedule counter: calling it
     at logging time would change which training steps compute the preservation term.)"""
+    declared = getattr(term, "pure_forward", None)  # e.g. EWC: ewc() without a batch only reads
+    if declared is not None:
+        return bool(declared)
     try:
         return not inspect.signature(term.forward).parameters
     except (TypeError, ValueError):
@@ -548,7 +551,7 @@ class MitigationCallback(TrainerCallback):
                 out.update(scalar_stats(LOG_PREFIX + _snake(type(w).__name__), stats()))
         for name, term in self.loss_terms.items():
             value = self.last_penalties.get(name)
-            if value is None and _pure_forward(term):
+            if value is None and _pure_forward(term) and not getattr(term, "pending_calibration", False):
                 with torch.enable_grad():  # some penalties differentiate internally
                     value = term().detach()
             if value is not None:
@@ -636,6 +639,7 @@ class MitigationTrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
         """Task loss plus every loss term's penalty (training mode only; evaluation losses are
         the task loss alone). See the module docstring for the gradient-accumulation scaling."""
+        original = inputs
         fused = self._replay_term(inputs) if model.training else None
         if fused is not None:
             inputs = fused[1]
@@ -648,7 +652,12 @@ class MitigationTrainerMixin:
         ga_steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
         scale = 1.0 / ga_steps if self._loss_scaled_for_ga(num_items_in_batch) else 1.0
         for name, term in self.mitigations.loss_terms.items():
-            penalty = self._fused_penalty(term, outputs) if fused is not None and term is fused[0] else term()
+            if fused is not None and term is fused[0]:
+                penalty = self._fused_penalty(term, outputs)
+            elif getattr(term, "pending_calibration", False):  # EWC(model): λ_t from the task's first batches
+                penalty = term(original, self.mitigation_loss_fn)
+            else:
+                penalty = term()
             self.mitigation_callback.record_penalty(name, penalty)
             loss = loss + penalty * scale if scale != 1.0 else loss + penalty
         return (loss, outputs) if return_outputs else loss

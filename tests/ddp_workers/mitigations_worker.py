@@ -44,7 +44,7 @@ from mitigate.integrations import replica_divergence  # noqa: E402
 GLOBAL_BATCH = 8
 STEPS = 3
 CONSOLIDATION_BATCHES = 2
-ALL = ("none", "agem", "ogd", "pcgrad", "ewc", "curvature", "curvature_preserve", "clip")
+ALL = ("none", "agem", "ogd", "pcgrad", "ewc", "ewc_calibrated", "curvature", "curvature_preserve", "clip")
 ATOL = {"curvature": 1e-4, "curvature_preserve": 1e-4}
 DEFAULT_ATOL = 2e-5
 
@@ -67,6 +67,9 @@ def build(name: str, model: nn.Module) -> Setup:
         return Setup(opt, None, lambda b: opt.remember(model, b), opt.wrapper_state_dict)
     if name == "ewc":
         ewc = mitigate.EWC(model, strength=50.0, fisher="empirical")
+        return Setup(base, ewc, ewc.consolidate, ewc.state_dict)
+    if name == "ewc_calibrated":  # the default: λ from the first 2 task-B batches, the global batch's gradient
+        ewc = mitigate.EWC(model, calibration_batches=2)
         return Setup(base, ewc, ewc.consolidate, ewc.state_dict)
     if name == "curvature":  # the low-rank Laplace anchor term alone
         curv = mitigate.CurvatureRegularizer(model, strength=5.0, k=2, preservation_weight=0.0, replay_weight=0.0,
@@ -99,7 +102,9 @@ def run(name: str, *, rank: int, world: int, ddp: bool) -> tuple[dict[str, Tenso
     for s in range(STEPS):
         batch = lm_batch(shard(b[s * GLOBAL_BATCH : (s + 1) * GLOBAL_BATCH]))
         loss = net(**batch).loss
-        if setup.penalty is not None:
+        if name == "ewc_calibrated":
+            loss = loss + setup.penalty(batch)  # type: ignore[misc]
+        elif setup.penalty is not None:
             loss = loss + setup.penalty()
         loss.backward()
         setup.optimizer.step()
