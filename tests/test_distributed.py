@@ -29,7 +29,8 @@ pytestmark = pytest.mark.distributed
 WORKERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_workers")
 DDP_MITIGATIONS = ("none", "agem", "ogd", "pcgrad", "ewc", "ewc_calibrated", "curvature", "curvature_preserve", "clip")
 FSDP_MITIGATIONS = ("none", "agem", "ogd", "pcgrad", "ewc", "clip")
-FSDP_VARIANTS = ("agem_tensor", "ogd_tensor_qr", "ogd_sample", "pcgrad_backward", "ewc_batch", "ewc_online")
+FSDP_VARIANTS = ("agem_tensor", "ogd_tensor_qr", "ogd_sample", "pcgrad_backward", "ewc_batch", "ewc_online",
+                 "ewc_calibrated_layers")
 FSDP_REFUSED = ("agem_partly_sharded", "ewc_partly_sharded", "curvature_sharded")
 
 def _launch(script: str, tmp_path_factory: pytest.TempPathFactory, only: tuple[str, ...]) -> dict:

@@ -537,3 +537,58 @@ def test_safetensors_round_trip_of_a_curvature_regularizer(tmp_path):
             assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k])
         else:
             assert a[k] == b[k]
+
+
+def test_calibration_skips_label_free_batches_and_ignores_gradient_checkpointing():
+    """A batch with no label is skipped (not counted); calibrate() with only such batches raises.
+    With gradient checkpointing and eval_mode=False the gradient is still taken at θ*_t (the
+    calibration runs in eval mode, where checkpointing is off), equal to a model without it."""
+    import copy
+
+    model, batches = tiny_llama(), lm_batches()
+    plain = copy.deepcopy(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    a = EWC(model, calibration_batches=2, eval_mode=False, dtype=torch.float64)
+    b = EWC(plain, calibration_batches=2, dtype=torch.float64)
+    fisher = b.consolidate(batches)
+    a.consolidate(batches, fisher=fisher)
+    perturb(model, 0.3)
+    perturb(plain, 0.3)
+    zero = {**batches[0], "labels": torch.full_like(batches[0]["labels"], -100)}
+    with pytest.raises(ValueError, match="no usable batch"):
+        a.calibrate([zero])
+    assert a.pending_calibration and a._cal == [0.0, 0.0, 0]
+    new = _new_task_batch()
+    for ewc in (a, b):
+        ewc(zero)  # skipped: still waiting for 2 usable batches
+        ewc(new)
+        assert ewc.pending_calibration
+        ewc(batches[0])
+        assert not ewc.pending_calibration
+    assert model.training and a.task_lambdas[0] == pytest.approx(b.task_lambdas[0], rel=1e-10)
+
+
+def test_a_calibrated_keep_tasks_state_brings_its_storage_into_an_online_ewc_and_damaged_states_are_refused():
+    import warnings
+
+    model, batches = tiny_llama(), lm_batches()
+    src = EWC(model, keep_tasks=True, dtype=torch.float64)
+    for t in range(3):
+        src.consolidate(batches)
+        src.calibrate(_new_task_batch())
+        perturb(model, seed=t)
+    state = src.state_dict()
+    dst = EWC(model, scale=100.0, online_decay=0.5, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="using the saved storage"):
+        dst.load_state_dict(state)
+    assert dst.config.keep_tasks and dst.config.online_decay is None and dst.strength_mode == "calibrated"
+    assert float(dst()) == pytest.approx(float(src()), rel=1e-12)
+    damaged = dict(state)
+    damaged["_extra_state"] = {**state["_extra_state"], "keep_tasks": False}
+    fresh = EWC(model, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(StateMismatchError, match="holds at most 2"):
+            fresh.load_state_dict(damaged)
+    assert fresh.num_tasks == 0 and not fresh.state_dict().keys() - {"_extra_state"}

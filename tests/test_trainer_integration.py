@@ -259,16 +259,18 @@ def test_callback_with_plain_trainer_evaluates_penalty(tmp_path):
     assert trainer.state.log_history[0]["mitigate/ewc_penalty"] == pytest.approx(float(ewc().detach()), rel=1e-5)
 
 
-def test_trainer_calibrates_a_default_ewc_on_the_first_batches_of_each_task(tmp_path):
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_trainer_calibrates_a_default_ewc_on_the_first_batches_of_each_task(tmp_path, smoothing):
     """``EWC(model)`` (calibrated) gets each finished task's λ_t from the next task's first
-    ``calibration_batches`` training batches: the trainer passes them, as ``ewc(batch)``."""
+    ``calibration_batches`` training batches: the trainer passes them, as ``ewc(batch)`` (with
+    label smoothing, where Trainer pops the labels off its inputs, a copy with the labels)."""
     model = tiny_llama()
     ewc = mitigate.EWC(model, calibration_batches=2)
     seen: list[int] = []
     real = ewc._calibration_update
     ewc._calibration_update = lambda blist, fn: (seen.append(len(blist)), real(blist, fn))[1]  # type: ignore[method-assign]
-    trainer = MitigationTrainer(model=model, args=targs(tmp_path, max_steps=3), train_dataset=dataset(1),
-                                mitigations=[ewc])
+    trainer = MitigationTrainer(model=model, args=targs(tmp_path, max_steps=3, label_smoothing_factor=smoothing),
+                                train_dataset=dataset(1), mitigations=[ewc])
     trainer.end_task(dataset(0), max_batches=2)
     assert ewc.pending_calibration and ewc.lambda_ is None
     trainer.train()

@@ -639,7 +639,7 @@ class MitigationTrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
         """Task loss plus every loss term's penalty (training mode only; evaluation losses are
         the task loss alone). See the module docstring for the gradient-accumulation scaling."""
-        original = inputs
+        original = dict(inputs) if isinstance(inputs, Mapping) else inputs  # Trainer may pop "labels" from inputs
         fused = self._replay_term(inputs) if model.training else None
         if fused is not None:
             inputs = fused[1]

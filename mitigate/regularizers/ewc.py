@@ -17,8 +17,12 @@ where ``F_t`` is that task's Fisher and ``g`` the *next* task's minibatch loss g
 the consolidation (:meth:`EWC.calibrate` fixes it on batches you choose); both means run over the
 elements of the selected parameters, and the gradient is evaluated at the stored anchor with
 ``torch.func.functional_call`` (the live parameters are not touched; one extra forward and
-backward per measured batch, so gradient accumulation or a ``GradScaler`` in your loop does not
-change it). Equivalently ``λ_t = scale_t / mean(F_t)`` with ``scale_t = balance · mean(g²) /
+backward per measured batch, in eval mode, so a ``GradScaler`` or the loss scaling of gradient
+accumulation in your loop does not change it). The batch *size* does: ``mean(g²)`` includes the
+gradient noise ``tr(Σ)/B``, so ``λ_t`` grows as the calibration batches shrink (about 2× from 8 to
+2 rows per batch on the tests' tiny model). Under DDP the gradient is the global batch's (averaged
+over ranks before squaring); under gradient accumulation each micro-batch is one calibration
+batch, so pass the batches you would call a step's batch, or call :meth:`EWC.calibrate` on them. Equivalently ``λ_t = scale_t / mean(F_t)`` with ``scale_t = balance · mean(g²) /
 mean(F_t)``: the penalty is stiffer the harder the new task pulls against how little the old
 task's per-sample gradients moved at its optimum. The penalty is ``½ Σ_t λ_t Σ_i F_{t,i} (θ_i −
 θ*_{t,i})²``.
@@ -515,7 +519,9 @@ class EWC(nn.Module):
         # F / θ* are this rank's shards (the state is then per rank)
         self._sharded_params = ShardedByName()
         self._shard: dict[str, int] | None = None
-        if any(is_dtensor(p) for p in self._model.parameters()):
+        # FSDP2: every sharded parameter, recorded while sharded (a calibration keeps their .grad)
+        self._fsdp_params = [p for p in self._model.parameters() if is_dtensor(p)]
+        if self._fsdp_params:
             self._selected()  # records the sharded parameters while they are sharded
 
     # ------------------------------------------------------------------ public
@@ -740,6 +746,7 @@ class EWC(nn.Module):
             self._store(fisher, anchor, shapes)
             self._pair_lambdas.append(None)
             self._fisher_mean, self._pending, self._cal = 1.0 / inv_mean, True, [0.0, 0.0, 0]
+            self._warned_pending = False  # warn again for this task if it gets no batch
             self._consolidations += 1
             self._warn_lora(named)
             return fisher
@@ -806,7 +813,8 @@ class EWC(nn.Module):
         ``λ_t = balance · mean(g²) / mean(F_t)²``.
 
         ``mean(g²)`` is the mean over the selected parameters' elements of the squared minibatch
-        gradient of the new task's loss at the current parameters, averaged over ``batches`` and
+        gradient of the new task's loss at the anchor ``θ*_t`` (FSDP2: at the current
+        parameters), in eval mode, averaged over ``batches`` and
         any batches ``ewc(batch)`` has already measured for this task (weighted by batch size;
         under DDP over every rank's batches; under FSDP2 the gradient of the global batch);
         ``mean(F_t)`` is the mean of the Fisher of the task consolidated last. Every finished task
@@ -831,6 +839,9 @@ class EWC(nn.Module):
         if not blist:
             raise ValueError("calibrate() got no batches: pass one or more batches of the new task")
         lam = self._calibration_update(blist, loss_fn)
+        if lam is None:
+            raise ValueError("calibrate(): no usable batch (the loss was not finite on every batch given, e.g. no "
+                             "labels) and none measured before; pass batches of the new task with labels")
         self._fix_pending(lam)
         return lam
 
@@ -843,79 +854,105 @@ class EWC(nn.Module):
             raise ValueError("no task waits for a calibration: call consolidate(old_task_batches) first (each "
                              "task's λ is calibrated once, on the batches after its consolidation)")
 
-    def _calibration_update(self, blist: list[Batch], loss_fn: LossFn | None) -> float:
-        """Add ``blist``'s squared gradients to this task's running ``mean(g²)``; the λ it gives."""
+    def _calibration_update(self, blist: list[Batch], loss_fn: LossFn | None) -> float | None:
+        """Add ``blist``'s squared gradients to this task's running ``mean(g²)``; the λ it gives
+        (``None`` while no usable batch was measured: a batch whose loss is not finite on some
+        rank, e.g. one with every label ``-100``, is skipped on every rank and not counted).
+
+        Always in eval mode (no dropout; Hugging Face models then skip gradient checkpointing,
+        whose recomputation would use the live parameters instead of ``θ*_t``).
+
+        Raises:
+            ValueError: the usable batches' gradient is zero on every selected parameter.
+        """
         cfg = self.config
         model = self._model
         device = model_device(model)
-        with preserve_state(model, mode=False if cfg.eval_mode else None):
+        weighted = rows = 0.0
+        used = 0
+        with preserve_state(model, mode=False):
             named, sharded = self._selected()
-            plist = list(named.values())
-            saved = [p.grad for p in plist] if sharded else None  # the sharded estimator clears .grad
-            acc = torch.float64 if cfg.dtype == torch.float64 else torch.float32
-            sums = {n: torch.zeros(local_tensor(p.detach()).shape, dtype=acc, device=p.device) for n, p in named.items()}
-            count = 0.0
-            try:
-                for batch in blist:
-                    batch = move_batch(batch, device)
-                    if sharded:  # at the current parameters (FSDP2 cannot evaluate at θ*_t)
-                        count += self._accumulate_batch_sharded(named, batch, resolve_loss_fn(loss_fn), sums)
-                    else:
-                        count += self._accumulate_batch_at_anchor(named, batch, loss_fn, sums)
-            finally:
-                if saved is not None:
-                    for p, g in zip(plist, saved):
+            if sharded:
+                # the sharded estimator clears .grad: keep every FSDP-managed parameter's (the
+                # root's too, whose live parameters are unsharded copies between forward and backward)
+                saved = [(p, p.grad) for p in self._fsdp_params]
+                sums = {n: torch.zeros(local_tensor(p.detach()).shape, dtype=torch.float32, device=p.device)
+                        for n, p in named.items()}
+                count = 0.0
+                try:
+                    for batch in blist:
+                        try:  # at the current parameters: FSDP2 cannot evaluate at θ*_t
+                            count += self._accumulate_batch_sharded(named, move_batch(batch, device),
+                                                                    resolve_loss_fn(loss_fn), sums)
+                            used += 1
+                        except ValueError as err:  # non-finite on some rank: every rank raised alike
+                            logger.info("EWC calibration: batch skipped (%s)", err)
+                finally:
+                    for p, g in saved:
                         p.grad = g
-        total = sum(float(v.double().sum()) for v in sums.values())
-        numel = float(sum(v.numel() for v in sums.values()))
-        if sharded:  # count is global already; the sums and element counts are this rank's shards
-            stat = torch.tensor([total, numel], dtype=torch.float64, device=device)
-            if dist.is_initialized():
-                dist.all_reduce(stat)
-            weighted, rows = float(stat[0]) / float(stat[1]), count
-        else:  # already the global batches' gradients (identical on every rank)
-            weighted, rows = total / numel, count
-        g2 = (self._cal[0] + weighted) / (self._cal[1] + rows) if self._cal[1] + rows > 0 else 0.0
+                total = sum(float(v.double().sum()) for v in sums.values())
+                stat = torch.tensor([total, float(sum(v.numel() for v in sums.values()))], dtype=torch.float64,
+                                    device=device)
+                if dist.is_initialized():
+                    dist.all_reduce(stat)
+                weighted, rows = (float(stat[0]) / float(stat[1]), count) if count > 0 else (0.0, 0.0)
+            else:
+                for batch in blist:
+                    part, n_b = self._batch_grad_sq_at_anchor(named, move_batch(batch, device), loss_fn)
+                    if n_b > 0:
+                        weighted, rows, used = weighted + part, rows + n_b, used + 1
+                    else:
+                        logger.info("EWC calibration: a batch with a non-finite loss (e.g. no label) was skipped")
+        if self._cal[1] + rows <= 0:
+            return None
+        g2 = (self._cal[0] + weighted) / (self._cal[1] + rows)
         if not (math.isfinite(g2) and g2 > 0):
             raise ValueError(f"the new task's gradient is zero (or not finite: mean g² = {g2!r}) on every selected "
                              "parameter, so λ = balance · mean(g²) / mean(F_t)² is undefined: do the batches have "
                              "labels, and do the selected parameters affect the loss? Pass scale= or strength=")
-        self._cal = [self._cal[0] + weighted, self._cal[1] + rows, self._cal[2] + len(blist)]
+        self._cal = [self._cal[0] + weighted, self._cal[1] + rows, self._cal[2] + used]
         lam = cfg.balance * g2 / self._fisher_mean ** 2  # type: ignore[operator]
         logger.info("EWC calibration (%d batches): mean(g²) = %.3e, mean(F_t) = %.3e, λ_t = %.3e (= %.3g / mean(F_t))",
                     int(self._cal[2]), g2, self._fisher_mean, lam, lam * self._fisher_mean)  # type: ignore[operator]
         return lam
 
-    def _accumulate_batch_at_anchor(self, named: dict[str, nn.Parameter], batch: Batch, loss_fn: LossFn | None,
-                                    sums: dict[str, Tensor]) -> float:
-        """``n_b (∇L_b(θ*_t))²`` into ``sums``: the new batch's loss gradient at the newest task's
-        anchor ``θ*_t`` (``torch.func.functional_call``; the live parameters are not touched).
+    def _batch_grad_sq_at_anchor(self, named: dict[str, nn.Parameter], batch: Batch,
+                                 loss_fn: LossFn | None) -> tuple[float, float]:
+        """``(n_b · mean_i (∂_i L_b(θ*_t))², n_b)``: the new batch's loss gradient at the newest
+        task's anchor ``θ*_t`` (``torch.func.functional_call``; the live parameters are not
+        touched), squared and averaged over the selected elements, weighted by the batch size.
         Under DDP the gradient is averaged over ranks before it is squared (the global batch's
         gradient, as DDP's backward gives it) and ``n_b`` is the global batch size, so every rank
-        adds the same values.
-
-        Returns:
-            ``n_b``."""
+        gets the same values. ``(0, 0)`` on every rank when the loss is not finite on any."""
         anchor = self.anchor(-1)
         at = {n: anchor[n].to(dtype=p.dtype, device=p.device).detach().requires_grad_(True) if n in anchor
               else p.detach().requires_grad_(True) for n, p in named.items()}
         n_b = float(batch_size_of(batch))
         with torch.enable_grad():
             loss = functional_loss(self._model, loss_fn)(at, batch)
-            _check_finite(loss)
-            grads = [g if g is not None else torch.zeros_like(p)
-                     for g, p in zip(torch.autograd.grad(loss, list(at.values()), allow_unused=True), at.values())]
-        if dist_ready():
-            flat = torch.cat([g.reshape(-1).to(torch.float64) for g in grads] + [torch.tensor([n_b], dtype=torch.float64, device=grads[0].device)])
-            dist.all_reduce(flat)
-            world = dist.get_world_size()
-            n_b, i = float(flat[-1]), 0
-            for k, g in enumerate(grads):
-                grads[k] = (flat[i : i + g.numel()] / world).view_as(g)
-                i += g.numel()
-        for s, g in zip(sums.values(), grads):
-            s.add_(g.to(s.dtype).square(), alpha=n_b)
-        return n_b
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        ddp = dist_ready()
+        if ddp:
+            flag = torch.tensor([float(bad), n_b], dtype=torch.float64, device=loss.device)
+            dist.all_reduce(flag)
+            bad, n_b = bool(flag[0] > 0), float(flag[1])
+        if bad:
+            return 0.0, 0.0
+        grads = torch.autograd.grad(loss, list(at.values()), allow_unused=True)
+        world = dist.get_world_size() if ddp else 1
+        sq = torch.zeros((), dtype=torch.float64, device=loss.device)
+        numel = 0
+        for g, p in zip(grads, at.values()):
+            numel += p.numel()
+            if g is None:  # not in the graph, on every rank alike
+                continue
+            if g.dtype not in (torch.float32, torch.float64):
+                g = g.float()  # half precision: reduce and square in float32
+            if ddp:
+                dist.all_reduce(g)  # a fresh autograd output, reduced in place
+                g.div_(world)
+            sq += g.double().square().sum()
+        return n_b * float(sq) / max(numel, 1), n_b
 
     def _running_lambda(self) -> float:
         """The pending task's λ now: from the batches measured so far, else ``scale / mean(F_t)``."""
@@ -977,7 +1014,7 @@ class EWC(nn.Module):
         calibrated = self.config.strength_mode == "calibrated"
         if self._pending and batch is not None and self._cal[2] < self.config.calibration_batches:
             lam_t = self._calibration_update([batch], loss_fn)
-            if self._cal[2] >= self.config.calibration_batches:
+            if lam_t is not None and self._cal[2] >= self.config.calibration_batches:
                 self._fix_pending(lam_t)
         elif self._pending and batch is None and self._cal[2] == 0 and not self._warned_pending:
             warnings.warn(
@@ -1060,7 +1097,7 @@ class EWC(nn.Module):
         with torch.enable_grad():
             loss = fn(self._model, batch)
             stat = torch.tensor([float(batch_size_of(batch)), float(not bool(torch.isfinite(loss.detach()).all()))],
-                                dtype=torch.float64)
+                                dtype=torch.float64, device=loss.device)  # NCCL reduces device tensors only
             dist.all_reduce(stat)
             if bool(stat[1] > 0):  # on every rank alike
                 raise ValueError("non-finite batch loss on some rank while estimating the Fisher: "
@@ -1182,17 +1219,23 @@ class EWC(nn.Module):
         if "strength_mode" in state:
             mode, value = state["strength_mode"], float(state["strength"])
             mine = float({"absolute": cfg.strength, "relative": cfg.scale, "calibrated": cfg.balance}[cfg.strength_mode])  # type: ignore[arg-type]
+            # the storage the state was built with: its online decay and per-task pairs (see _check_ewc_state)
+            online, keep = _saved_storage(state, cfg)
+            new_cfg = EWCConfig(**{**vars(cfg), "strength": value if mode == "absolute" else None,
+                                   "scale": value if mode == "relative" else None,
+                                   "balance": value if mode == "calibrated" else cfg.balance,
+                                   "online_decay": online, "keep_tasks": keep})
             if mode != cfg.strength_mode or value != mine:
                 warnings.warn(
                     f"EWC state was saved with {mode} strength {value:g}, this EWC has {cfg.strength_mode} "
-                    f"strength {mine:g}: using the saved one (pass the same strength=/scale= to silence this)",
+                    f"strength {mine:g}: using the saved one (pass the same strength=/scale=/balance= to silence this)",
                     stacklevel=3,
                 )
-            self.config = EWCConfig(**{**vars(cfg), "strength": value if mode == "absolute" else None,
-                                       "scale": value if mode == "relative" else None,
-                                       "balance": value if mode == "calibrated" else cfg.balance,
-                                       "online_decay": cfg.online_decay if mode != "calibrated" else None,
-                                       "keep_tasks": bool(state.get("keep_tasks", cfg.keep_tasks)) and cfg.online_decay is None})
+            if (online, keep) != (cfg.online_decay, cfg.keep_tasks):
+                warnings.warn(f"EWC state was saved with online_decay={online}, keep_tasks={keep}; this EWC has "
+                              f"online_decay={cfg.online_decay}, keep_tasks={cfg.keep_tasks}: using the saved storage",
+                              stacklevel=3)
+            self.config = new_cfg
             self._lambda = None if state.get("lambda") is None else float(state["lambda"])
             self._const = float(state.get("const", 0.0))
             fmean = state.get("fisher_mean")
@@ -1202,9 +1245,6 @@ class EWC(nn.Module):
             self._task_lambdas = [float(v) for v in state.get("task_lambdas", [])]
             cal = state.get("calibration", [0.0, 0.0, 0])
             self._cal = [float(cal[0]), float(cal[1]), int(cal[2])]
-            if mode == "calibrated" and len(self._pair_lambdas) != len(state["tasks"]):
-                raise StateMismatchError(f"calibrated EWC state with {len(state['tasks'])} pairs but "
-                                         f"{len(self._pair_lambdas)} pair λs: the state is damaged")
         else:  # version 1: absolute λ, not stored; per-task pairs
             strength = 1.0 if cfg.strength is None else float(cfg.strength)
             warnings.warn(f"EWC state (version 1) carries no strength: using absolute strength {strength:g}", stacklevel=3)
@@ -1244,6 +1284,28 @@ def _check_ewc_state(state: Any) -> None:
             f"not an EWC state: got {what}, expected keys 'tasks' and 'consolidations' (from EWC.state_dict()); "
             "load a CurvatureRegularizer's state into a CurvatureRegularizer"
         )
+    if "strength_mode" not in state:
+        return
+    pairs, mode = len(state["tasks"]), state["strength_mode"]
+    online, keep = _saved_storage(state, None)
+    if mode == "calibrated" and len(state.get("pair_lambdas", [])) != pairs:
+        raise StateMismatchError(f"calibrated EWC state with {pairs} pairs but {len(state.get('pair_lambdas', []))} "
+                                 "pair λs: the state is damaged")
+    limit = pairs if keep else (2 if mode == "calibrated" else 1)  # merged: one pair (+ one waiting for its λ)
+    if pairs > limit:
+        raise StateMismatchError(f"EWC state with {pairs} pairs but merged storage (keep_tasks={keep}, "
+                                 f"online_decay={online}) holds at most {limit}: the state is damaged")
+
+
+def _saved_storage(state: Mapping[str, Any], cfg: EWCConfig | None) -> tuple[float | None, bool]:
+    """``(online_decay, keep_tasks)`` of a version-2 state: its own, falling back to ``cfg``'s
+    (or the defaults) for states that did not store them; the calibrated mode never decays."""
+    online = state.get("online_decay", None if cfg is None else cfg.online_decay)
+    if state.get("strength_mode") == "calibrated":
+        online = None
+    online = None if online is None else float(online)
+    keep = bool(state.get("keep_tasks", False if cfg is None else cfg.keep_tasks)) and online is None
+    return online, keep
 
 
 def _merge_pairs(

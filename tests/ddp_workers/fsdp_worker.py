@@ -53,7 +53,7 @@ import mitigate  # noqa: E402
 from mitigate.errors import StateMismatchError  # noqa: E402
 
 ALL = ("agem", "ogd", "pcgrad", "ewc", "clip", "agem_tensor", "ogd_tensor_qr", "ogd_sample", "pcgrad_backward",
-       "ewc_batch", "ewc_online", "agem_partly_sharded", "ewc_partly_sharded", "curvature_sharded")
+       "ewc_batch", "ewc_online", "agem_partly_sharded", "ewc_partly_sharded", "curvature_sharded", "ewc_calibrated_layers")
 # only the decoder layers sharded, the root's parameters plain (and never synchronised by FSDP):
 # unsupported, must raise NotImplementedError with this text rather than project a mix of shards
 REFUSED = {"agem_partly_sharded": "some selected parameters are FSDP2-sharded DTensors and some are not",
@@ -80,6 +80,12 @@ def build_fsdp(name: str, model: torch.nn.Module) -> Setup:
         return Setup(opt, None, None, opt.wrapper_state_dict)
     elif name == "ewc_batch":
         ewc = mitigate.EWC(model, strength=50.0, fisher="batch")
+        return Setup(base, ewc, ewc.consolidate, ewc.state_dict)
+    elif name == "ewc_calibrated_layers":
+        # the default calibrated λ, measured on the first task-B batch between the forward and the
+        # backward, with only the decoder layers selected: the root's (embeddings, norm, head)
+        # gradients of that step must survive the calibration's own backward
+        ewc = mitigate.EWC(model, balance=1.0, calibration_batches=1, params=r".*\.layers\..*")  # strong enough to act
         return Setup(base, ewc, ewc.consolidate, ewc.state_dict)
     elif name == "ewc_online":  # two consolidations merged: F ← γ F_old + F_new
         ewc = mitigate.EWC(model, strength=50.0, online_decay=0.5)
@@ -119,7 +125,9 @@ def run(name: str, *, rank: int, world: int, fsdp: bool) -> tuple[dict[str, Tens
     for s in range(STEPS):
         batch = lm_batch(shard(b[s * GLOBAL_BATCH : (s + 1) * GLOBAL_BATCH]))
         loss = model(**batch).loss
-        if setup.penalty is not None:
+        if name.startswith("ewc_calibrated"):
+            loss = loss + setup.penalty(batch)  # type: ignore[misc]
+        elif setup.penalty is not None:
             loss = loss + setup.penalty()
         if name == "pcgrad_backward":
             r = s % CONSOLIDATION_BATCHES
