@@ -26,10 +26,7 @@ Run (one process, one thread; ~4 min)::
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,7 +37,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.report import finish_side_study  # noqa: E402
+from benchmarks.report import finish_side_study, start_side_study  # noqa: E402
 
 
 def probe_loss(model: nn.Module, probe: list[dict], grad: bool) -> tuple[float, list[torch.Tensor] | None]:
@@ -121,13 +118,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--seed", type=int, default=1000, help="a tuning seed (not a test seed)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr-factors", default="1,0.1", help="learning rates as multiples of the preset's")
-    p.add_argument("--cache-dir", default=".cache/mitigate-bench")
-    p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
+    a, t0 = start_side_study(p, argv)
     rows = [run(a.seed, float(f), m, a.steps, a.cache_dir) for f in a.lr_factors.split(",") for m in ("seq", "agem")]
     finish_side_study(rows, table(rows), t0, a.out)
     return rows

@@ -31,10 +31,7 @@ Prints a markdown table; ``--out`` writes the rows as JSON.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import time
-import warnings
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +40,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 
 import torch  # noqa: E402
 
-from benchmarks.report import finish_side_study  # noqa: E402
+from benchmarks.report import finish_side_study, start_side_study  # noqa: E402
 
 SCALES = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 
@@ -218,13 +215,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="instead of the scale sweep: EWC(model, balance=b) through biography's whole sequence on "
                         "--sequence-seeds, e.g. 1e-3,3e-3,1e-2 (how the default's balance was checked)")
     p.add_argument("--sequence-seeds", default="1000,1001", help="tuning seeds for --sequence-balances")
-    p.add_argument("--cache-dir", default=".cache/mitigate-bench")
-    p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
+    a, t0 = start_side_study(p, argv)
     rows: list[dict] = []
     if a.sequence_balances:
         balances = tuple(float(x) for x in a.sequence_balances.split(","))

@@ -25,12 +25,9 @@ Task 0 after the later task scored with answers in the *new* format (is the know
 from __future__ import annotations
 
 import argparse
-import logging
 import random
 import statistics
 import sys
-import time
-import warnings
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +36,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 
 import torch  # noqa: E402
 
-from benchmarks.report import finish_side_study  # noqa: E402
+from benchmarks.report import finish_side_study, start_side_study  # noqa: E402
 
 from benchmarks import biography as B  # noqa: E402
 from benchmarks.compare import BatchOrder  # noqa: E402
@@ -138,13 +135,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=None, help="steps of the later task (default: the preset's)")
     p.add_argument("--recovery-steps", type=int, default=10)
     p.add_argument("--recovery-lr-scale", type=float, default=0.1)
-    p.add_argument("--cache-dir", default=".cache/mitigate-bench")
-    p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
+    a, t0 = start_side_study(p, argv)
     rows = [r for s in a.seeds.split(",") for r in run_seed(int(s), a.cache_dir, a.steps, a.recovery_steps,
                                                              a.recovery_lr_scale, a.preset)]
     finish_side_study(rows, table(rows), t0, a.out)

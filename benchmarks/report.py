@@ -26,6 +26,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -326,6 +327,26 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
     plt.close(fig)
     written.append("retention_vs_cost.png")
     return written
+
+
+def start_side_study(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, float]:
+    """Begin a side study's script (``ewc_scales.py``, ``recovery_control.py``, ``agem_order.py``):
+    add ``--cache-dir`` and ``--out`` to ``parser``, parse ``argv``, silence warnings and INFO logs,
+    run on one intra-op thread. Returns the arguments and the start time
+    (``time.perf_counter()``, for :func:`finish_side_study`)."""
+    import logging
+    import time
+    import warnings
+
+    import torch
+
+    parser.add_argument("--cache-dir", default=".cache/mitigate-bench")
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    return args, time.perf_counter()
 
 
 def finish_side_study(rows: list[dict[str, Any]], table: str, started: float, out: str | None) -> None:
