@@ -125,9 +125,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "(4: the library default; 8: the whole memory)")
     a, t0 = start_side_study(p, argv)
     refs = [int(r) for r in a.ref_batches.split(",")]
-    rows = [run(a.seed, float(f), "seq", a.steps, a.cache_dir) for f in a.lr_factors.split(",")]
-    rows = [r for f, base in zip(a.lr_factors.split(","), rows)
-            for r in [base] + [run(a.seed, float(f), "agem", a.steps, a.cache_dir, k) for k in refs]]
+    rows = []
+    for f in (float(x) for x in a.lr_factors.split(",")):
+        rows.append(run(a.seed, f, "seq", a.steps, a.cache_dir))
+        rows += [run(a.seed, f, "agem", a.steps, a.cache_dir, k) for k in refs]
     finish_side_study(rows, table(rows), t0, a.out)
     return rows
 

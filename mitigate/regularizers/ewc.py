@@ -177,8 +177,8 @@ logger = logging.getLogger(__name__)
 FisherKind = Literal["empirical", "true", "batch"]
 StrengthMode = Literal["calibrated", "relative", "absolute"]
 
-#: λ_t = FALLBACK_SCALE / mean(F_t) while a calibrated EWC waits for a batch it was not given
-FALLBACK_SCALE = 100.0
+#: λ_t = _FALLBACK_SCALE / mean(F_t) while a calibrated EWC waits for a batch it was not given
+_FALLBACK_SCALE = 100.0
 LogitsFn = Callable[[nn.Module, Batch], Tensor]
 
 
@@ -504,11 +504,10 @@ class EWC(nn.Module):
         self._tasks: list[dict[str, Any]] = []  # per stored pair: {"shapes": {name: shape}}
         self._consolidations = 0
         self._lambda: float | None = self.config.strength  # relative mode: set by consolidate()
-        # calibrated mode: mean(F_t) of the newest task and whether its λ_t waits for the next
-        # task's first batches (set by consolidate(), cleared once calibration_batches are measured)
-        self._fisher_mean: float | None = None  # mean(F_t) of the newest task
-        self._pending = False
-        self._pair_lambdas: list[float | None] = []  # calibrated: λ_t per stored pair (None: pending)
+        # calibrated mode: mean(F_t) of the newest task, and λ_t per stored pair (None: the newest
+        # pair waits for the next task's first batches, see pending_calibration)
+        self._fisher_mean: float | None = None
+        self._pair_lambdas: list[float | None] = []
         self._cal = [0.0, 0.0, 0]  # calibrated: Σ rows·mean(g²), Σ rows, batches measured for the pending task
         self._task_lambdas: list[float] = []  # calibrated: every fixed λ_t, in task order
         self._warned_pending = False
@@ -536,7 +535,7 @@ class EWC(nn.Module):
         before one in scale-free mode); calibrated: the newest task's ``λ_t`` (while it is being
         measured, its running value; ``None`` before the first batch measured)."""
         if self.config.strength_mode == "calibrated":
-            if self._pending:
+            if self.pending_calibration:
                 return self._running_lambda() if self._cal[1] > 0 else None
             return self._task_lambdas[-1] if self._task_lambdas else None
         return self._lambda
@@ -676,7 +675,7 @@ class EWC(nn.Module):
             total = sum(float(f.double().sum()) for f in fisher.values())
             peak = max((float(f.max()) for f in fisher.values() if f.numel()), default=0.0)
             strength: Any = self.lambda_
-            if self._pending:  # calibrated mode: λ_t is set on the next task's first batches
+            if self.pending_calibration:  # calibrated mode: λ_t is set on the next task's first batches
                 strength = f"set on the next task's first {self.config.calibration_batches} batches"
             return {"strength": strength, "fisher_mean": total / max(n, 1), "fisher_max": peak, "parameters": n, "stored_pairs": len(self._tasks)}
 
@@ -741,11 +740,11 @@ class EWC(nn.Module):
         const = self._const
         if cfg.strength_mode == "calibrated":  # the new pair waits on its own for its λ_t
             inv_mean = self._relative_lambda([fisher], sharded, 1.0)  # raises on an all-zero Fisher
-            if self._pending:  # the previous task was never calibrated: fix it as it stands
+            if self.pending_calibration:  # the previous task was never calibrated: fix it as it stands
                 self._fix_pending(self._running_lambda())
             self._store(fisher, anchor, shapes)
             self._pair_lambdas.append(None)
-            self._fisher_mean, self._pending, self._cal = 1.0 / inv_mean, True, [0.0, 0.0, 0]
+            self._fisher_mean, self._cal = 1.0 / inv_mean, [0.0, 0.0, 0]
             self._warned_pending = False  # warn again for this task if it gets no batch
             self._consolidations += 1
             self._warn_lora(named)
@@ -850,7 +849,7 @@ class EWC(nn.Module):
         if cfg.strength_mode != "calibrated":
             raise ValueError(f"calibrate() sets λ in the calibrated mode (no strength= or scale=); this EWC has "
                              f"{cfg.strength_mode} strength {cfg.strength if cfg.strength is not None else cfg.scale}")
-        if not self._pending or self._fisher_mean is None:
+        if not self.pending_calibration or self._fisher_mean is None:
             raise ValueError("no task waits for a calibration: call consolidate(old_task_batches) first (each "
                              "task's λ is calibrated once, on the batches after its consolidation)")
 
@@ -865,7 +864,6 @@ class EWC(nn.Module):
         Raises:
             ValueError: the usable batches' gradient is zero on every selected parameter.
         """
-        cfg = self.config
         model = self._model
         device = model_device(model)
         weighted = rows = 0.0
@@ -911,7 +909,7 @@ class EWC(nn.Module):
                              "parameter, so λ = balance · mean(g²) / mean(F_t)² is undefined: do the batches have "
                              "labels, and do the selected parameters affect the loss? Pass scale= or strength=")
         self._cal = [self._cal[0] + weighted, self._cal[1] + rows, self._cal[2] + used]
-        lam = cfg.balance * g2 / self._fisher_mean ** 2  # type: ignore[operator]
+        lam = self._running_lambda()
         logger.info("EWC calibration (%d batches): mean(g²) = %.3e, mean(F_t) = %.3e, λ_t = %.3e (= %.3g / mean(F_t))",
                     int(self._cal[2]), g2, self._fisher_mean, lam, lam * self._fisher_mean)  # type: ignore[operator]
         return lam
@@ -958,13 +956,12 @@ class EWC(nn.Module):
         """The pending task's λ now: from the batches measured so far, else ``scale / mean(F_t)``."""
         if self._cal[1] > 0:
             return self.config.balance * (self._cal[0] / self._cal[1]) / self._fisher_mean ** 2  # type: ignore[operator]
-        return FALLBACK_SCALE / self._fisher_mean  # type: ignore[operator]
+        return _FALLBACK_SCALE / self._fisher_mean  # type: ignore[operator]
 
     def _fix_pending(self, lam: float) -> None:
         """Fix the newest pair's λ; merged storage folds it into pair 0 as ``λ_t F_t``."""
         self._pair_lambdas[-1] = lam
         self._task_lambdas.append(lam)
-        self._pending = False
         self._cal = [0.0, 0.0, 0]
         if self.config.keep_tasks or len(self._tasks) < 2:
             return
@@ -981,9 +978,9 @@ class EWC(nn.Module):
 
     @property
     def pending_calibration(self) -> bool:
-        """Whether λ waits for the new task's first batch (calibrated mode, after a
-        :meth:`consolidate` and before :meth:`calibrate`)."""
-        return self._pending
+        """Whether the newest task's λ waits for the next task's first batches (calibrated mode,
+        after a :meth:`consolidate` and before its calibration is complete)."""
+        return bool(self._pair_lambdas) and self._pair_lambdas[-1] is None
 
     def forward(self, batch: Batch | None = None, loss_fn: LossFn | None = None) -> Tensor:
         """The penalty ``(λ/2) Σ_t Σ_i F_{t,i} (θ_i − θ*_{t,i})²`` at the live parameters
@@ -1012,15 +1009,15 @@ class EWC(nn.Module):
         if not self._tasks:
             return torch.zeros((), device=model_device(self._model), requires_grad=True)
         calibrated = self.config.strength_mode == "calibrated"
-        if self._pending and batch is not None and self._cal[2] < self.config.calibration_batches:
+        if self.pending_calibration and batch is not None and self._cal[2] < self.config.calibration_batches:
             lam_t = self._calibration_update([batch], loss_fn)
             if lam_t is not None and self._cal[2] >= self.config.calibration_batches:
                 self._fix_pending(lam_t)
-        elif self._pending and batch is None and self._cal[2] == 0 and not self._warned_pending:
+        elif self.pending_calibration and batch is None and self._cal[2] == 0 and not self._warned_pending:
             warnings.warn(
                 "EWC(model) sets each task's λ from the next task's gradient: pass the batch, "
                 "loss + ewc(batch), or call ewc.calibrate(batch) once per task; until then λ = "
-                f"{FALLBACK_SCALE:g} / mean(F_t)", stacklevel=2)
+                f"{_FALLBACK_SCALE:g} / mean(F_t)", stacklevel=2)
             self._warned_pending = True
         total: Tensor | None = None
         sharded = self._shard is not None
@@ -1201,7 +1198,7 @@ class EWC(nn.Module):
                 "shard": None if self._shard is None else dict(self._shard),
                 "strength_mode": cfg.strength_mode,
                 "strength": float(value),  # type: ignore[arg-type]
-                "fisher_mean": self._fisher_mean, "pending": self._pending,
+                "fisher_mean": self._fisher_mean,
                 "pair_lambdas": list(self._pair_lambdas), "task_lambdas": list(self._task_lambdas),
                 "calibration": list(self._cal),
                 "lambda": self._lambda, "const": self._const, "keep_tasks": cfg.keep_tasks,
@@ -1240,7 +1237,6 @@ class EWC(nn.Module):
             self._const = float(state.get("const", 0.0))
             fmean = state.get("fisher_mean")
             self._fisher_mean = None if fmean is None else float(fmean)
-            self._pending = bool(state.get("pending", False)) and mode == "calibrated"
             self._pair_lambdas = [None if v is None else float(v) for v in state.get("pair_lambdas", [])]
             self._task_lambdas = [float(v) for v in state.get("task_lambdas", [])]
             cal = state.get("calibration", [0.0, 0.0, 0])
@@ -1250,7 +1246,7 @@ class EWC(nn.Module):
             warnings.warn(f"EWC state (version 1) carries no strength: using absolute strength {strength:g}", stacklevel=3)
             self.config = EWCConfig(**{**vars(cfg), "strength": strength, "scale": None,
                                        "keep_tasks": cfg.online_decay is None and len(state["tasks"]) > 1})
-            self._fisher_mean, self._pending, self._pair_lambdas, self._task_lambdas = None, False, [], []
+            self._fisher_mean, self._pair_lambdas, self._task_lambdas = None, [], []
             self._lambda, self._const = strength, 0.0
         self._tasks = [{"shapes": {n: list(s) for n, s in t["shapes"].items()}} for t in state["tasks"]]
         self._consolidations = int(state["consolidations"])
@@ -1266,7 +1262,7 @@ class EWC(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         strength = {"absolute": f"strength={c.strength}", "relative": f"scale={c.scale} (λ={self._lambda})",
-                    "calibrated": f"balance={c.balance} (λ={self._lambda}{', pending' if self._pending else ''})"}[c.strength_mode]
+                    "calibrated": f"balance={c.balance} (λ={self.lambda_}{', pending' if self.pending_calibration else ''})"}[c.strength_mode]
         return (f"{strength}, fisher={c.fisher!r}, online_decay={c.online_decay}, "
                 f"tasks={self.num_tasks}")
 
